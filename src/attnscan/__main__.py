@@ -1,0 +1,3 @@
+from attnscan.cli import run
+
+run()

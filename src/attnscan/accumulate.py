@@ -1,0 +1,235 @@
+"""Mergeable accumulators: what a scan keeps of the attention weights it sees.
+
+For one prompt set and the captured layers, a :class:`SetAccumulator` holds
+
+- ``sums``  ``float64 [layers, T, T]``: the sum over prompts of the head-averaged attention probability that query
+  token ``i`` gives key token ``j`` (absolute alignment: a prompt's token ``i`` lands on grid row/column ``i``);
+- ``count`` ``int64 [T, T]``: how many prompts reach each cell (causal cells ``j <= i < length``; the same for every
+  layer);
+- per-prompt summaries, indexed by the prompt's position in its set:
+  ``blocks``  ``float32 [N, layers, B, B]`` mean of ln(max(p, e^floor)) over each coarse block's causal cells
+  (NaN where the prompt reaches no cell of the block), ``sink`` ``float32 [N, layers]`` mean attention on the first
+  token, ``entropy`` ``float32 [N, layers]`` mean row entropy (nats), and ``lengths`` ``int64 [N]``.
+
+Sums and counts add exactly, so accumulators from batches, processes or resumed runs merge by addition
+(:meth:`SetAccumulator.merge`); the per-prompt summaries are concatenated.
+
+:class:`GridCollector` fills one while the capture engine feeds it one layer's weights at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import AttnscanError
+
+
+def block_size(length: int, n_blocks: int) -> int:
+    return math.ceil(length / n_blocks)
+
+
+@dataclass
+class SetAccumulator:
+    """Sums, counts and per-prompt summaries for one prompt set (see the module docstring for shapes)."""
+
+    name: str
+    layers: tuple[int, ...]
+    length: int
+    floor: float
+    sums: torch.Tensor  # float64 [nL, T, T]
+    count: torch.Tensor  # int64 [T, T]
+    prompt_ids: torch.Tensor  # int64 [N]
+    lengths: torch.Tensor  # int64 [N]
+    blocks: torch.Tensor  # float32 [N, nL, B, B]
+    sink: torch.Tensor  # float32 [N, nL]
+    entropy: torch.Tensor  # float32 [N, nL]
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.prompt_ids.numel())
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.blocks.shape[-1])
+
+    def layer_pos(self, layer: int) -> int:
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise AttnscanError(
+                f"layer {layer} was not captured: captured layers are {', '.join(map(str, self.layers))}"
+            ) from None
+
+    def mean(self, layer: int) -> torch.Tensor:
+        """``float64 [T, T]`` mean attention probability over heads and prompts; NaN where no prompt contributes."""
+        s = self.sums[self.layer_pos(layer)]
+        c = self.count.to(torch.float64)
+        return torch.where(self.count > 0, s / c.clamp_min(1), torch.full_like(s, float("nan")))
+
+    def merge(self, other: SetAccumulator) -> SetAccumulator:
+        """Add another shard of the same set (same layers, length, floor, blocks; disjoint prompts)."""
+        for attr in ("name", "layers", "length", "floor"):
+            if getattr(self, attr) != getattr(other, attr):
+                raise AttnscanError(
+                    f"cannot merge accumulators with different {attr}: {getattr(self, attr)} vs {getattr(other, attr)}"
+                )
+        if self.n_blocks != other.n_blocks:
+            raise AttnscanError("cannot merge accumulators with different summary block counts")
+        ids = torch.cat([self.prompt_ids, other.prompt_ids])
+        if torch.unique(ids).numel() != ids.numel():
+            raise AttnscanError(f"cannot merge: the two shards of set '{self.name}' share prompts")
+        order = torch.argsort(ids)
+        return replace(
+            self,
+            sums=self.sums + other.sums,
+            count=self.count + other.count,
+            prompt_ids=ids[order],
+            lengths=torch.cat([self.lengths, other.lengths])[order],
+            blocks=torch.cat([self.blocks, other.blocks])[order],
+            sink=torch.cat([self.sink, other.sink])[order],
+            entropy=torch.cat([self.entropy, other.entropy])[order],
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor mapping for safetensors (prefix ``{name}/``)."""
+        p = self.name
+        out = {f"{p}/sums": self.sums, f"{p}/count": self.count, f"{p}/prompt_ids": self.prompt_ids}
+        out.update({f"{p}/lengths": self.lengths, f"{p}/blocks": self.blocks})
+        out.update({f"{p}/sink": self.sink, f"{p}/entropy": self.entropy})
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(
+        cls, name: str, tensors: dict[str, torch.Tensor], layers: tuple[int, ...], length: int, floor: float
+    ) -> SetAccumulator:
+        def get(key: str) -> torch.Tensor:
+            return tensors[f"{name}/{key}"]
+
+        return cls(
+            name=name,
+            layers=layers,
+            length=length,
+            floor=floor,
+            sums=get("sums"),
+            count=get("count"),
+            prompt_ids=get("prompt_ids"),
+            lengths=get("lengths"),
+            blocks=get("blocks"),
+            sink=get("sink"),
+            entropy=get("entropy"),
+        )
+
+
+class GridCollector:
+    """Receives head-by-head attention weights of one batch, layer by layer, and reduces them at once.
+
+    Call :meth:`begin` with the batch's prompt ids and where each prompt sits in the padded batch, then
+    :meth:`add` once per captured layer, then :meth:`end`. Only the reduced ``[B, T, T]`` head mean of the current
+    layer is alive at any time. On CUDA the per-layer sums are kept in float32 on the device and added to the
+    float64 CPU sums at the end of each batch; on the CPU they are float64 throughout.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        layers: tuple[int, ...],
+        n_prompts: int,
+        length: int,
+        *,
+        floor: float = -10.0,
+        n_blocks: int = 16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.name = name
+        self.layers = tuple(layers)
+        self._pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.length = length
+        self.floor = floor
+        self.n_blocks = n_blocks
+        self.bs = block_size(length, n_blocks)
+        self.padded = self.bs * n_blocks
+        self.device = torch.device(device)
+        self._buf_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        nl = len(self.layers)
+        self._buf = torch.zeros(nl, length, length, dtype=self._buf_dtype, device=self.device)
+        self.sums = torch.zeros(nl, length, length, dtype=torch.float64)
+        self.count = torch.zeros(length, length, dtype=torch.int64)
+        self.lengths = torch.zeros(n_prompts, dtype=torch.int64)
+        self.blocks = torch.full((n_prompts, nl, n_blocks, n_blocks), float("nan"), dtype=torch.float32)
+        self.sink = torch.full((n_prompts, nl), float("nan"), dtype=torch.float32)
+        self.entropy = torch.full((n_prompts, nl), float("nan"), dtype=torch.float32)
+        self.seen = torch.zeros(n_prompts, dtype=torch.bool)
+        self._batch: tuple[torch.Tensor, list[int], list[int]] | None = None
+
+    def begin(self, prompt_ids: list[int], starts: list[int], lengths: list[int]) -> None:
+        """Start a batch: row ``b`` holds prompt ``prompt_ids[b]`` at positions ``starts[b] : starts[b]+lengths[b]``."""
+        if any(n > self.length or n <= 0 for n in lengths):
+            raise ValueError("every prompt must have 1..length tokens after truncation")
+        idx = torch.tensor(prompt_ids, dtype=torch.int64)
+        n = torch.tensor(lengths, device=self.device)
+        ar = torch.arange(self.padded, device=self.device)
+        rows = ar[None, :, None] < n[:, None, None]
+        causal = ar[None, None, :] <= ar[None, :, None]
+        self._valid = rows & causal  # [B, P, P] bool
+        bs, nb = self.bs, self.n_blocks
+        self._block_count = self._valid.view(-1, nb, bs, nb, bs).sum((2, 4)).to(torch.float32)
+        self._n = n.to(torch.float32)
+        self._batch = (idx, list(starts), list(lengths))
+
+    def add(self, layer: int, weights: torch.Tensor) -> None:
+        """Reduce one layer's weights ``[B, heads, P, P]`` (P = padded batch length) into the accumulators."""
+        if self._batch is None:
+            raise RuntimeError("GridCollector.add called outside begin()/end()")
+        idx, starts, lengths = self._batch
+        li = self._pos[layer]
+        head_mean = weights.mean(dim=1, dtype=torch.float32)  # [B, P, P]
+        aligned = head_mean.new_zeros(len(lengths), self.padded, self.padded)
+        for b, (s, n) in enumerate(zip(starts, lengths)):
+            aligned[b, :n, :n] = head_mean[b, s : s + n, s : s + n]
+        del head_mean
+        aligned.mul_(self._valid)
+        t = self.length
+        self._buf[li] += aligned[:, :t, :t].sum(0, dtype=self._buf_dtype)
+        logp = torch.log(aligned.clamp_min(math.exp(self.floor))).mul_(self._valid)
+        nb, bs = self.n_blocks, self.bs
+        blocks = logp.view(-1, nb, bs, nb, bs).sum((2, 4)) / self._block_count
+        del logp
+        sink = aligned[:, :, 0].sum(1) / self._n
+        plogp = aligned * torch.log(aligned.clamp_min(1e-30))
+        entropy = -plogp.sum((1, 2)) / self._n
+        self.blocks[idx, li] = blocks.cpu()
+        self.sink[idx, li] = sink.cpu()
+        self.entropy[idx, li] = entropy.cpu()
+
+    def end(self) -> None:
+        """Finish a batch: counts and the float64 sums are updated."""
+        if self._batch is None:
+            raise RuntimeError("GridCollector.end called without begin()")
+        idx, _, lengths = self._batch
+        t = self.length
+        self.count += self._valid[:, :t, :t].sum(0).to(device="cpu", dtype=torch.int64)
+        self.sums += self._buf.to(device="cpu", dtype=torch.float64)
+        self._buf.zero_()
+        self.lengths[idx] = torch.tensor(lengths, dtype=torch.int64)
+        self.seen[idx] = True
+        self._batch = None
+
+    def result(self) -> SetAccumulator:
+        """The accumulator for the prompts seen so far (all of them after a full run)."""
+        ids = torch.nonzero(self.seen).flatten()
+        return SetAccumulator(
+            name=self.name,
+            layers=self.layers,
+            length=self.length,
+            floor=self.floor,
+            sums=self.sums.clone(),
+            count=self.count.clone(),
+            prompt_ids=ids,
+            lengths=self.lengths[ids].clone(),
+            blocks=self.blocks[ids].clone(),
+            sink=self.sink[ids].clone(),
+            entropy=self.entropy[ids].clone(),
+        )

@@ -1,0 +1,104 @@
+"""Batches token sequences through a model under capture: padding, position ids, no LM head."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .accumulate import GridCollector
+from .arch import Route
+from .capture import base_model, capture_attention
+
+PaddingSide = Literal["right", "left"]
+
+
+def make_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: PaddingSide, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Pad sequences to one length.
+
+    Returns ``input_ids [B, P]``, ``attention_mask [B, P]``, ``position_ids [B, P]`` (0.. for each prompt's real
+    tokens, so left padding does not shift positions) and each row's start offset.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    pos = torch.zeros((len(seqs), width), dtype=torch.long)
+    starts = []
+    for b, seq in enumerate(seqs):
+        n = len(seq)
+        s = width - n if side == "left" else 0
+        ids[b, s : s + n] = torch.tensor(list(seq), dtype=torch.long)
+        mask[b, s : s + n] = 1
+        pos[b, s : s + n] = torch.arange(n)
+        starts.append(s)
+    return ids.to(device), mask.to(device), pos.to(device), starts
+
+
+def batch_order(lengths: Sequence[int]) -> list[int]:
+    """Prompt indices longest first, ties by index: batches of similar lengths waste little padding."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def _accepts_position_ids(module: nn.Module) -> bool:
+    try:
+        return "position_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def pad_token_id(tokenizer: object, model: nn.Module) -> int:
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(model.config, "pad_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+    ):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def run_collect(
+    model: nn.Module,
+    seqs: Sequence[Sequence[int]],
+    collector: GridCollector,
+    *,
+    route: Route,
+    pad_id: int,
+    batch_size: int = 8,
+    padding_side: PaddingSide = "right",
+    prompt_ids: Sequence[int] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Run ``seqs`` through ``model`` in batches, feeding the captured layers to ``collector``.
+
+    ``prompt_ids`` names each sequence's index in its set (default ``0..N-1``); ``on_batch(n)`` is called after
+    each batch with the number of prompts it held.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    ids_of = list(prompt_ids) if prompt_ids is not None else list(range(len(seqs)))
+    device = next(model.parameters()).device
+    base = base_model(model)
+    pass_positions = _accepts_position_ids(base)
+    order = batch_order([len(s) for s in seqs])
+    with torch.inference_mode(), capture_attention(model, collector.layers, collector, route):
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo : lo + batch_size]
+            batch = [seqs[i] for i in chunk]
+            input_ids, mask, pos, starts = make_batch(batch, pad_id, padding_side, device)
+            collector.begin([ids_of[i] for i in chunk], starts, [len(s) for s in batch])
+            kwargs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
+            if pass_positions:
+                kwargs["position_ids"] = pos
+            base(**kwargs)
+            collector.end()
+            if on_batch is not None:
+                on_batch(len(chunk))

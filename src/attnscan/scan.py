@@ -1,0 +1,173 @@
+"""``scan``: prompt sets in, ScanResult out. The library twin of ``attnscan scan``."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .accumulate import GridCollector
+from .arch import Route
+from .errors import AttnscanError
+from .models import LoadedModel, load_model
+from .prompts import PromptSet, Truncate, encode, load_prompts
+from .result import ScanResult
+from .runner import PaddingSide, pad_token_id, run_collect
+
+PromptSource = str | Path | Sequence[str] | PromptSet
+ProgressFn = Callable[[int, int, str], None]
+"""``progress(done, total, label)``: prompts done so far over all sets, their total, and what is running."""
+
+DEFAULT_LENGTH = 448
+DEFAULT_FLOOR = -10.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def scan(
+    model: str | LoadedModel,
+    benign: PromptSource,
+    jailbreak: PromptSource,
+    control: PromptSource | None = None,
+    *,
+    layers: str | Sequence[int] | None = "all",
+    length: int = DEFAULT_LENGTH,
+    batch_size: int = 8,
+    dtype: str = "auto",
+    device: str = "auto",
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    truncate: Truncate = "head",
+    padding_side: PaddingSide = "right",
+    floor: float = DEFAULT_FLOOR,
+    summary_blocks: int = 16,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    route: Route | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> ScanResult:
+    """Capture head-averaged attention of ``model`` on each prompt set over a ``length x length`` token grid.
+
+    ``model`` is a spec for :func:`attnscan.load_model` or an already loaded model. Prompt sources are anything
+    :func:`attnscan.load_prompts` reads. Returns a :class:`ScanResult` whose manifest records how it was made.
+    """
+    started = _now()
+    if length <= 0:
+        raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
+    if batch_size < 1:
+        raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
+    if floor >= 0:
+        raise AttnscanError(f"--floor must be negative (a log probability), got {floor}")
+    if truncate not in ("head", "tail"):
+        raise AttnscanError(f"--truncate must be head or tail, got {truncate}")
+    if padding_side not in ("right", "left"):
+        raise AttnscanError(f"--padding-side must be right or left, got {padding_side}")
+    sources: dict[str, PromptSource] = {"benign": benign, "jailbreak": jailbreak}
+    if control is not None:
+        sources["control"] = control
+    sets = {name: load_prompts(src, name=name) for name, src in sources.items()}
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model,
+        dtype=dtype,
+        device=device,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        route=route,
+    )
+    chosen = loaded.check_layers(layers if not isinstance(layers, Sequence) or isinstance(layers, str) else list(layers))
+    torch.manual_seed(seed)
+
+    encoded = {
+        name: encode(
+            loaded.tokenizer, ps.texts, length, chat_template=chat_template, system_prompt=system_prompt,
+            truncate=truncate,
+        )
+        for name, ps in sets.items()
+    }
+    for name, enc in encoded.items():
+        if enc.truncated:
+            warnings.warn(
+                f"{enc.truncated} of {len(enc.ids)} {name} prompts are longer than {length} tokens and were cut to "
+                f"their {'first' if truncate == 'head' else 'last'} {length}",
+                stacklevel=2,
+            )
+    total = sum(len(e.ids) for e in encoded.values())
+    done = 0
+    pad = pad_token_id(loaded.tokenizer, loaded.model)
+    accs = {}
+    t0 = time.perf_counter()
+    for name, enc in encoded.items():
+        collector = GridCollector(
+            name, chosen, len(enc.ids), length, floor=floor, n_blocks=summary_blocks, device=loaded.device
+        )
+
+        def on_batch(n: int, _name: str = name) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total, _name)
+
+        if progress is not None:
+            progress(done, total, name)
+        run_collect(
+            loaded.model, enc.ids, collector, route=loaded.arch.route, pad_id=pad, batch_size=batch_size,
+            padding_side=padding_side, on_batch=on_batch,
+        )
+        accs[name] = collector.result()
+    elapsed = time.perf_counter() - t0
+
+    import transformers
+
+    manifest: dict[str, Any] = {
+        "attnscan_version": __version__,
+        "model": {"spec": loaded.spec, **loaded.source},
+        "architecture": loaded.arch.as_dict(),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "length": length,
+        "alignment": "absolute",
+        "statistic": "ln(mean attention probability over heads and prompts)",
+        "floor": floor,
+        "layers": list(chosen),
+        "summary_blocks": summary_blocks,
+        "prompt_sets": {
+            name: {
+                **ps.provenance(),
+                "truncated": encoded[name].truncated,
+                "tokens_min": min(encoded[name].lengths),
+                "tokens_max": max(encoded[name].lengths),
+                "tokens_mean": sum(encoded[name].lengths) / len(encoded[name].lengths),
+            }
+            for name, ps in sets.items()
+        },
+        "chat_template": all(e.chat_template for e in encoded.values()),
+        "system_prompt": system_prompt,
+        "truncate": truncate,
+        "padding_side": padding_side,
+        "batch_size": batch_size,
+        "seed": seed,
+        "capture_seconds": round(elapsed, 3),
+        "command_line": sys.argv,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "started": started,
+        "finished": _now(),
+    }
+    return ScanResult(accs, manifest)
