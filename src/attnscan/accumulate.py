@@ -187,7 +187,7 @@ class GridCollector:
         li = self._pos[layer]
         head_mean = weights.mean(dim=1, dtype=torch.float32)  # [B, P, P]
         aligned = head_mean.new_zeros(len(lengths), self.padded, self.padded)
-        for b, (s, n) in enumerate(zip(starts, lengths)):
+        for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
             aligned[b, :n, :n] = head_mean[b, s : s + n, s : s + n]
         del head_mean
         aligned.mul_(self._valid)

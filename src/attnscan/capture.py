@@ -44,7 +44,7 @@ _counter = itertools.count()
 _lock = threading.Lock()
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: Any) -> nn.ModuleList:
     """The model's list of decoder layers: the outermost ``ModuleList`` with ``num_hidden_layers`` entries."""
     n = int(model.config.num_hidden_layers)
     for _, module in model.named_modules():
@@ -57,7 +57,7 @@ def attention_module(layer: nn.Module) -> nn.Module:
     """The outermost submodule of a decoder layer whose class name ends in 'Attention'."""
     for _, module in layer.named_modules():
         if type(module).__name__.endswith("Attention"):
-            return module
+            return module  # type: ignore[no-any-return]
     raise ValueError(f"cannot find the attention module in {type(layer).__name__}")
 
 
@@ -89,7 +89,7 @@ def _additive_mask(mask: torch.Tensor | None, module: nn.Module, query: torch.Te
 
 
 @contextlib.contextmanager
-def _interface_route(model: nn.Module, layers: set[int], collector: Collector) -> Iterator[None]:
+def _interface_route(model: Any, layers: set[int], collector: Collector) -> Iterator[None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -137,7 +137,7 @@ def _interface_route(model: nn.Module, layers: set[int], collector: Collector) -
 
 
 @contextlib.contextmanager
-def _hook_route(model: nn.Module, layers: set[int], collector: Collector) -> Iterator[None]:
+def _hook_route(model: Any, layers: set[int], collector: Collector) -> Iterator[None]:
     handles = []
 
     def make_hook(layer: int) -> Callable[..., Any]:
@@ -164,7 +164,7 @@ def _hook_route(model: nn.Module, layers: set[int], collector: Collector) -> Ite
 
 @contextlib.contextmanager
 def capture_attention(
-    model: nn.Module, layers: set[int] | list[int] | tuple[int, ...], collector: Collector, route: Route
+    model: Any, layers: set[int] | list[int] | tuple[int, ...], collector: Collector, route: Route
 ) -> Iterator[None]:
     """Within the block, every forward of ``model`` hands the chosen layers' attention weights to ``collector``.
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,9 +24,17 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Show warnings as one 'warning:' line each; turn AttnscanError into one 'error:' line and exit code 2."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _show_warning
+        try:
+            yield
+        except AttnscanError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -56,7 +66,9 @@ def scan_cmd(
     jailbreak: Annotated[str, typer.Option(help="Jailbreak prompts: a .txt file (one per line) or builtin:NAME.")],
     out: Annotated[Path, typer.Option(help="Directory for the results bundle (created atomically).")],
     model: ModelOpt = "smollm2-135m-instruct",
-    control: Annotated[str | None, typer.Option(help="Optional control prompts (same wrappers, benign requests).")] = None,
+    control: Annotated[
+        str | None, typer.Option(help="Optional control prompts (same wrappers, benign requests).")
+    ] = None,
     layers: Annotated[str, typer.Option(help="'all', or layers such as 3,7,18 or 4-8.")] = "all",
     length: Annotated[int, typer.Option(help="Grid length T in tokens; longer prompts are truncated.")] = 448,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
@@ -76,27 +88,25 @@ def scan_cmd(
 ) -> None:
     """Capture attention maps of benign and jailbreak prompts and write a results bundle."""
     from .io import check_output_dir
+    from .progress import prompt_progress
     from .prompts import load_prompts
     from .scan import scan
 
-    warnings.showwarning = _show_warning
-    try:
+    with user_errors():
         check_output_dir(out, overwrite)
         if length <= 0:
             raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
         if batch_size < 1:
             raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
-        sets = {"benign": benign, "jailbreak": jailbreak, **({"control": control} if control else {})}
-        prompt_sets = {name: load_prompts(src, name=name) for name, src in sets.items()}
+        sources = {"benign": benign, "jailbreak": jailbreak, **({"control": control} if control else {})}
+        sets = {name: load_prompts(src, name=name) for name, src in sources.items()}
         _quiet_libraries()
-        from .progress import prompt_progress
-
         with prompt_progress(quiet) as progress:
             result = scan(
                 model,
-                prompt_sets["benign"],
-                prompt_sets["jailbreak"],
-                prompt_sets.get("control"),
+                sets["benign"],
+                sets["jailbreak"],
+                sets.get("control"),
                 layers=layers,
                 length=length,
                 batch_size=batch_size,
@@ -114,14 +124,8 @@ def scan_cmd(
                 progress=progress,
             )
         result.save(out, overwrite=overwrite)
-    except AttnscanError as exc:
-        raise _fail(str(exc)) from None
-    n = {k: v.n_prompts for k, v in result.sets.items()}
-    typer.echo(
-        f"wrote {out}: {len(result.layers)} layers x T={result.length}, "
-        + ", ".join(f"{k} {v} prompts" for k, v in n.items()),
-        err=False,
-    )
+    counts = ", ".join(f"{k} {v.n_prompts} prompts" for k, v in result.sets.items())
+    typer.echo(f"wrote {out}: {len(result.layers)} layers x T={result.length}, {counts}")
 
 
 def run() -> None:

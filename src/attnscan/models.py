@@ -87,11 +87,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        param: torch.Tensor = next(self.model.parameters())
+        return param.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        param: torch.Tensor = next(self.model.parameters())
+        return param.dtype
 
     def check_layers(self, layers: str | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
         """Resolve ``"all"``, ``None``, ``"3,7,18"`` or a list into sorted layer indices, or raise a usage error."""
@@ -237,7 +239,8 @@ def gguf_to_safetensors(gguf: Path, progress: bool = False) -> Path:
             del config.quantization_config
         rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = rebuilt.load_state_dict(loaded.state_dict(), strict=False)
-        missing = [k for k in missing if k not in getattr(rebuilt, "_tied_weights_keys", None) or ()]
+        tied = getattr(rebuilt, "_tied_weights_keys", None) or ()
+        missing = [k for k in missing if k not in tied]
         if unexpected:
             raise AttnscanError(f"GGUF conversion of {gguf} left unexpected tensors {unexpected[:3]}; please report it")
         rebuilt.save_pretrained(tmp, safe_serialization=True)
@@ -349,7 +352,7 @@ def load_model(
             use_safetensors=None if allow_pickle else True,
             **common,
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         msg = _first_line(exc)
         if not allow_pickle and ("safetensors" in msg or ".bin" in msg):
             raise AttnscanError(

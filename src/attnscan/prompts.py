@@ -76,9 +76,7 @@ def load_prompts(src: str | Path | Sequence[str] | PromptSet, name: str | None =
     if path.is_dir():
         raise AttnscanError(f"{text_src} is a directory: give a prompt file (.txt, one prompt per line)")
     if path.suffix.lower() not in (".txt", ""):
-        raise AttnscanError(
-            f"cannot read {text_src}: only .txt files (one prompt per line) are supported so far"
-        )
+        raise AttnscanError(f"cannot read {text_src}: only .txt files (one prompt per line) are supported so far")
     raw = path.read_bytes()
     try:
         body = raw.decode("utf-8-sig")
@@ -105,7 +103,7 @@ class Encoded:
 
     @property
     def truncated(self) -> int:
-        return sum(1 for ids, full in zip(self.ids, self.full_lengths) if len(ids) < full)
+        return sum(1 for ids, full in zip(self.ids, self.full_lengths, strict=True) if len(ids) < full)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

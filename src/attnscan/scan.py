@@ -79,21 +79,31 @@ def scan(
         sources["control"] = control
     sets = {name: load_prompts(src, name=name) for name, src in sources.items()}
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        model,
-        dtype=dtype,
-        device=device,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-        route=route,
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            route=route,
+        )
     )
-    chosen = loaded.check_layers(layers if not isinstance(layers, Sequence) or isinstance(layers, str) else list(layers))
+    chosen = loaded.check_layers(
+        layers if not isinstance(layers, Sequence) or isinstance(layers, str) else list(layers)
+    )
     torch.manual_seed(seed)
 
     encoded = {
         name: encode(
-            loaded.tokenizer, ps.texts, length, chat_template=chat_template, system_prompt=system_prompt,
+            loaded.tokenizer,
+            ps.texts,
+            length,
+            chat_template=chat_template,
+            system_prompt=system_prompt,
             truncate=truncate,
         )
         for name, ps in sets.items()
@@ -124,8 +134,14 @@ def scan(
         if progress is not None:
             progress(done, total, name)
         run_collect(
-            loaded.model, enc.ids, collector, route=loaded.arch.route, pad_id=pad, batch_size=batch_size,
-            padding_side=padding_side, on_batch=on_batch,
+            loaded.model,
+            enc.ids,
+            collector,
+            route=loaded.arch.route,
+            pad_id=pad,
+            batch_size=batch_size,
+            padding_side=padding_side,
+            on_batch=on_batch,
         )
         accs[name] = collector.result()
     elapsed = time.perf_counter() - t0
