@@ -3,13 +3,21 @@
 For one prompt set and the captured layers, a :class:`SetAccumulator` holds
 
 - ``sums``  ``float64 [layers, T, T]``: the sum over prompts of the head-averaged attention probability that query
-  token ``i`` gives key token ``j`` (absolute alignment: a prompt's token ``i`` lands on grid row/column ``i``);
-- ``count`` ``int64 [T, T]``: how many prompts reach each cell (causal cells ``j <= i < length``; the same for every
-  layer);
-- per-prompt summaries, indexed by the prompt's position in its set:
-  ``blocks``  ``float32 [N, layers, B, B]`` mean of ln(max(p, e^floor)) over each coarse block's causal cells
-  (NaN where the prompt reaches no cell of the block), ``sink`` ``float32 [N, layers]`` mean attention on the first
-  token, ``entropy`` ``float32 [N, layers]`` mean row entropy (nats), and ``lengths`` ``int64 [N]``.
+  token ``i`` gives key token ``j``;
+- ``count`` ``int64 [T, T]``: how many prompts reach each cell (the same for every layer).
+
+Two alignments put prompts of different lengths on the grid:
+
+- ``absolute`` (default): a prompt's token ``i`` lands on grid row/column ``i``; a prompt of ``n`` tokens reaches
+  the causal cells ``j <= i < n``, and nothing beyond its length;
+- ``relative``: every prompt is stretched over the whole grid by nearest-neighbour resampling; grid index ``g``
+  shows the prompt's token ``floor(g * n / T)``, and a cell is reached when the token pair it shows is causal.
+
+Per-prompt summaries (indexed by the prompt's position in its set):
+``blocks``  ``float32 [N, layers, B, B]`` mean of ln(max(p, e^floor)) over the grid cells of each coarse block
+that the prompt reaches (NaN where it reaches none); and, from the prompt's own map whatever the alignment,
+``sink`` ``float32 [N, layers]`` mean attention on its first token and ``entropy`` ``float32 [N, layers]`` mean
+row entropy (nats); ``lengths`` ``int64 [N]`` its token count.
 
 Sums and counts add exactly, so accumulators from batches, processes or resumed runs merge by addition
 (:meth:`SetAccumulator.merge`); the per-prompt summaries are concatenated.
@@ -21,10 +29,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
 from .errors import AttnscanError
+
+Align = Literal["absolute", "relative"]
 
 
 def block_size(length: int, n_blocks: int) -> int:
@@ -142,7 +153,11 @@ class GridCollector:
         floor: float = -10.0,
         n_blocks: int = 16,
         device: torch.device | str = "cpu",
+        align: Align = "absolute",
     ) -> None:
+        if align not in ("absolute", "relative"):
+            raise AttnscanError(f"--align must be absolute or relative, got {align}")
+        self.align = align
         self.name = name
         self.layers = tuple(layers)
         self._pos = {layer: i for i, layer in enumerate(self.layers)}
@@ -163,20 +178,27 @@ class GridCollector:
         self.entropy = torch.full((n_prompts, nl), float("nan"), dtype=torch.float32)
         self.seen = torch.zeros(n_prompts, dtype=torch.bool)
         self._batch: tuple[torch.Tensor, list[int], list[int]] | None = None
+        self._source: torch.Tensor | None = None
 
     def begin(self, prompt_ids: list[int], starts: list[int], lengths: list[int]) -> None:
         """Start a batch: row ``b`` holds prompt ``prompt_ids[b]`` at positions ``starts[b] : starts[b]+lengths[b]``."""
-        if any(n > self.length or n <= 0 for n in lengths):
+        if any(n <= 0 for n in lengths) or (self.align == "absolute" and any(n > self.length for n in lengths)):
             raise ValueError("every prompt must have 1..length tokens after truncation")
         idx = torch.tensor(prompt_ids, dtype=torch.int64)
-        n = torch.tensor(lengths, device=self.device)
         ar = torch.arange(self.padded, device=self.device)
-        rows = ar[None, :, None] < n[:, None, None]
-        causal = ar[None, None, :] <= ar[None, :, None]
-        self._valid = rows & causal  # [B, P, P] bool
+        if self.align == "absolute":
+            n = torch.tensor(lengths, device=self.device)
+            rows = ar[None, :, None] < n[:, None, None]
+            self._valid = rows & (ar[None, None, :] <= ar[None, :, None])  # [B, P, P] bool
+            self._source = None
+        else:
+            # Relative: grid index g of a prompt with n tokens shows its token floor(g * n / T).
+            src = torch.stack([(ar * n) // self.length for n in lengths])  # [B, P]
+            inside = (ar < self.length)[None, :]
+            self._valid = (src[:, None, :] <= src[:, :, None]) & inside[:, :, None] & inside[:, None, :]
+            self._source = src.clamp_max(torch.tensor(lengths, device=self.device)[:, None] - 1)
         bs, nb = self.bs, self.n_blocks
         self._block_count = self._valid.view(-1, nb, bs, nb, bs).sum((2, 4)).to(torch.float32)
-        self._n = n.to(torch.float32)
         self._batch = (idx, list(starts), list(lengths))
 
     def add(self, layer: int, weights: torch.Tensor) -> None:
@@ -186,9 +208,19 @@ class GridCollector:
         idx, starts, lengths = self._batch
         li = self._pos[layer]
         head_mean = weights.mean(dim=1, dtype=torch.float32)  # [B, P, P]
-        aligned = head_mean.new_zeros(len(lengths), self.padded, self.padded)
+        batch = len(lengths)
+        aligned = head_mean.new_zeros(batch, self.padded, self.padded)
+        sink = head_mean.new_empty(batch)
+        entropy = head_mean.new_empty(batch)
         for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
-            aligned[b, :n, :n] = head_mean[b, s : s + n, s : s + n]
+            own = head_mean[b, s : s + n, s : s + n]  # this prompt's own n x n map
+            sink[b] = own[:, 0].mean()
+            entropy[b] = -(own * torch.log(own.clamp_min(1e-30))).sum(-1).mean()
+            if self._source is None:
+                aligned[b, :n, :n] = own
+            else:
+                src = self._source[b]
+                aligned[b] = own[src][:, src]
         del head_mean
         aligned.mul_(self._valid)
         t = self.length
@@ -197,9 +229,6 @@ class GridCollector:
         nb, bs = self.n_blocks, self.bs
         blocks = logp.view(-1, nb, bs, nb, bs).sum((2, 4)) / self._block_count
         del logp
-        sink = aligned[:, :, 0].sum(1) / self._n
-        plogp = aligned * torch.log(aligned.clamp_min(1e-30))
-        entropy = -plogp.sum((1, 2)) / self._n
         self.blocks[idx, li] = blocks.cpu()
         self.sink[idx, li] = sink.cpu()
         self.entropy[idx, li] = entropy.cpu()

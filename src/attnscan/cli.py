@@ -58,48 +58,89 @@ def main() -> None:
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or 'smollm2-135m-instruct'.")
 ]
+SourceOpt = Annotated[
+    str | None,
+    typer.Option(help="Prompt source: builtin:NAME, a .txt/.json/.jsonl/.csv/.tsv/.parquet file, or hf:DS:SPLIT:COL."),
+]
+TemplatesOpt = Annotated[
+    str | None, typer.Option(help="Jailbreak templates with a {request} slot, composed with --requests.")
+]
+RequestsOpt = Annotated[str | None, typer.Option(help="Requests for --jailbreak-templates (default builtin:harmful).")]
+FieldOpt = Annotated[str | None, typer.Option(help="Column or key holding the prompt (json, jsonl, csv, parquet).")]
+MultilineOpt = Annotated[bool, typer.Option(help="In .txt files, prompts are separated by blank lines.")]
+AssistantOpt = Annotated[str, typer.Option(help="Fills {generator.name} placeholders of DAN-style templates.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Use at most N prompts per set (deterministic by --seed).")]
+LayersOpt = Annotated[str, typer.Option(help="'all', or layers such as 3,7,18 or 4-8.")]
+LengthOpt = Annotated[int, typer.Option(help="Grid length T in tokens; longer prompts are truncated.")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+ChatOpt = Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")]
+SystemOpt = Annotated[str | None, typer.Option(help="System turn for the chat template.")]
+TruncateOpt = Annotated[str, typer.Option(help="Keep the 'head' or the 'tail' of long prompts.")]
+AlignOpt = Annotated[str, typer.Option(help="'absolute' (token i on row i) or 'relative' (stretched to T).")]
+PaddingOpt = Annotated[str, typer.Option(help="Pad batches on the 'right' or the 'left'.")]
+FloorOpt = Annotated[float, typer.Option(help="Floor of the log-attention maps.")]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
+RemoteOpt = Annotated[bool, typer.Option(help="Allow model code from the hub to run.")]
+PickleOpt = Annotated[bool, typer.Option(help="Allow pickle weight files (they can run code).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for subsampling and statistics, recorded in the manifest.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing bundle in --out.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 @app.command("scan")
 def scan_cmd(
-    benign: Annotated[str, typer.Option(help="Benign prompts: a .txt file (one per line) or builtin:NAME.")],
-    jailbreak: Annotated[str, typer.Option(help="Jailbreak prompts: a .txt file (one per line) or builtin:NAME.")],
     out: Annotated[Path, typer.Option(help="Directory for the results bundle (created atomically).")],
+    benign: SourceOpt = None,
+    jailbreak: SourceOpt = None,
+    control: SourceOpt = None,
+    jailbreak_templates: TemplatesOpt = None,
+    requests: RequestsOpt = None,
     model: ModelOpt = "smollm2-135m-instruct",
-    control: Annotated[
-        str | None, typer.Option(help="Optional control prompts (same wrappers, benign requests).")
-    ] = None,
-    layers: Annotated[str, typer.Option(help="'all', or layers such as 3,7,18 or 4-8.")] = "all",
-    length: Annotated[int, typer.Option(help="Grid length T in tokens; longer prompts are truncated.")] = 448,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    chat_template: Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")] = True,
-    system_prompt: Annotated[str | None, typer.Option(help="System turn for the chat template.")] = None,
-    truncate: Annotated[str, typer.Option(help="Keep the 'head' or the 'tail' of long prompts.")] = "head",
-    padding_side: Annotated[str, typer.Option(help="Pad batches on the 'right' or the 'left'.")] = "right",
-    floor: Annotated[float, typer.Option(help="Floor of the log-attention maps.")] = -10.0,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub to run.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickle weight files (they can run code).")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed, recorded in the manifest.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle in --out.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    field: FieldOpt = None,
+    multiline: MultilineOpt = False,
+    assistant_name: AssistantOpt = "ChatGPT",
+    limit: LimitOpt = None,
+    layers: LayersOpt = "all",
+    length: LengthOpt = 448,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    chat_template: ChatOpt = True,
+    system_prompt: SystemOpt = None,
+    truncate: TruncateOpt = "head",
+    align: AlignOpt = "absolute",
+    padding_side: PaddingOpt = "right",
+    floor: FloorOpt = -10.0,
+    revision: RevisionOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Capture attention maps of benign and jailbreak prompts and write a results bundle."""
+    """Capture attention maps of benign and jailbreak (and control) prompts and write a results bundle."""
     from .io import check_output_dir
     from .progress import prompt_progress
-    from .prompts import load_prompts
+    from .prompts import prompt_sets
     from .scan import scan
 
     with user_errors():
         check_output_dir(out, overwrite)
-        if length <= 0:
-            raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
-        if batch_size < 1:
-            raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
-        sources = {"benign": benign, "jailbreak": jailbreak, **({"control": control} if control else {})}
-        sets = {name: load_prompts(src, name=name) for name, src in sources.items()}
+        _check_numbers(length, batch_size, limit)
+        sets = prompt_sets(
+            benign,
+            jailbreak,
+            control,
+            jailbreak_templates=jailbreak_templates,
+            requests=requests,
+            field=field,
+            multiline=multiline,
+            assistant_name=assistant_name,
+            limit=limit,
+            seed=seed,
+        )
         _quiet_libraries()
         with prompt_progress(quiet) as progress:
             result = scan(
@@ -115,6 +156,7 @@ def scan_cmd(
                 chat_template=chat_template,
                 system_prompt=system_prompt,
                 truncate=truncate,  # type: ignore[arg-type]
+                align=align,  # type: ignore[arg-type]
                 padding_side=padding_side,  # type: ignore[arg-type]
                 floor=floor,
                 revision=revision,
@@ -126,6 +168,15 @@ def scan_cmd(
         result.save(out, overwrite=overwrite)
     counts = ", ".join(f"{k} {v.n_prompts} prompts" for k, v in result.sets.items())
     typer.echo(f"wrote {out}: {len(result.layers)} layers x T={result.length}, {counts}")
+
+
+def _check_numbers(length: int, batch_size: int, limit: int | None) -> None:
+    if length <= 0:
+        raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
+    if batch_size < 1:
+        raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise AttnscanError(f"--limit must be at least 1, got {limit}")
 
 
 def run() -> None:

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from . import __version__
-from .accumulate import GridCollector
+from .accumulate import Align, GridCollector
 from .arch import Route
 from .errors import AttnscanError
 from .models import LoadedModel, load_model
-from .prompts import PromptSet, Truncate, encode, load_prompts
+from .prompts import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSet, Truncate, encode, load_prompts
 from .result import ScanResult
 from .runner import PaddingSide, pad_token_id, run_collect
 
@@ -49,6 +49,7 @@ def scan(
     system_prompt: str | None = None,
     truncate: Truncate = "head",
     padding_side: PaddingSide = "right",
+    align: Align = "absolute",
     floor: float = DEFAULT_FLOOR,
     summary_blocks: int = 16,
     revision: str | None = None,
@@ -72,6 +73,8 @@ def scan(
         raise AttnscanError(f"--floor must be negative (a log probability), got {floor}")
     if truncate not in ("head", "tail"):
         raise AttnscanError(f"--truncate must be head or tail, got {truncate}")
+    if align not in ("absolute", "relative"):
+        raise AttnscanError(f"--align must be absolute or relative, got {align}")
     if padding_side not in ("right", "left"):
         raise AttnscanError(f"--padding-side must be right or left, got {padding_side}")
     sources: dict[str, PromptSource] = {"benign": benign, "jailbreak": jailbreak}
@@ -109,6 +112,18 @@ def scan(
         for name, ps in sets.items()
     }
     for name, enc in encoded.items():
+        if len(enc.ids) < MIN_STAT_PROMPTS:
+            warnings.warn(
+                f"set '{name}' has only {len(enc.ids)} prompts: the statistics need at least {MIN_STAT_PROMPTS} "
+                "per set to say much",
+                stacklevel=2,
+            )
+        short = sum(1 for n in enc.lengths if n < SHORT_PROMPT_TOKENS)
+        if short:
+            warnings.warn(
+                f"{short} of {len(enc.ids)} {name} prompts are shorter than {SHORT_PROMPT_TOKENS} tokens",
+                stacklevel=2,
+            )
         if enc.truncated:
             warnings.warn(
                 f"{enc.truncated} of {len(enc.ids)} {name} prompts are longer than {length} tokens and were cut to "
@@ -122,7 +137,14 @@ def scan(
     t0 = time.perf_counter()
     for name, enc in encoded.items():
         collector = GridCollector(
-            name, chosen, len(enc.ids), length, floor=floor, n_blocks=summary_blocks, device=loaded.device
+            name,
+            chosen,
+            len(enc.ids),
+            length,
+            floor=floor,
+            n_blocks=summary_blocks,
+            device=loaded.device,
+            align=align,
         )
 
         def on_batch(n: int, _name: str = name) -> None:
@@ -155,7 +177,7 @@ def scan(
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "length": length,
-        "alignment": "absolute",
+        "alignment": align,
         "statistic": "ln(mean attention probability over heads and prompts)",
         "floor": floor,
         "layers": list(chosen),
