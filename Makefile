@@ -23,9 +23,7 @@ dev: setup
 	$(PIP) install -q -e ".[dev]"
 
 demo: setup
-	$(VENV)/bin/attnscan scan --model smollm2-135m-instruct \
-		--benign builtin:demo-benign --jailbreak builtin:demo-jailbreak \
-		--out $(OUT) --overwrite
+	$(VENV)/bin/attnscan run --model smollm2-135m-instruct --out $(OUT) --overwrite
 
 lint: dev
 	$(VENV)/bin/ruff check src tests bench

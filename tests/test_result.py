@@ -73,7 +73,8 @@ def test_bundle_files_and_manifest(result: ScanResult, tmp_path: Path) -> None:
     with (out / "layers.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["layer"]) for r in rows] == [0, 2]
-    assert {"mean_diff", "mean_abs_diff", "benign_mean_log", "jailbreak_mean_log"} <= set(rows[0])
+    assert {"mean_diff", "mean_abs_diff", "frac_pos", "p_signed", "q_signed", "ci_low", "verdict"} <= set(rows[0])
+    assert rows[0]["verdict"] in ("vulnerable", "mixed", "resilient", "no significant shift")
     assert not list(tmp_path.glob(".*")), "temporary directories were left behind"
 
 
@@ -140,7 +141,7 @@ def test_failed_write_leaves_nothing(result: ScanResult, tmp_path: Path, monkeyp
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(result_mod, "_write_csv", broken)
+    monkeypatch.setattr(result_mod, "write_json", broken)
     with pytest.raises(OSError, match="disk full"):
         result.save(tmp_path / "deep" / "er" / "out")
     assert list(tmp_path.iterdir()) == []
@@ -149,32 +150,3 @@ def test_failed_write_leaves_nothing(result: ScanResult, tmp_path: Path, monkeyp
 def test_load_refuses_non_bundles(tmp_path: Path) -> None:
     with pytest.raises(AttnscanError, match="not an attnscan results bundle"):
         ScanResult.load(tmp_path)
-
-
-def test_public_api_is_pinned() -> None:
-    import attnscan
-
-    assert sorted(attnscan.__all__) == sorted(
-        [
-            "EMBEDDED_NAME",
-            "ArchEntry",
-            "ArchFacts",
-            "AttnscanError",
-            "GridCollector",
-            "LoadedModel",
-            "PromptSet",
-            "ScanResult",
-            "SetAccumulator",
-            "__version__",
-            "arch_facts",
-            "capture_attention",
-            "encode",
-            "from_model",
-            "load_model",
-            "load_prompts",
-            "register_arch",
-            "scan",
-        ]
-    )
-    for name in attnscan.__all__:
-        assert hasattr(attnscan, name), name

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from .errors import AttnscanError
 
@@ -168,6 +170,146 @@ def scan_cmd(
         result.save(out, overwrite=overwrite)
     counts = ", ".join(f"{k} {v.n_prompts} prompts" for k, v in result.sets.items())
     typer.echo(f"wrote {out}: {len(result.layers)} layers x T={result.length}, {counts}")
+
+
+@app.command("run")
+def run_cmd(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model spec; repeat to put several models in one figure."),
+    ] = None,
+    benign: SourceOpt = "builtin:benign",
+    jailbreak: SourceOpt = "builtin:jailbreak",
+    control: SourceOpt = "builtin:control",
+    no_control: Annotated[bool, typer.Option(help="Skip the control set (wrappers around benign requests).")] = False,
+    out: Annotated[Path, typer.Option(help="Output directory for bundles, figures and tables.")] = Path("attnscan-out"),
+    rows: Annotated[str, typer.Option(help="Figure rows: 'auto' or MODEL:LAYER,...")] = "auto",
+    limit: Annotated[int | None, typer.Option(help="Prompts per set (deterministic by --seed).")] = 40,
+    layers: LayersOpt = "all",
+    length: LengthOpt = 448,
+    batch_size: BatchOpt = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    chat_template: ChatOpt = True,
+    system_prompt: SystemOpt = None,
+    align: AlignOpt = "absolute",
+    permutations: Annotated[int, typer.Option(help="Permutations per layer test.")] = 1000,
+    seed: SeedOpt = 0,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job: scan, statistics, verdicts, the reference-style figure and a summary of the top layers."""
+    from .progress import prompt_progress
+    from .run import run
+
+    models = model or ["smollm2-135m-instruct"]
+    console = Console(stderr=True, quiet=quiet)
+    with user_errors():
+        _check_numbers(length, batch_size, limit)
+        if permutations < 100:
+            raise AttnscanError(f"--permutations must be at least 100, got {permutations}")
+        _quiet_libraries()
+        with prompt_progress(quiet) as progress:
+            output = run(
+                models,
+                benign=benign or "builtin:benign",
+                jailbreak=jailbreak or "builtin:jailbreak",
+                control=None if no_control else control,
+                out=out,
+                rows=rows,
+                overwrite=overwrite,
+                limit=limit,
+                seed=seed,
+                n_permutations=permutations,
+                progress=progress,
+                on_model=lambda label: console.log(f"scanning {label}"),
+                layers=layers,
+                length=length,
+                batch_size=batch_size,
+                dtype=dtype,
+                device=device,
+                chat_template=chat_template,
+                system_prompt=system_prompt,
+                align=align,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+            )
+    Console().print(summary_table(output.tables))
+    for line in output.observations:
+        typer.echo(f"- {line}")
+    typer.echo(f"wrote {out}/ (figure.png, layers.png, summary.csv, observations.md, one bundle per model)")
+
+
+def summary_table(tables: dict[str, Any], top: int = 5) -> Table:
+    """A rich table of each model's top layers: significant ones by rank, else the largest shifts."""
+    table = Table(title="Top layers (jailbreak vs benign)", title_justify="left")
+    for col, justify in (("model", "left"), ("layer", "right"), ("verdict", "left"), ("shift [95% CI]", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for col in ("effect", "q", "cells +", "cells -"):
+        table.add_column(col, justify="right")
+    styles = {"vulnerable": "red", "resilient": "blue", "mixed": "magenta", "no significant shift": "dim"}
+    for label, frame in tables.items():
+        order = frame.assign(_k=frame["rank"].fillna(1e9), _e=-frame["signed_shift"].abs()).sort_values(["_k", "_e"])
+        for _, row in order.head(top).iterrows():
+            q = min(row["q_signed"], row["q_abs"])
+            table.add_row(
+                label,
+                str(int(row["layer"])),
+                f"[{styles.get(row['verdict'], '')}]{row['verdict']}",
+                f"{row['signed_shift']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]",
+                f"{row['effect']:+.2f}",
+                f"{q:.3g}",
+                f"{row['frac_pos']:.0%}",
+                f"{row['frac_neg']:.0%}",
+            )
+    return table
+
+
+@app.command("figure")
+def figure_cmd(
+    dirs: Annotated[list[Path], typer.Argument(help="Results bundles or run directories.")],
+    out: Annotated[Path, typer.Option(help="Figure file: .png, .pdf or .svg.")],
+    rows: Annotated[str, typer.Option(help="'auto' or MODEL:LAYER,...")] = "auto",
+    profile: Annotated[Path | None, typer.Option(help="Also draw the layer profile to this file.")] = None,
+    log_min: Annotated[float, typer.Option(help="Lower end of the log-attention colour scale.")] = -10.0,
+    log_max: Annotated[float, typer.Option(help="Upper end of the log-attention colour scale.")] = 0.0,
+    diff_max: Annotated[float, typer.Option(help="The difference colour scale spans -diff_max..diff_max.")] = 4.0,
+    dpi: Annotated[int, typer.Option(help="Resolution of PNG output.")] = 200,
+    seed: SeedOpt = 0,
+) -> None:
+    """Draw the Benign / Jailbreak / Difference figure (and the layer profile) from saved results."""
+    from .run import draw, load_bundles, parse_rows
+
+    with user_errors():
+        results = load_bundles(dirs)
+        tables = {k: _stored_table(r, seed) for k, r in results.items()}
+        chosen = parse_rows(rows, list(results))
+        shown = draw(
+            results,
+            tables,
+            chosen,
+            out,
+            profile,
+            dpi=dpi,
+            log_range=(log_min, log_max),
+            diff_range=(-diff_max, diff_max),
+        )
+    typer.echo(f"wrote {out}: rows " + ", ".join(f"{m} layer {layer}" for m, layer in shown))
+
+
+def _stored_table(result: Any, seed: int) -> Any:
+    """The layer table saved with a bundle when it has the statistics, else computed now."""
+    import pandas as pd
+
+    if result.path is not None:
+        csv_path = result.path / "layers.csv"
+        if csv_path.is_file():
+            frame = pd.read_csv(csv_path)
+            if "verdict" in frame.columns:
+                return frame
+    return result.layer_table(seed=seed)
 
 
 def _check_numbers(length: int, batch_size: int, limit: int | None) -> None:

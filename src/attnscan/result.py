@@ -44,6 +44,8 @@ class ScanResult:
 
     sets: dict[str, SetAccumulator]
     manifest: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)
+    """The bundle directory this result was loaded from, if any."""
 
     def __post_init__(self) -> None:
         if not self.sets:
@@ -126,9 +128,24 @@ class ScanResult:
             rows.append(row)
         return rows
 
-    def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write the results bundle to ``out`` atomically; refuse an existing bundle unless ``overwrite``."""
+    def layer_table(self, **options: Any) -> Any:
+        """The per-layer statistics (:func:`attnscan.stats.layer_table`) as a pandas DataFrame."""
+        from .stats import layer_table
+
+        return layer_table(self, **options)
+
+    def save(self, out: str | Path, overwrite: bool = False, table: Any = None) -> Path:
+        """Write the results bundle to ``out`` atomically; refuse an existing bundle unless ``overwrite``.
+
+        ``layers.csv`` holds ``table`` (a DataFrame from :func:`attnscan.layer_table`) when given, else the layer
+        statistics computed here with their defaults, or plain per-layer means when a set is too small for them.
+        """
         out = Path(out)
+        if table is None and {"benign", "jailbreak"} <= set(self.sets):
+            try:
+                table = self.layer_table(seed=int(self.manifest.get("seed", 0)))
+            except AttnscanError:
+                table = None
         manifest = {**self.manifest, "bundle_format": BUNDLE_FORMAT}
         manifest.setdefault("length", self.length)
         manifest.setdefault("layers", list(self.layers))
@@ -141,7 +158,10 @@ class ScanResult:
             for acc in self.sets.values():
                 tensors.update(acc.tensors())
             save_file(tensors, str(tmp / "accumulators.safetensors"), metadata={"format": "attnscan-accumulators"})
-            _write_csv(tmp / "layers.csv", self.layer_rows())
+            if table is not None:
+                table.to_csv(tmp / "layers.csv", index=False, float_format="%.6g")
+            else:
+                _write_csv(tmp / "layers.csv", self.layer_rows())
             write_json(tmp / BUNDLE_MARKER, manifest)
         return out
 
@@ -165,7 +185,7 @@ class ScanResult:
             name: SetAccumulator.from_tensors(name, tensors, layers, int(manifest["length"]), float(manifest["floor"]))
             for name in manifest["sets_order"]
         }
-        return cls(sets, manifest)
+        return cls(sets, manifest, path=path)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

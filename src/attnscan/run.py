@@ -1,0 +1,276 @@
+"""``run``: the main job. Scan one or more models, compute the layer statistics, draw the reference-style figure.
+
+Output directory (default ``attnscan-out/``), written atomically as a whole:
+
+- ``manifest.json``: what ran (models, prompt sets, options, versions, timestamps) and where each part is;
+- ``<model>/``: one results bundle per model (see :mod:`attnscan.result`), its ``layers.csv`` with the statistics;
+- ``summary.csv``: every model's layer table, one row per (model, layer);
+- ``figure.png``: Benign / Jailbreak / Difference rows for the chosen (model, layer) pairs;
+- ``layers.png``: the signed shift with its 95 % interval against relative layer depth, one line per model;
+- ``observations.md``: the observations generated from the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AttnscanError
+from .io import atomic_dir, write_json
+from .models import LoadedModel
+from .prompts import PromptSet
+from .result import ScanResult
+from .scan import ProgressFn, scan
+
+DEFAULT_LIMIT = 40
+RUN_KIND = "attnscan-run"
+
+
+@dataclass
+class RunOutput:
+    """What :func:`run` produced: per-model results and tables, the observations, and the files written."""
+
+    out: Path
+    results: dict[str, ScanResult]
+    tables: dict[str, Any]  # model label -> pandas DataFrame from layer_table
+    effects: dict[str, Any] = field(default_factory=dict)  # model label -> effects_table (control scans)
+    rows: list[tuple[str, int]] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
+
+
+def _label(spec: str, taken: set[str]) -> str:
+    from .plot import model_label
+
+    base = model_label(spec)
+    label, k = base, 2
+    while label in taken:
+        label, k = f"{base}-{k}", k + 1
+    return label
+
+
+def parse_rows(rows: str, labels: Sequence[str]) -> list[tuple[str, int]] | None:
+    """``auto`` -> None; ``MODEL:LAYER,...`` -> pairs (a bare ``LAYER`` means the only model)."""
+    text = rows.strip()
+    if text.lower() == "auto":
+        return None
+    pairs: list[tuple[str, int]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        model, _, layer = part.rpartition(":")
+        if not model:
+            if len(labels) != 1:
+                raise AttnscanError(f"row '{part}' names no model: write MODEL:LAYER (models: {', '.join(labels)})")
+            model = labels[0]
+        if model not in labels:
+            raise AttnscanError(f"row '{part}': unknown model '{model}'; models here are {', '.join(labels)}")
+        try:
+            pairs.append((model, int(layer)))
+        except ValueError:
+            raise AttnscanError(f"row '{part}': layer must be a number, e.g. {model}:7") from None
+    if not pairs:
+        raise AttnscanError("--rows is empty: write auto or MODEL:LAYER,...")
+    return pairs
+
+
+def profile_tables(tables: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables for the layer profile: the signed shift (nats) with its bootstrap interval, and the verdict."""
+    out = {}
+    for label, table in tables.items():
+        t = table[["layer", "signed_shift", "ci_low", "ci_high", "verdict"]].copy()
+        out[label] = t.rename(columns={"signed_shift": "effect"})
+    return out
+
+
+def draw(
+    results: Mapping[str, ScanResult],
+    tables: Mapping[str, Any],
+    rows: list[tuple[str, int]] | None,
+    figure_path: Path | None,
+    profile_path: Path | None,
+    *,
+    dpi: int = 200,
+    log_range: tuple[float, float] = (-10.0, 0.0),
+    diff_range: tuple[float, float] = (-4.0, 4.0),
+) -> list[tuple[str, int]]:
+    """Draw the grid figure and the layer profile; return the (model, layer) rows shown."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .plot import grid_figure, layer_profile_figure, pick_rows, rows_from_result, save_figure
+
+    chosen = rows if rows is not None else pick_rows(tables)
+    for label, layer in chosen:
+        if layer not in results[label].layers:
+            captured = ", ".join(map(str, results[label].layers))
+            raise AttnscanError(f"{label} layer {layer} was not captured: captured layers are {captured}")
+    if figure_path is not None:
+        fig_rows = []
+        for label, layer in chosen:
+            table = tables[label]
+            verdict = dict(zip(table["layer"].astype(int), table["verdict"], strict=True))
+            fig_rows.extend(rows_from_result(results[label], [layer], label=label, verdicts=verdict))
+        fig = grid_figure(fig_rows, log_range=log_range, diff_range=diff_range, dpi=dpi)
+        save_figure(fig, figure_path, dpi=dpi)
+        plt.close(fig)
+    if profile_path is not None:
+        n_layers = {k: int(r.manifest.get("architecture", {}).get("n_layers", 0)) or None for k, r in results.items()}
+        fig = layer_profile_figure(
+            profile_tables(tables),
+            n_layers={k: v for k, v in n_layers.items() if v},
+            ylabel="Signed shift, jailbreak − benign (nats)",
+            dpi=dpi,
+        )
+        save_figure(fig, profile_path, dpi=dpi)
+        plt.close(fig)
+    return chosen
+
+
+def compare_models(tables: Mapping[str, Any], results: Mapping[str, ScanResult]) -> list[str]:
+    """One sentence per model on its strongest shift, with the layer's relative depth, for side-by-side reading."""
+    if len(tables) < 2:
+        return []
+    parts = []
+    for label, table in tables.items():
+        n_layers = (
+            int(results[label].manifest.get("architecture", {}).get("n_layers", 0)) or int(table["layer"].max()) + 1
+        )
+        top = table.loc[table["signed_shift"].abs().idxmax()]
+        depth = int(top["layer"]) / max(n_layers - 1, 1)
+        parts.append(
+            f"{label}: layer {int(top['layer'])} ({depth:.0%} depth), shift {top['signed_shift']:+.2f} nats, "
+            f"verdict {top['verdict']}"
+        )
+    return ["Strongest shift per model — " + "; ".join(parts) + "."]
+
+
+def run(
+    models: Sequence[str | LoadedModel],
+    *,
+    benign: str | PromptSet = "builtin:benign",
+    jailbreak: str | PromptSet = "builtin:jailbreak",
+    control: str | PromptSet | None = "builtin:control",
+    out: str | Path = "attnscan-out",
+    rows: str = "auto",
+    overwrite: bool = False,
+    limit: int | None = DEFAULT_LIMIT,
+    seed: int = 0,
+    n_permutations: int = 1000,
+    dpi: int = 200,
+    progress: ProgressFn | None = None,
+    on_model: Callable[[str], None] | None = None,
+    **scan_options: Any,
+) -> RunOutput:
+    """Scan every model on the prompt sets, compute the statistics and write the run directory (module docstring).
+
+    ``scan_options`` go to :func:`attnscan.scan` (``layers``, ``length``, ``batch_size``, ``dtype``, ``device``,
+    ``chat_template``, ``align``, ...). Prompt sources are subsampled to ``limit`` prompts each with ``seed``.
+    """
+    from .io import check_output_dir
+    from .prompts import load_prompts
+    from .stats import effects_table, layer_table, observations
+
+    if not models:
+        raise AttnscanError("no model given: pass --model at least once")
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    sets = {
+        "benign": load_prompts(benign, "benign", limit=limit, seed=seed),
+        "jailbreak": load_prompts(jailbreak, "jailbreak", limit=limit, seed=seed),
+    }
+    if control is not None:
+        sets["control"] = load_prompts(control, "control", limit=limit, seed=seed)
+    results: dict[str, ScanResult] = {}
+    for model in models:
+        spec = model.spec if isinstance(model, LoadedModel) else str(model)
+        label = _label(spec, set(results))
+        if on_model is not None:
+            on_model(label)
+        results[label] = scan(
+            model,
+            sets["benign"],
+            sets["jailbreak"],
+            sets.get("control"),
+            seed=seed,
+            progress=progress,
+            **scan_options,
+        )
+    tables = {k: layer_table(r, seed=seed, n_permutations=n_permutations) for k, r in results.items()}
+    effects = {
+        k: e
+        for k, r in results.items()
+        if (e := effects_table(r, seed=seed, n_permutations=n_permutations)) is not None
+    }
+    notes: list[str] = []
+    for label, table in tables.items():
+        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
+    notes[-1:] = compare_models(tables, results) + notes[-1:]
+    chosen = parse_rows(rows, list(results))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for label, result in results.items():
+            result.save(tmp / label, table=tables[label])
+            if label in effects:
+                effects[label].to_csv(tmp / label / "effects.csv", index=False, float_format="%.6g")
+        import pandas as pd
+
+        summary = pd.concat([t.assign(model=k) for k, t in tables.items()], ignore_index=True)
+        summary.to_csv(tmp / "summary.csv", index=False, float_format="%.6g")
+        shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=dpi)
+        (tmp / "observations.md").write_text(
+            "# Observations\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", encoding="utf-8"
+        )
+        write_json(
+            tmp / "manifest.json",
+            {
+                "kind": RUN_KIND,
+                "attnscan_version": __version__,
+                "models": {
+                    k: {"spec": r.manifest.get("model", {}).get("spec"), "bundle": k} for k, r in results.items()
+                },
+                "prompt_sets": {k: v.provenance() for k, v in sets.items()},
+                "options": {
+                    "limit": limit,
+                    "seed": seed,
+                    "rows": rows,
+                    "n_permutations": n_permutations,
+                    **{k: v for k, v in scan_options.items() if isinstance(v, (str, int, float, bool, type(None)))},
+                },
+                "figure": "figure.png",
+                "profile": "layers.png",
+                "rows": [list(r) for r in shown],
+                "started": started,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+    return RunOutput(out=out, results=results, tables=tables, effects=effects, rows=shown, observations=notes)
+
+
+def load_bundles(paths: Sequence[str | Path]) -> dict[str, ScanResult]:
+    """Results from bundle directories or run directories (which hold one bundle per model), keyed by label."""
+    from .plot import model_label
+
+    found: dict[str, ScanResult] = {}
+    for raw in paths:
+        path = Path(raw)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise AttnscanError(f"{path} is neither a results bundle nor a run directory (no manifest.json)")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("kind") == RUN_KIND:
+            for label, info in manifest["models"].items():
+                key = _label(label, set(found))
+                found[key] = ScanResult.load(path / info["bundle"])
+        else:
+            result = ScanResult.load(path)
+            found[_label(model_label(str(result.manifest.get("model", {}).get("spec", path.name))), set(found))] = (
+                result
+            )
+    if not found:
+        raise AttnscanError("no results bundles given")
+    return found
