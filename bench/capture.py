@@ -268,13 +268,15 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             sync()
             first = time.perf_counter() - t0
         times: list[float] = []
+        cpu_times: list[float] = []
         for _ in range(job["repeats"]):
             if times and sum(times) >= job["budget_s"]:
                 break
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             call()
             sync()
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     finally:
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
@@ -286,6 +288,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         "first_call_s": first,
         "times_s": times,
         "median_s": statistics.median(times),
+        "cpu_times_s": cpu_times,
+        "median_cpu_s": statistics.median(cpu_times),
         "peak_bytes": mem.get("peak", resident + mem["growth"]),
         "growth_bytes": mem["growth"],
         "rss_growth_bytes": mem.get("rss_growth"),
@@ -349,15 +353,16 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
             if cpu
             else "allocator peak during the call, weights included; growth MB = peak minus what was allocated before"
         ),
-        f"time: median of timed calls after that first call (at most {meta['repeats']}, none started after "
-        f"{meta['budget_s']:g} s); targets: 1 layer <= {TARGETS['capture-1']:.2f}x, all layers <= "
-        f"{TARGETS['capture-all']:.2f}x of the SDPA forward, checked for time and for memory",
+        f"time: median wall time of timed calls after that first call (at most {meta['repeats']}, none started "
+        f"after {meta['budget_s']:g} s; cpu s = median process CPU time of the same calls, all threads)",
+        f"targets: 1 layer <= {TARGETS['capture-1']:.2f}x, all layers <= {TARGETS['capture-all']:.2f}x of the SDPA "
+        "forward, checked for time (wall) and for memory (peak)",
         f"load average (1 min) before: {meta['load_before']}, after: {meta['load_after']} "
         "(other work on the machine slows the timings)",
         "",
     ]
     header = (
-        f"{'T':>5}  {'variant':<28} {'time s':>8} {'n':>2} {'x sdpa':>7} {'ok':>3}  "
+        f"{'T':>5}  {'variant':<28} {'time s':>8} {'n':>2} {'cpu s':>7} {'x sdpa':>7} {'ok':>3}  "
         f"{'peak MB':>9} {'x sdpa':>7} {'ok':>3}  {'target':>7}  {'growth MB':>9} "
         + (f"{'RSS MB':>8} " if cpu else "")
         + f"{'accum MB':>8}"
@@ -383,7 +388,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
             rss = r.get("rss_growth_bytes")
             out.append(
                 f"{length:>5}  {names[variant].format(layer=r['layer']):<28} {r['median_s']:8.3f} "
-                f"{len(r['times_s']):>2} {tr:6.2f}x {_verdict(tr, target):>3}  {r['peak_bytes'] / MB:9.1f} "
+                f"{len(r['times_s']):>2} {r['median_cpu_s']:7.2f} {tr:6.2f}x {_verdict(tr, target):>3}  "
+                f"{r['peak_bytes'] / MB:9.1f} "
                 f"{mr:6.2f}x {_verdict(mr, target):>3}  {f'<={target:.2f}x' if target else '':>7}  "
                 f"{r['growth_bytes'] / MB:9.1f} "
                 + ((f"{rss / MB:8.1f} " if rss is not None else f"{'-':>8} ") if cpu else "")

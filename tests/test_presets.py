@@ -171,6 +171,7 @@ def test_param_count_exact_where_known() -> None:
 def test_overrides_and_their_errors() -> None:
     assert preset_config("gpt-j-6b", n_layer=3).num_hidden_layers == 3
     assert preset_config("gpt-j-6b", num_hidden_layers=3).n_layer == 3
+    assert scaled_config("gpt-j-6b", num_hidden_layers=3).n_layer == 3
     assert preset_config("Mistral-7B-v0.1", sliding_window=None).sliding_window is None
     with pytest.raises(AttnscanError, match="no field num_layers"):
         preset_config("llama-3.1-8b", num_layers=2)

@@ -207,7 +207,7 @@ class GridCollector:
             raise RuntimeError("GridCollector.add called outside begin()/end()")
         idx, starts, lengths = self._batch
         li = self._pos[layer]
-        head_mean = weights.mean(dim=1, dtype=torch.float32)  # [B, P, P]
+        head_mean = weights.mean(dim=1, dtype=torch.float32).to(self.device)  # [B, P, P]; layers may sit elsewhere
         batch = len(lengths)
         aligned = head_mean.new_zeros(batch, self.padded, self.padded)
         sink = head_mean.new_empty(batch)
@@ -245,6 +245,27 @@ class GridCollector:
         self.lengths[idx] = torch.tensor(lengths, dtype=torch.int64)
         self.seen[idx] = True
         self._batch = None
+
+    def abort(self) -> None:
+        """Drop the batch in progress (e.g. after an out-of-memory error); nothing of it is kept."""
+        self._buf.zero_()
+        self._batch = None
+
+    STATE_KEYS = ("sums", "count", "lengths", "blocks", "sink", "entropy", "seen")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything accumulated so far (between batches), for checkpoints and cross-process reduction."""
+        if self._batch is not None:
+            raise RuntimeError("GridCollector.state called inside a batch")
+        return {key: getattr(self, key) for key in self.STATE_KEYS}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from :meth:`state` of a collector with the same settings."""
+        for key in self.STATE_KEYS:
+            mine = getattr(self, key)
+            if state[key].shape != mine.shape or state[key].dtype != mine.dtype:
+                raise AttnscanError(f"checkpoint state '{key}' does not fit this scan: it was made with other settings")
+            mine.copy_(state[key])
 
     def result(self) -> SetAccumulator:
         """The accumulator for the prompts seen so far (all of them after a full run)."""

@@ -36,7 +36,7 @@ def user_errors() -> Iterator[None]:
             yield
         except AttnscanError as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=2) from None
+            raise typer.Exit(code=exc.exit_code) from None
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -74,7 +74,7 @@ AssistantOpt = Annotated[str, typer.Option(help="Fills {generator.name} placehol
 LimitOpt = Annotated[int | None, typer.Option(help="Use at most N prompts per set (deterministic by --seed).")]
 LayersOpt = Annotated[str, typer.Option(help="'all', or layers such as 3,7,18 or 4-8.")]
 LengthOpt = Annotated[int, typer.Option(help="Grid length T in tokens; longer prompts are truncated.")]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
+BatchOpt = Annotated[str, typer.Option(help="Prompts per forward pass, or 'auto' (backs off on out-of-memory).")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 ChatOpt = Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")]
@@ -106,9 +106,13 @@ def scan_cmd(
     limit: LimitOpt = None,
     layers: LayersOpt = "all",
     length: LengthOpt = 448,
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = "8",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    device_map: Annotated[
+        str | None, typer.Option(help="'auto' spreads a model over several GPUs and the CPU (accelerate).")
+    ] = None,
+    max_memory: Annotated[str | None, typer.Option(help="With --device-map: e.g. 0=20GiB,1=20GiB,cpu=60GiB.")] = None,
     chat_template: ChatOpt = True,
     system_prompt: SystemOpt = None,
     truncate: TruncateOpt = "head",
@@ -119,18 +123,36 @@ def scan_cmd(
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
     seed: SeedOpt = 0,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint directory (default: OUT.ckpt beside the bundle).")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N batches (0: never).")] = 20,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan from its checkpoint.")] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Capture attention maps of benign and jailbreak (and control) prompts and write a results bundle."""
+    """Capture attention maps of benign and jailbreak (and control) prompts and write a results bundle.
+
+    Under torchrun (torchrun --nproc-per-node N -m attnscan scan ...) every process scans a shard of the prompts
+    and rank 0 writes the bundle.
+    """
+    import shutil
+
+    from . import distributed
     from .io import check_output_dir
+    from .models import parse_max_memory
     from .progress import prompt_progress
     from .prompts import prompt_sets
     from .scan import scan
 
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    ckpt_dir = checkpoint if checkpoint is not None else out.with_name(out.name + ".ckpt")
     with user_errors():
         check_output_dir(out, overwrite)
-        _check_numbers(length, batch_size, limit)
+        size = _batch_size(batch_size)
+        _check_numbers(length, size or 1, limit)
+        if checkpoint_every < 0:
+            raise AttnscanError(f"--checkpoint-every must be 0 or more, got {checkpoint_every}")
         sets = prompt_sets(
             benign,
             jailbreak,
@@ -144,7 +166,10 @@ def scan_cmd(
             seed=seed,
         )
         _quiet_libraries()
-        with prompt_progress(quiet) as progress:
+        notice = Console(stderr=True, quiet=quiet or not main_rank).log
+        if not resume and (ckpt_dir / "rank0.safetensors").is_file():
+            notice(f"a checkpoint of an earlier scan is in {ckpt_dir}; starting over (pass --resume to continue it)")
+        with prompt_progress(quiet or not main_rank) as progress:
             result = scan(
                 model,
                 sets["benign"],
@@ -152,9 +177,15 @@ def scan_cmd(
                 sets.get("control"),
                 layers=layers,
                 length=length,
-                batch_size=batch_size,
+                batch_size=size,
                 dtype=dtype,
                 device=device,
+                device_map=device_map,
+                max_memory=parse_max_memory(max_memory),
+                checkpoint=ckpt_dir if checkpoint_every else None,
+                checkpoint_every=max(checkpoint_every, 1),
+                resume=resume,
+                on_notice=notice,
                 chat_template=chat_template,
                 system_prompt=system_prompt,
                 truncate=truncate,  # type: ignore[arg-type]
@@ -167,9 +198,13 @@ def scan_cmd(
                 seed=seed,
                 progress=progress,
             )
-        result.save(out, overwrite=overwrite)
-    counts = ", ".join(f"{k} {v.n_prompts} prompts" for k, v in result.sets.items())
-    typer.echo(f"wrote {out}: {len(result.layers)} layers x T={result.length}, {counts}")
+        if main_rank:
+            result.save(out, overwrite=overwrite)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        distributed.teardown()
+    if main_rank:
+        counts = ", ".join(f"{k} {v.n_prompts} prompts" for k, v in result.sets.items())
+        typer.echo(f"wrote {out}: {len(result.layers)} layers x T={result.length}, {counts}")
 
 
 @app.command("run")
@@ -187,7 +222,7 @@ def run_cmd(
     limit: Annotated[int | None, typer.Option(help="Prompts per set (deterministic by --seed).")] = 40,
     layers: LayersOpt = "all",
     length: LengthOpt = 448,
-    batch_size: BatchOpt = 8,
+    batch_size: BatchOpt = "8",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     chat_template: ChatOpt = True,
@@ -207,7 +242,8 @@ def run_cmd(
     models = model or ["smollm2-135m-instruct"]
     console = Console(stderr=True, quiet=quiet)
     with user_errors():
-        _check_numbers(length, batch_size, limit)
+        size = _batch_size(batch_size)
+        _check_numbers(length, size or 1, limit)
         if permutations < 100:
             raise AttnscanError(f"--permutations must be at least 100, got {permutations}")
         _quiet_libraries()
@@ -227,7 +263,7 @@ def run_cmd(
                 on_model=lambda label: console.log(f"scanning {label}"),
                 layers=layers,
                 length=length,
-                batch_size=batch_size,
+                batch_size=size,
                 dtype=dtype,
                 device=device,
                 chat_template=chat_template,
@@ -310,6 +346,15 @@ def _stored_table(result: Any, seed: int) -> Any:
             if "verdict" in frame.columns:
                 return frame
     return result.layer_table(seed=seed)
+
+
+def _batch_size(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise AttnscanError(f"--batch-size must be a number or 'auto', got '{text}'") from None
 
 
 def _check_numbers(length: int, batch_size: int, limit: int | None) -> None:

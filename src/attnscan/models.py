@@ -301,8 +301,13 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     route: Route | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a spec (see the module docstring) for attention capture.
+
+    ``device_map`` (e.g. ``"auto"``, with ``max_memory`` such as ``{0: "20GiB", "cpu": "60GiB"}``) spreads a model
+    larger than one GPU over several devices through accelerate; ``device`` is then ignored.
 
     ``route`` forces the capture route (``"interface"`` or ``"hooks"``); by default the architecture registry
     decides. The model is put in eval mode on ``device``; its attention runs through SDPA (interface route) or
@@ -322,7 +327,7 @@ def load_model(
     if kind != "hub" and not allow_pickle:
         _refuse_pickle(Path(target))
 
-    dev = resolve_device(device)
+    dev = resolve_device(device) if device_map is None else _first_accelerator()
     torch_dtype = resolve_dtype(dtype, dev)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision:
@@ -344,12 +349,18 @@ def load_model(
     if route is not None and route != facts.route:
         facts = ArchFacts(**{**facts.__dict__, "route": route})
     attn_impl = "sdpa" if facts.route == "interface" else "eager"
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+        if max_memory:
+            placement["max_memory"] = max_memory
     try:
         model = AutoModelForCausalLM.from_pretrained(
             target,
             dtype=torch_dtype,
             attn_implementation=attn_impl,
             use_safetensors=None if allow_pickle else True,
+            **placement,
             **common,
         )
     except (OSError, ValueError) as exc:
@@ -359,7 +370,8 @@ def load_model(
                 f"'{spec}' has no safetensors weights ({msg}); pass --allow-pickle only if you trust its pickle files"
             ) from None
         raise AttnscanError(f"cannot load model '{spec}': {msg}") from None
-    model.to(dev)
+    if device_map is None:
+        model.to(dev)
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **common)
@@ -381,6 +393,23 @@ def from_model(model: Any, tokenizer: Any, spec: str = "<in-memory>", route: Rou
         facts = ArchFacts(**{**facts.__dict__, "route": route})
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, arch=facts, spec=spec, source={"kind": "memory"})
+
+
+def _first_accelerator() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parse_max_memory(text: str | None) -> dict[Any, str] | None:
+    """``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``."""
+    if not text:
+        return None
+    out: dict[Any, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not value:
+            raise AttnscanError(f"cannot read --max-memory part '{part}': write DEVICE=SIZE, e.g. 0=20GiB,cpu=60GiB")
+        out[int(key) if key.strip().isdigit() else key.strip()] = value.strip()
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

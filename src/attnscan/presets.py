@@ -195,8 +195,9 @@ def _build_config(preset: Preset, overrides: Mapping[str, Any]) -> Any:
             f"{preset.config_class} has no field {', '.join(unknown)}: check the spelling against the preset's "
             f"values ({', '.join(sorted(preset.values))})"
         )
+    aliases: Mapping[str, str] = getattr(config_type, "attribute_map", {}) or {}
     kwargs = copy.deepcopy(dict(preset.values))
-    kwargs.update(copy.deepcopy(dict(overrides)))
+    kwargs.update({aliases.get(k, k): copy.deepcopy(v) for k, v in overrides.items()})
     return config_type(**kwargs)
 
 

@@ -65,6 +65,13 @@ def pad_token_id(tokenizer: object, model: nn.Module) -> int:
     return 0
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an accelerator out-of-memory error (CUDA, MPS or XPU)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
 def run_collect(
     model: nn.Module,
     seqs: Sequence[Sequence[int]],
@@ -76,29 +83,51 @@ def run_collect(
     padding_side: PaddingSide = "right",
     prompt_ids: Sequence[int] | None = None,
     on_batch: Callable[[int], None] | None = None,
-) -> None:
+    backoff: bool = False,
+    on_backoff: Callable[[int, int], None] | None = None,
+) -> int:
     """Run ``seqs`` through ``model`` in batches, feeding the captured layers to ``collector``.
 
     ``prompt_ids`` names each sequence's index in its set (default ``0..N-1``); ``on_batch(n)`` is called after
-    each batch with the number of prompts it held.
+    each batch with the number of prompts it held. With ``backoff``, a batch that runs out of accelerator memory is
+    dropped from the collector, the batch size halved (``on_backoff(old, new)`` is told) and the batch retried.
+    Returns the batch size in use at the end.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     ids_of = list(prompt_ids) if prompt_ids is not None else list(range(len(seqs)))
-    device = next(model.parameters()).device
+    param: torch.Tensor = next(model.parameters())
+    device = param.device
     base = base_model(model)
     pass_positions = _accepts_position_ids(base)
     order = batch_order([len(s) for s in seqs])
+    size = batch_size
     with torch.inference_mode(), capture_attention(model, collector.layers, collector, route):
-        for lo in range(0, len(order), batch_size):
-            chunk = order[lo : lo + batch_size]
+        lo = 0
+        while lo < len(order):
+            chunk = order[lo : lo + size]
             batch = [seqs[i] for i in chunk]
             input_ids, mask, pos, starts = make_batch(batch, pad_id, padding_side, device)
             collector.begin([ids_of[i] for i in chunk], starts, [len(s) for s in batch])
             kwargs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
             if pass_positions:
                 kwargs["position_ids"] = pos
-            base(**kwargs)
+            try:
+                base(**kwargs)
+            except Exception as exc:
+                collector.abort()
+                if not (backoff and size > 1 and is_out_of_memory(exc)):
+                    raise
+                del input_ids, mask, pos, kwargs
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                new = max(1, size // 2)
+                if on_backoff is not None:
+                    on_backoff(size, new)
+                size = new
+                continue
             collector.end()
+            lo += len(chunk)
             if on_batch is not None:
                 on_batch(len(chunk))
+    return size

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .accumulate import Align, GridCollector
 from .arch import Route
+from .checkpoint import Interrupted, checkpoint_file, load_checkpoint, save_checkpoint, stop_on_signals
 from .errors import AttnscanError
 from .models import LoadedModel, load_model
 from .prompts import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSet, Truncate, encode, load_prompts
@@ -42,7 +43,7 @@ def scan(
     *,
     layers: str | Sequence[int] | None = "all",
     length: int = DEFAULT_LENGTH,
-    batch_size: int = 8,
+    batch_size: int | None = 8,
     dtype: str = "auto",
     device: str = "auto",
     chat_template: bool = True,
@@ -58,17 +59,34 @@ def scan(
     route: Route | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 20,
+    resume: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> ScanResult:
     """Capture head-averaged attention of ``model`` on each prompt set over a ``length x length`` token grid.
 
     ``model`` is a spec for :func:`attnscan.load_model` or an already loaded model. Prompt sources are anything
     :func:`attnscan.load_prompts` reads. Returns a :class:`ScanResult` whose manifest records how it was made.
+
+    ``batch_size=None`` picks it automatically: 8 on the CPU; on an accelerator it starts at 64 and halves after
+    an out-of-memory error (``on_notice`` is told). With ``checkpoint`` (a directory) the accumulators are saved
+    atomically every ``checkpoint_every`` batches and when SIGTERM or SIGINT arrives (the scan then stops with
+    :class:`attnscan.checkpoint.Interrupted`); ``resume=True`` continues from that checkpoint, refusing one made
+    with other settings. Under ``torchrun`` (``WORLD_SIZE > 1``) each process scans a shard of every set and the
+    accumulators are summed across processes; every process returns the whole result.
     """
     started = _now()
     if length <= 0:
         raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
+    if checkpoint_every < 1:
+        raise AttnscanError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
+    if resume and checkpoint is None:
+        raise AttnscanError("--resume needs --checkpoint DIR (the directory the interrupted scan saved to)")
     if floor >= 0:
         raise AttnscanError(f"--floor must be negative (a log probability), got {floor}")
     if truncate not in ("head", "tail"):
@@ -82,6 +100,8 @@ def scan(
         sources["control"] = control
     sets = {name: load_prompts(src, name=name) for name, src in sources.items()}
 
+    if distributed.requested() and device == "auto" and device_map is None:
+        device = str(distributed.local_device())
     loaded = (
         model
         if isinstance(model, LoadedModel)
@@ -89,6 +109,8 @@ def scan(
             model,
             dtype=dtype,
             device=device,
+            device_map=device_map,
+            max_memory=max_memory,
             revision=revision,
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
@@ -130,13 +152,10 @@ def scan(
                 f"their {'first' if truncate == 'head' else 'last'} {length}",
                 stacklevel=2,
             )
-    total = sum(len(e.ids) for e in encoded.values())
-    done = 0
+    rank, world = distributed.setup(loaded.device)
     pad = pad_token_id(loaded.tokenizer, loaded.model)
-    accs = {}
-    t0 = time.perf_counter()
-    for name, enc in encoded.items():
-        collector = GridCollector(
+    collectors = {
+        name: GridCollector(
             name,
             chosen,
             len(enc.ids),
@@ -146,26 +165,83 @@ def scan(
             device=loaded.device,
             align=align,
         )
+        for name, enc in encoded.items()
+    }
+    size = batch_size if batch_size is not None else (8 if loaded.device.type == "cpu" else 64)
+    settings = {
+        "model": loaded.spec,
+        "weights": loaded.source.get("gguf_sha256")
+        or loaded.source.get("resolved_revision")
+        or loaded.source.get("revision"),
+        "dtype": str(loaded.dtype),
+        "layers": list(chosen),
+        "length": length,
+        "align": align,
+        "floor": floor,
+        "summary_blocks": summary_blocks,
+        "chat_template": chat_template,
+        "system_prompt": system_prompt,
+        "truncate": truncate,
+        "padding_side": padding_side,
+        "batch_size": batch_size,
+        "sets": {name: ps.sha256 for name, ps in sets.items()},
+        "world_size": world,
+    }
+    ckpt = checkpoint_file(checkpoint, rank) if checkpoint is not None else None
+    done = 0
+    if resume and ckpt is not None:
+        if ckpt.is_file():
+            done = load_checkpoint(ckpt, settings, collectors)
+            if on_notice is not None:
+                on_notice(f"resuming from {ckpt}: {done} prompts already scanned")
+        elif on_notice is not None:
+            on_notice(f"no checkpoint at {ckpt}: starting from the beginning")
+    total = sum(len(distributed.shard(len(e.ids), rank, world)) for e in encoded.values())
+    batches = 0
+    t0 = time.perf_counter()
+    with stop_on_signals(ckpt is not None) as stop:
+        for name, enc in encoded.items():
+            collector = collectors[name]
+            todo = [i for i in distributed.shard(len(enc.ids), rank, world) if not bool(collector.seen[i])]
 
-        def on_batch(n: int, _name: str = name) -> None:
-            nonlocal done
-            done += n
+            def on_batch(n: int, _name: str = name) -> None:
+                nonlocal done, batches
+                done += n
+                batches += 1
+                if ckpt is not None and (batches % checkpoint_every == 0 or stop):
+                    save_checkpoint(ckpt, settings, collectors)
+                if stop:
+                    raise Interrupted(
+                        f"stopped by {stop.signal} after {done} of {total} prompts; checkpoint saved to "
+                        f"{ckpt.parent if ckpt else '?'}: rerun the same command with --resume to continue"
+                    )
+                if progress is not None:
+                    progress(done, total, _name)
+
+            def on_backoff(old: int, new: int) -> None:
+                if on_notice is not None:
+                    on_notice(f"out of memory at batch size {old}; continuing with {new}")
+
             if progress is not None:
-                progress(done, total, _name)
-
-        if progress is not None:
-            progress(done, total, name)
-        run_collect(
-            loaded.model,
-            enc.ids,
-            collector,
-            route=loaded.arch.route,
-            pad_id=pad,
-            batch_size=batch_size,
-            padding_side=padding_side,
-            on_batch=on_batch,
-        )
-        accs[name] = collector.result()
+                progress(done, total, name)
+            size = run_collect(
+                loaded.model,
+                [enc.ids[i] for i in todo],
+                collector,
+                route=loaded.arch.route,
+                pad_id=pad,
+                batch_size=size,
+                padding_side=padding_side,
+                prompt_ids=todo,
+                on_batch=on_batch,
+                backoff=batch_size is None,
+                on_backoff=on_backoff,
+            )
+        if ckpt is not None:
+            save_checkpoint(ckpt, settings, collectors)
+    for collector in collectors.values():
+        distributed.reduce_collector(collector)
+    accs = {name: c.result() for name, c in collectors.items()}
     elapsed = time.perf_counter() - t0
 
     import transformers
@@ -196,7 +272,8 @@ def scan(
         "system_prompt": system_prompt,
         "truncate": truncate,
         "padding_side": padding_side,
-        "batch_size": batch_size,
+        "batch_size": batch_size if batch_size is not None else f"auto (ended at {size})",
+        "world_size": world,
         "seed": seed,
         "capture_seconds": round(elapsed, 3),
         "command_line": sys.argv,

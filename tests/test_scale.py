@@ -1,0 +1,195 @@
+"""Scale features on the CPU: out-of-memory back-off, checkpoints and resume (also after SIGKILL), data-parallel
+scans over torch.distributed (gloo, 2 processes), and capture on a model placed with an accelerate device map."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnscan import AttnscanError, from_model, scan
+from attnscan.accumulate import GridCollector
+from attnscan.checkpoint import checkpoint_file
+from attnscan.runner import run_collect
+from conftest import build_model, random_prompts
+
+WORDS = ["the", "a", "how", "do", "i", "to", "you", "what", "is", "make", "write", "explain", "tell", "me", "story"]
+
+
+def _prompt_file(path: Path, n: int, seed: int, lo: int = 6, hi: int = 14) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)) + "\n")
+    return path
+
+
+def test_out_of_memory_backs_off_and_keeps_results_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("llama")
+    seqs = random_prompts((5, 9, 12, 7, 3, 11, 8), seed=21)
+    ref = GridCollector("s", (0, 2), len(seqs), 12)
+    run_collect(model, seqs, ref, route="interface", pad_id=0, batch_size=1)
+    base = model.base_model
+    real_forward = base.forward
+
+    def forward(*args: object, **kwargs: object) -> object:
+        if kwargs["input_ids"].shape[0] > 2:  # type: ignore[union-attr]
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(base, "forward", forward)
+    seen: list[tuple[int, int]] = []
+    col = GridCollector("s", (0, 2), len(seqs), 12)
+    final = run_collect(
+        model,
+        seqs,
+        col,
+        route="interface",
+        pad_id=0,
+        batch_size=8,
+        backoff=True,
+        on_backoff=lambda a, b: seen.append((a, b)),
+    )
+    assert seen == [(8, 4), (4, 2)] and final == 2
+    a, b = ref.result(), col.result()
+    assert torch.equal(a.count, b.count)
+    assert torch.allclose(a.sums, b.sums, atol=1e-6)
+    assert torch.allclose(a.blocks, b.blocks, atol=1e-5, equal_nan=True)
+    # Without back-off the error surfaces unchanged.
+    with pytest.raises(torch.OutOfMemoryError):
+        run_collect(model, seqs, GridCollector("s", (0,), len(seqs), 12), route="interface", pad_id=0, batch_size=8)
+
+
+def _scan_cmd(model_dir: Path, benign: Path, jail: Path, out: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "attnscan", "scan", "--model", str(model_dir), "--benign", str(benign)]
+    return [*args, "--jailbreak", str(jail), "--out", str(out), "--length", "16", "--quiet", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _same_bundle(a: Path, b: Path, exact: bool) -> None:
+    ma, mb = load_file(str(a / "maps.safetensors")), load_file(str(b / "maps.safetensors"))
+    assert set(ma) == set(mb)
+    for key in ma:
+        assert torch.allclose(ma[key].double(), mb[key].double(), atol=1e-6, equal_nan=True), key
+    aa, ab = load_file(str(a / "accumulators.safetensors")), load_file(str(b / "accumulators.safetensors"))
+    for key in aa:
+        if exact and not key.endswith("/sums"):
+            assert torch.equal(aa[key].nan_to_num(123.0), ab[key].nan_to_num(123.0)), key
+        else:
+            assert torch.allclose(aa[key].double(), ab[key].double(), atol=1e-6, equal_nan=True), key
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("prompts")
+    return _prompt_file(d / "b.txt", 40, 1), _prompt_file(d / "j.txt", 40, 2, 8, 16)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_bundle(
+    tiny_model_dir: Path, prompt_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    opts = ("--batch-size", "1", "--checkpoint-every", "1")
+    subprocess.run(_scan_cmd(tiny_model_dir, *prompt_files, full, *opts), env=_env(), check=True)
+    ckpt = checkpoint_file(tmp_path / "cut.ckpt")
+    proc = subprocess.Popen(_scan_cmd(tiny_model_dir, *prompt_files, cut, *opts), env=_env())
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not cut.exists(), "the scan finished before it could be killed"
+    res = subprocess.run(
+        _scan_cmd(tiny_model_dir, *prompt_files, cut, *opts, "--resume"), env=_env(), capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    _same_bundle(full, cut, exact=True)
+    assert not (tmp_path / "cut.ckpt").exists()  # removed once the bundle is written
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(
+    tiny_model_dir: Path, prompt_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    ckpt = checkpoint_file(tmp_path / "o.ckpt")
+    cmd = _scan_cmd(tiny_model_dir, *prompt_files, out, "--batch-size", "1", "--checkpoint-every", "1")
+    proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # the first checkpoint means the scan is running
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.fail("the scan finished before SIGTERM arrived")
+    assert proc.returncode == 130, err
+    assert "stopped by SIGTERM" in err and "rerun the same command with --resume" in err
+    assert ckpt.exists() and not out.exists()
+    res = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True)
+    assert res.returncode == 0 and "resuming from" not in res.stdout, res.stderr
+    assert json.loads((out / "manifest.json").read_text())["prompt_sets"]["benign"]["count"] == 40
+
+
+def test_resume_refuses_other_settings(tiny_model_dir: Path, prompt_files: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "ck"
+    loaded_scan = dict(length=24, batch_size=2, checkpoint=ckpt_dir, device="cpu")
+    scan(str(tiny_model_dir), str(prompt_files[0]), str(prompt_files[1]), layers="0,1", **loaded_scan)  # type: ignore[arg-type]
+    with pytest.raises(AttnscanError, match=r"different settings \(layers\)"):
+        scan(str(tiny_model_dir), str(prompt_files[0]), str(prompt_files[1]), layers="0", resume=True, **loaded_scan)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch", ["1", "3"])
+def test_torchrun_two_processes_equal_one(
+    tiny_model_dir: Path, prompt_files: tuple[Path, Path], tmp_path: Path, batch: str
+) -> None:
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    subprocess.run(_scan_cmd(tiny_model_dir, *prompt_files, single, "--batch-size", batch), env=_env(), check=True)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = _scan_cmd(tiny_model_dir, *prompt_files, multi, "--batch-size", batch)
+    launch = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(29500 + int(batch) + os.getpid() % 500)]
+    res = subprocess.run([*launch, *cmd[1:]], env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote") == 1  # only rank 0 writes
+    manifest = json.loads((multi / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    _same_bundle(single, multi, exact=batch == "1")
+
+
+def test_capture_under_an_accelerate_device_map(tiny_model_dir: Path) -> None:
+    """Layers 1 and 2 offloaded by accelerate (dispatch hooks move their weights in per forward): the maps equal a
+    plain load's, so attnscan's capture and accelerate's hooks coexist."""
+    from attnscan import load_model
+
+    placement = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    seqs = random_prompts((6, 10, 4), seed=31)
+    results = []
+    for kwargs in ({"device": "cpu"}, {"device_map": placement}):
+        loaded = load_model(str(tiny_model_dir), **kwargs)  # type: ignore[arg-type]
+        if "device_map" in kwargs:
+            assert loaded.model.hf_device_map["model.layers.1"] == "disk"
+            assert hasattr(loaded.model.model.layers[1], "_hf_hook")
+        col = GridCollector("s", (0, 1, 2), len(seqs), 12)
+        run_collect(loaded.model, seqs, col, route=loaded.arch.route, pad_id=0, batch_size=2)
+        results.append(col.result())
+    assert results[0].sums.abs().sum() > 0
+    assert torch.allclose(results[0].sums, results[1].sums, atol=1e-9)
+    assert torch.equal(results[0].count, results[1].count)
+    assert from_model(build_model("llama"), None).arch.route == "interface"
