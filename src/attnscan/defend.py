@@ -1,0 +1,742 @@
+"""Layer-bypass defence: skip chosen decoder layers and measure what it buys and what it costs.
+
+:func:`bypass_layers` makes each chosen decoder layer hand its input hidden states on unchanged (the residual
+stream skips the layer). The layer still runs, and its output is discarded: this keeps the KV cache of every layer
+filled, so generation with a cache behaves exactly like a model without those layers.
+
+:func:`defend` compares the unmodified model ("baseline") with the bypassed one ("bypass") on
+
+- **jailbreak refusal rate**: share of jailbreak prompts refused (:class:`attnscan.behave.RefusalMatcher`), with
+  its Wilson 95 % interval; ASR = 1 − refusal rate;
+- **benign retention**: share of benign prompts *not* refused, with its Wilson interval;
+- **benign similarity**: how close the bypassed model's benign answers stay to the baseline's, as the mean over
+  benign prompts of :func:`chrf` (character n-gram F-score, n = 1..6, β = 1, white space removed) and of
+  :func:`token_f1` (bag-of-words F1 over lower-cased word tokens). Both are 1 for identical answers and 0 for
+  answers with nothing in common;
+- **perplexity** on benign text (:func:`perplexity`): ``exp`` of the mean next-token negative log-likelihood over
+  all predicted tokens of all texts (token-weighted, not a mean of per-text perplexities). The text is tokenised
+  as plain text (no chat template). The LM head runs on chunks of positions, so no ``[B, P, vocab]`` logits tensor
+  is ever built.
+
+:func:`sweep` bypasses the first ``k`` layers of an ordering (e.g. layers sorted by detector AUROC or attention
+shift, :func:`layer_order`) for each ``k`` and tabulates the trade-off; :func:`trade_off_figure` plots it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .behave import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    RefusalMatcher,
+    _write_json,
+    atomic_output_dir,
+    generate,
+    save_jsonl,
+    wilson_interval,
+)
+from .capture import base_model, decoder_layers
+from .errors import AttnscanError
+from .models import LoadedModel
+from .prompts import PromptSet, encode
+from .runner import _accepts_position_ids, batch_order, make_batch, pad_token_id
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "DefenceArm",
+    "DefenceResult",
+    "bypass_layers",
+    "chrf",
+    "defend",
+    "layer_order",
+    "perplexity",
+    "sweep",
+    "sweep_results",
+    "sweep_table",
+    "token_f1",
+    "trade_off_figure",
+]
+
+ProgressFn = Callable[[int, int, str], None]
+"""``progress(done, total, label)``: work items done so far, their total, and what is running."""
+
+DEFAULT_PPL_LENGTH = 512
+DEFAULT_PPL_CHUNK = 1024
+META_FILE = "defence.json"
+FORMAT = "attnscan.defence"
+
+
+# --------------------------------------------------------------------------------------------------- bypass
+
+
+def _resolve_bypass(stack: nn.ModuleList, layers: Iterable[int] | str | None) -> tuple[int, ...]:
+    from .models import parse_layers
+
+    if layers is None:
+        return ()
+    if isinstance(layers, str):
+        return () if not layers.strip() else parse_layers(layers, len(stack))
+    items = [int(x) for x in layers]
+    return parse_layers(items, len(stack)) if items else ()
+
+
+def _passthrough(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    """Forward hook: replace a decoder layer's hidden-state output by its hidden-state input."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise AttnscanError(
+            f"cannot bypass {type(module).__name__}: its hidden states are neither its first argument nor "
+            "'hidden_states'"
+        )
+    if isinstance(output, torch.Tensor):
+        return hidden
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (hidden, *output[1:])
+    raise AttnscanError(f"cannot bypass {type(module).__name__}: it returns {type(output).__name__}")
+
+
+@contextlib.contextmanager
+def bypass_layers(model: Any, layers: Iterable[int] | str | None) -> Iterator[tuple[int, ...]]:
+    """Within the block, each chosen decoder layer of ``model`` passes its input hidden states through unchanged.
+
+    ``model`` is a transformers causal LM (or a :class:`LoadedModel`); ``layers`` are layer indices (negative
+    count from the end, ``"3,7"`` strings accepted); empty or ``None`` bypasses nothing. Yields the resolved
+    layers. The hooks are removed on exit, also when the block raises.
+    """
+    if isinstance(model, LoadedModel):
+        model = model.model
+    stack = decoder_layers(model)
+    chosen = _resolve_bypass(stack, layers)
+    handles = []
+    try:
+        for layer in chosen:
+            handles.append(stack[layer].register_forward_hook(_passthrough, with_kwargs=True))
+        yield chosen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------- perplexity
+
+
+def _lm_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Final hidden states ``[M, H]`` → float32 logits ``[M, V]``, with the model's final logit soft-capping."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise AttnscanError(f"{type(model).__name__} has no LM head: perplexity needs a causal LM")
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = head(hidden).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return project
+
+
+def nll_sum(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    *,
+    length: int = DEFAULT_PPL_LENGTH,
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_PPL_CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats, float64) and the number of predicted tokens.
+
+    Each text is tokenised as plain text with the tokenizer's special tokens and cut to its first ``length``
+    tokens; a text of n tokens contributes n − 1 predictions. ``progress(n)`` is called after each batch.
+    """
+    if chunk_tokens < 1:
+        raise AttnscanError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    enc = encode(loaded.tokenizer, texts, length, chat_template=False, truncate="head")
+    model = loaded.model
+    base = base_model(model)
+    project = _lm_head(model)
+    pad = pad_token_id(loaded.tokenizer, model)
+    pass_positions = _accepts_position_ids(base)
+    order = batch_order(list(enc.lengths))
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo : lo + batch_size]
+            batch = [enc.ids[i] for i in chunk]
+            input_ids, mask, pos, _ = make_batch(batch, pad, "right", loaded.device)
+            kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
+            if pass_positions:
+                kwargs["position_ids"] = pos
+            hidden = base(**kwargs).last_hidden_state  # [B, P, H], after the final norm
+            lens = torch.tensor([len(s) for s in batch], device=hidden.device)
+            p = hidden.shape[1]
+            predicts = torch.arange(p - 1, device=hidden.device)[None, :] < (lens[:, None] - 1)  # [B, P-1]
+            states = hidden[:, :-1][predicts]  # [M, H]
+            targets = input_ids[:, 1:][predicts]  # [M]
+            for start in range(0, states.shape[0], chunk_tokens):
+                logits = project(states[start : start + chunk_tokens])
+                tgt = targets[start : start + chunk_tokens]
+                nll = torch.logsumexp(logits, -1) - logits.gather(1, tgt[:, None]).squeeze(1)
+                total += float(nll.double().sum())
+            count += int(states.shape[0])
+            if progress is not None:
+                progress(len(chunk))
+    return total, count
+
+
+def perplexity(
+    loaded: LoadedModel,
+    texts: Sequence[str] | PromptSet,
+    *,
+    length: int = DEFAULT_PPL_LENGTH,
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_PPL_CHUNK,
+) -> float:
+    """Token-weighted perplexity ``exp(Σ nll / Σ predicted tokens)`` of the model on ``texts`` (see :func:`nll_sum`)."""
+    items = list(texts.texts if isinstance(texts, PromptSet) else texts)
+    if not items:
+        raise AttnscanError("no texts for perplexity: give at least one")
+    total, count = nll_sum(loaded, items, length=length, batch_size=batch_size, chunk_tokens=chunk_tokens)
+    if count == 0:
+        raise AttnscanError("perplexity needs texts of at least two tokens")
+    return math.exp(total / count)
+
+
+# --------------------------------------------------------------------------------------------------- similarity
+
+
+def _char_ngrams(text: str, n: int) -> Counter[str]:
+    return Counter(text[i : i + n] for i in range(len(text) - n + 1))
+
+
+def chrf(hypothesis: str, reference: str, n: int = 6, beta: float = 1.0) -> float:
+    """Character n-gram F-score in [0, 1] (chrF with orders 1..``n``, white space removed).
+
+    Precision and recall are averaged over the orders at which either string has n-grams, then combined as
+    ``(1 + β²) P R / (β² P + R)``. Two empty strings score 1, one empty string 0.
+    """
+    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
+    if not hyp and not ref:
+        return 1.0
+    if not hyp or not ref:
+        return 0.0
+    precisions, recalls = [], []
+    for order in range(1, n + 1):
+        h, r = _char_ngrams(hyp, order), _char_ngrams(ref, order)
+        if not h and not r:
+            continue
+        overlap = sum((h & r).values())
+        precisions.append(overlap / sum(h.values()) if h else 0.0)
+        recalls.append(overlap / sum(r.values()) if r else 0.0)
+    p, r_ = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+    if p == 0 and r_ == 0:
+        return 0.0
+    b2 = beta * beta
+    return (1 + b2) * p * r_ / (b2 * p + r_)
+
+
+_WORD = re.compile(r"\w+")
+
+
+def token_f1(hypothesis: str, reference: str) -> float:
+    """Bag-of-words F1 in [0, 1] over lower-cased ``\\w+`` tokens. Two empty strings score 1, one empty 0."""
+    h, r = Counter(_WORD.findall(hypothesis.lower())), Counter(_WORD.findall(reference.lower()))
+    if not h and not r:
+        return 1.0
+    overlap = sum((h & r).values())
+    if overlap == 0:
+        return 0.0
+    p, rec = overlap / sum(h.values()), overlap / sum(r.values())
+    return 2 * p * rec / (p + rec)
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class DefenceArm:
+    """One model variant's behaviour: responses, refusal flags (aligned with the prompts) and perplexity."""
+
+    name: str
+    layers: tuple[int, ...]
+    jailbreak_responses: list[str]
+    jailbreak_refusals: list[bool]
+    benign_responses: list[str]
+    benign_refusals: list[bool]
+    perplexity: float | None = None
+
+    def metrics(self, reference: DefenceArm | None = None) -> dict[str, Any]:
+        """Rates with Wilson intervals; similarity of benign answers to ``reference``'s (NaN without one)."""
+        nj, kj = len(self.jailbreak_refusals), sum(self.jailbreak_refusals)
+        nb, kb = len(self.benign_refusals), sum(self.benign_refusals)
+        jlow, jhigh = wilson_interval(kj, nj)
+        blow, bhigh = wilson_interval(nb - kb, nb)
+        if reference is not None:
+            pairs = list(zip(self.benign_responses, reference.benign_responses, strict=True))
+            sim_chrf = sum(chrf(a, b) for a, b in pairs) / len(pairs)
+            sim_f1 = sum(token_f1(a, b) for a, b in pairs) / len(pairs)
+        else:
+            sim_chrf = sim_f1 = math.nan
+        return {
+            "variant": self.name,
+            "k": len(self.layers),
+            "layers": ",".join(str(x) for x in self.layers),
+            "jailbreak_n": nj,
+            "jailbreak_refusals": kj,
+            "jailbreak_refusal_rate": kj / nj,
+            "jailbreak_refusal_low": jlow,
+            "jailbreak_refusal_high": jhigh,
+            "asr": 1 - kj / nj,
+            "benign_n": nb,
+            "benign_refusals": kb,
+            "benign_retention": (nb - kb) / nb,
+            "benign_retention_low": blow,
+            "benign_retention_high": bhigh,
+            "benign_chrf": sim_chrf,
+            "benign_token_f1": sim_f1,
+            "perplexity": math.nan if self.perplexity is None else self.perplexity,
+        }
+
+
+@dataclass
+class DefenceResult:
+    """The baseline and the bypassed model on the same prompts (see :func:`defend`)."""
+
+    baseline: DefenceArm
+    bypass: DefenceArm
+    jailbreak: PromptSet
+    benign: PromptSet
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.bypass.layers
+
+    def row(self) -> dict[str, Any]:
+        """The bypassed variant's metrics, with its benign answers compared to the baseline's."""
+        return self.bypass.metrics(self.baseline)
+
+    def table(self) -> pd.DataFrame:
+        """Two rows, ``baseline`` and ``bypass``, with the columns of :meth:`DefenceArm.metrics`."""
+        return pd.DataFrame([self.baseline.metrics(self.baseline), self.row()])
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per variant, set and prompt: ``{variant, layers, set, index, prompt, response, refusal}``."""
+        out: list[dict[str, Any]] = []
+        for arm in (self.baseline, self.bypass):
+            for set_name, ps, responses, refusals in (
+                ("jailbreak", self.jailbreak, arm.jailbreak_responses, arm.jailbreak_refusals),
+                ("benign", self.benign, arm.benign_responses, arm.benign_refusals),
+            ):
+                for i, (prompt, response, refused) in enumerate(zip(ps.texts, responses, refusals, strict=True)):
+                    out.append(
+                        {
+                            "variant": arm.name,
+                            "layers": list(arm.layers),
+                            "set": set_name,
+                            "index": i,
+                            "prompt": prompt,
+                            "response": response,
+                            "refusal": refused,
+                        }
+                    )
+        return out
+
+    def save(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write ``responses.jsonl``, ``defence.csv`` and ``defence.json`` to ``out`` atomically."""
+        final = Path(out)
+        with atomic_output_dir(final, META_FILE, "defence results", overwrite) as tmp:
+            save_jsonl(tmp / "responses.jsonl", self.records())
+            self.table().to_csv(tmp / "defence.csv", index=False)
+            _write_json(tmp / META_FILE, {"format": FORMAT, **self.info})
+        return final
+
+
+# --------------------------------------------------------------------------------------------------- running
+
+
+class _Tracker:
+    """Turns per-stage counts into one ``progress(done, total, label)`` stream."""
+
+    def __init__(self, progress: ProgressFn | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def stage(self, label: str) -> Callable[[int, int, str], None]:
+        start = self.done
+
+        def update(done: int, _total: int, _label: str) -> None:
+            self.done = start + done
+            if self.progress is not None:
+                self.progress(self.done, self.total, label)
+
+        return update
+
+    def add(self, label: str) -> Callable[[int], None]:
+        def update(n: int) -> None:
+            self.done += n
+            if self.progress is not None:
+                self.progress(self.done, self.total, label)
+
+        return update
+
+
+@dataclass(frozen=True)
+class _Options:
+    max_new_tokens: int
+    batch_size: int
+    chat_template: bool
+    system_prompt: str | None
+    max_prompt_tokens: int
+    ppl_texts: tuple[str, ...] | None
+    ppl_length: int
+    matcher: RefusalMatcher
+
+    def arm_items(self, jailbreak: PromptSet, benign: PromptSet) -> int:
+        return len(jailbreak) + len(benign) + (len(self.ppl_texts) if self.ppl_texts else 0)
+
+
+def _run_arm(
+    loaded: LoadedModel,
+    name: str,
+    layers: tuple[int, ...],
+    jailbreak: PromptSet,
+    benign: PromptSet,
+    opts: _Options,
+    tracker: _Tracker,
+) -> DefenceArm:
+    gen: dict[str, Any] = {
+        "max_new_tokens": opts.max_new_tokens,
+        "batch_size": opts.batch_size,
+        "chat_template": opts.chat_template,
+        "system_prompt": opts.system_prompt,
+        "max_prompt_tokens": opts.max_prompt_tokens,
+    }
+    with bypass_layers(loaded.model, layers):
+        jb = generate(loaded, jailbreak.texts, progress=tracker.stage(f"{name} jailbreak"), **gen)
+        bn = generate(loaded, benign.texts, progress=tracker.stage(f"{name} benign"), **gen)
+        ppl = None
+        if opts.ppl_texts:
+            total, count = nll_sum(
+                loaded,
+                opts.ppl_texts,
+                length=opts.ppl_length,
+                batch_size=opts.batch_size,
+                progress=tracker.add(f"{name} perplexity"),
+            )
+            ppl = math.exp(total / count) if count else math.nan
+    return DefenceArm(
+        name=name,
+        layers=layers,
+        jailbreak_responses=jb,
+        jailbreak_refusals=[opts.matcher.is_refusal(r) for r in jb],
+        benign_responses=bn,
+        benign_refusals=[opts.matcher.is_refusal(r) for r in bn],
+        perplexity=ppl,
+    )
+
+
+def _as_set(prompts: PromptSet | Sequence[str], name: str) -> PromptSet:
+    return prompts if isinstance(prompts, PromptSet) else PromptSet(name, tuple(prompts), "<memory>")
+
+
+def _options(
+    benign: PromptSet,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    chat_template: bool,
+    system_prompt: str | None,
+    max_prompt_tokens: int,
+    ppl_texts: Sequence[str] | PromptSet | bool | None,
+    ppl_length: int,
+    matcher: RefusalMatcher | None,
+) -> _Options:
+    if max_new_tokens < 1:
+        raise AttnscanError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
+    if ppl_texts is None or ppl_texts is True:
+        texts: tuple[str, ...] | None = benign.texts
+    elif ppl_texts is False:
+        texts = None
+    else:
+        texts = tuple(ppl_texts.texts if isinstance(ppl_texts, PromptSet) else ppl_texts)
+        if not texts:
+            raise AttnscanError("ppl_texts is empty: give texts, None (the benign prompts) or False (no perplexity)")
+    return _Options(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+        max_prompt_tokens=max_prompt_tokens,
+        ppl_texts=texts,
+        ppl_length=ppl_length,
+        matcher=matcher or RefusalMatcher(),
+    )
+
+
+def _info(loaded: LoadedModel, jailbreak: PromptSet, benign: PromptSet, opts: _Options) -> dict[str, Any]:
+    return {
+        "model": {"spec": loaded.spec, **loaded.source},
+        "prompt_sets": {"jailbreak": jailbreak.provenance(), "benign": benign.provenance()},
+        "generation": {
+            "decoding": "greedy",
+            "max_new_tokens": opts.max_new_tokens,
+            "max_prompt_tokens": opts.max_prompt_tokens,
+            "batch_size": opts.batch_size,
+            "chat_template": opts.chat_template,
+            "system_prompt": opts.system_prompt,
+        },
+        "perplexity": {
+            "texts": len(opts.ppl_texts) if opts.ppl_texts else 0,
+            "length": opts.ppl_length,
+            "weighting": "token-weighted: exp(sum of next-token NLL / predicted tokens)",
+        },
+        "similarity": "benign_chrf: chrF (n=1..6, beta=1); benign_token_f1: bag-of-words F1; bypass vs baseline",
+        "refusal_matcher": {"window": opts.matcher.window, "phrases": len(opts.matcher.phrases)},
+    }
+
+
+def defend(
+    loaded: LoadedModel,
+    jailbreak: PromptSet | Sequence[str],
+    benign: PromptSet | Sequence[str],
+    layers: Iterable[int] | str,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    ppl_texts: Sequence[str] | PromptSet | bool | None = None,
+    ppl_length: int = DEFAULT_PPL_LENGTH,
+    matcher: RefusalMatcher | None = None,
+    baseline: DefenceArm | None = None,
+    progress: ProgressFn | None = None,
+) -> DefenceResult:
+    """Bypass ``layers`` and compare with the unmodified model: the library twin of ``attnscan defend``.
+
+    Measures (module docstring) the jailbreak refusal rate, benign retention and similarity, and perplexity on
+    ``ppl_texts`` (default the benign prompts' texts; ``False`` skips it). ``baseline`` reuses an unmodified run
+    made with the same prompts and options (as :func:`sweep_results` does). Generation options are those of
+    :func:`attnscan.behave.generate`.
+    """
+    jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
+    opts = _options(
+        bn,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+        max_prompt_tokens=max_prompt_tokens,
+        ppl_texts=ppl_texts,
+        ppl_length=ppl_length,
+        matcher=matcher,
+    )
+    chosen = _resolve_bypass(decoder_layers(loaded.model), layers)
+    if baseline is not None and (
+        len(baseline.jailbreak_responses) != len(jb) or len(baseline.benign_responses) != len(bn)
+    ):
+        raise AttnscanError("the baseline was run on other prompts: run it on the same jailbreak and benign sets")
+    tracker = _Tracker(progress, opts.arm_items(jb, bn) * (1 if baseline is not None else 2))
+    if baseline is None:
+        baseline = _run_arm(loaded, "baseline", (), jb, bn, opts, tracker)
+    arm = _run_arm(loaded, "bypass", chosen, jb, bn, opts, tracker) if chosen else _copy_arm(baseline, "bypass")
+    return DefenceResult(baseline=baseline, bypass=arm, jailbreak=jb, benign=bn, info=_info(loaded, jb, bn, opts))
+
+
+def _copy_arm(arm: DefenceArm, name: str) -> DefenceArm:
+    return DefenceArm(
+        name=name,
+        layers=(),
+        jailbreak_responses=list(arm.jailbreak_responses),
+        jailbreak_refusals=list(arm.jailbreak_refusals),
+        benign_responses=list(arm.benign_responses),
+        benign_refusals=list(arm.benign_refusals),
+        perplexity=arm.perplexity,
+    )
+
+
+def _check_sweep(loaded: LoadedModel, order: Sequence[int], ks: Sequence[int]) -> tuple[list[int], list[int]]:
+    n = loaded.arch.n_layers
+    resolved = []
+    for layer in order:
+        real = int(layer) + n if int(layer) < 0 else int(layer)
+        if not 0 <= real < n:
+            raise AttnscanError(f"layer {layer} out of range: model has {n} layers (0-{n - 1})")
+        resolved.append(real)
+    if len(set(resolved)) != len(resolved):
+        raise AttnscanError("the layer order names a layer twice: give each layer at most once")
+    if not ks:
+        raise AttnscanError("no k values for the sweep: give e.g. 0,1,2,4")
+    for k in ks:
+        if not 0 <= int(k) <= len(resolved):
+            raise AttnscanError(f"k={k} out of range: the layer order has {len(resolved)} layers (k from 0)")
+    if len(set(ks)) != len(ks):
+        raise AttnscanError("the sweep names a k value twice: give each k once")
+    return resolved, [int(k) for k in ks]
+
+
+def sweep_results(
+    loaded: LoadedModel,
+    order: Sequence[int],
+    ks: Sequence[int],
+    *,
+    jailbreak: PromptSet | Sequence[str],
+    benign: PromptSet | Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    ppl_texts: Sequence[str] | PromptSet | bool | None = None,
+    ppl_length: int = DEFAULT_PPL_LENGTH,
+    matcher: RefusalMatcher | None = None,
+    progress: ProgressFn | None = None,
+) -> list[DefenceResult]:
+    """One :class:`DefenceResult` per ``k`` in ``ks``: bypass ``order[:k]``. The baseline runs once and is shared."""
+    chosen, k_values = _check_sweep(loaded, order, ks)
+    jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
+    opts = _options(
+        bn,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+        max_prompt_tokens=max_prompt_tokens,
+        ppl_texts=ppl_texts,
+        ppl_length=ppl_length,
+        matcher=matcher,
+    )
+    runs = 1 + sum(1 for k in k_values if k > 0)
+    tracker = _Tracker(progress, opts.arm_items(jb, bn) * runs)
+    baseline = _run_arm(loaded, "baseline", (), jb, bn, opts, tracker)
+    info = {**_info(loaded, jb, bn, opts), "order": chosen, "ks": k_values}
+    results = []
+    for k in k_values:
+        layers = tuple(sorted(chosen[:k]))
+        arm = _run_arm(loaded, "bypass", layers, jb, bn, opts, tracker) if k else _copy_arm(baseline, "bypass")
+        results.append(DefenceResult(baseline=baseline, bypass=arm, jailbreak=jb, benign=bn, info=info))
+    return results
+
+
+def sweep_table(results: Sequence[DefenceResult]) -> pd.DataFrame:
+    """One row per result (columns of :meth:`DefenceArm.metrics`, ``k`` first), with ``perplexity_ratio`` to the
+    baseline; ``df.attrs["baseline"]`` holds the baseline's metrics."""
+    if not results:
+        raise AttnscanError("no sweep results to tabulate")
+    rows = [r.row() for r in results]
+    table = pd.DataFrame(rows)
+    base = results[0].baseline.metrics(results[0].baseline)
+    table["perplexity_ratio"] = table["perplexity"] / base["perplexity"]
+    table = table.drop(columns=["variant"])
+    table.attrs["baseline"] = base
+    return table
+
+
+def sweep(
+    loaded: LoadedModel,
+    order: Sequence[int],
+    ks: Sequence[int],
+    *,
+    jailbreak: PromptSet | Sequence[str],
+    benign: PromptSet | Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    ppl_texts: Sequence[str] | PromptSet | bool | None = None,
+    ppl_length: int = DEFAULT_PPL_LENGTH,
+    matcher: RefusalMatcher | None = None,
+    progress: ProgressFn | None = None,
+) -> pd.DataFrame:
+    """Bypass the first ``k`` layers of ``order`` for each ``k`` in ``ks``: one row per ``k`` (:func:`sweep_table`).
+
+    ``order`` is a ranking of layers, e.g. :func:`layer_order` of a detection or layer table; ``k = 0`` is the
+    unmodified model. The other options are those of :func:`defend`.
+    """
+    return sweep_table(
+        sweep_results(
+            loaded,
+            order,
+            ks,
+            jailbreak=jailbreak,
+            benign=benign,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            chat_template=chat_template,
+            system_prompt=system_prompt,
+            max_prompt_tokens=max_prompt_tokens,
+            ppl_texts=ppl_texts,
+            ppl_length=ppl_length,
+            matcher=matcher,
+            progress=progress,
+        )
+    )
+
+
+def layer_order(table: pd.DataFrame, by: str, *, descending: bool = True) -> list[int]:
+    """Layers of a per-layer table (a ``layer`` column) ranked by column ``by``, largest first by default.
+
+    Rows with NaN in ``by`` go last; ties keep the lower layer first.
+    """
+    if "layer" not in table.columns:
+        raise AttnscanError("the table has no 'layer' column: give a per-layer table (layers.csv, detection table)")
+    if by not in table.columns:
+        raise AttnscanError(f"the table has no column '{by}': choose one of {', '.join(map(str, table.columns))}")
+    ranked = table.sort_values(["layer"]).sort_values(by, ascending=not descending, kind="stable", na_position="last")
+    return [int(x) for x in ranked["layer"]]
+
+
+# --------------------------------------------------------------------------------------------------- figure
+
+
+def trade_off_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Jailbreak refusal rate (y) against benign retention (x), one point per row labelled ``k=…``.
+
+    ``table`` is :func:`sweep`'s output (columns ``k``, ``jailbreak_refusal_rate``, ``benign_retention`` and,
+    when present, their ``_low``/``_high`` Wilson bounds, drawn as error bars). Up and to the right is better.
+    """
+    from matplotlib.figure import Figure
+
+    needed = {"k", "jailbreak_refusal_rate", "benign_retention"}
+    if not needed <= set(table.columns):
+        raise AttnscanError(f"the sweep table lacks columns {sorted(needed - set(table.columns))}")
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    x = table["benign_retention"].to_numpy(dtype=float)
+    y = table["jailbreak_refusal_rate"].to_numpy(dtype=float)
+    xerr = yerr = None
+    if {"benign_retention_low", "benign_retention_high"} <= set(table.columns):
+        xerr = [x - table["benign_retention_low"].to_numpy(dtype=float), table["benign_retention_high"] - x]
+    if {"jailbreak_refusal_low", "jailbreak_refusal_high"} <= set(table.columns):
+        yerr = [y - table["jailbreak_refusal_low"].to_numpy(dtype=float), table["jailbreak_refusal_high"] - y]
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.75", elinewidth=1, zorder=1)
+    ks = table["k"].to_numpy()
+    ax.plot(x, y, color="0.6", linewidth=1, zorder=2)
+    ax.scatter(x, y, c=["tab:gray" if k == 0 else "tab:red" for k in ks], zorder=3)
+    for xi, yi, k in zip(x, y, ks, strict=True):
+        ax.annotate(f"k={int(k)}", (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("benign retention (share of benign prompts answered)")
+    ax.set_ylabel("refusal rate on jailbreak prompts")
+    ax.set_title(title or "Layer bypass: safety vs. helpfulness")
+    ax.grid(True, alpha=0.3)
+    return fig
