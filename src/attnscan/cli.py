@@ -366,6 +366,16 @@ def _check_numbers(length: int, batch_size: int, limit: int | None) -> None:
         raise AttnscanError(f"--limit must be at least 1, got {limit}")
 
 
+def _register_more_commands() -> None:
+    from . import cli_behave, cli_detect
+
+    cli_detect.register(app)
+    cli_behave.register(app)
+
+
+_register_more_commands()
+
+
 def run() -> None:
     """Console-script entry point."""
     try:
