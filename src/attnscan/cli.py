@@ -275,7 +275,9 @@ def run_cmd(
     Console().print(summary_table(output.tables))
     for line in output.observations:
         typer.echo(f"- {line}")
-    typer.echo(f"wrote {out}/ (figure.png, layers.png, summary.csv, observations.md, one bundle per model)")
+    typer.echo(
+        f"wrote {out}/ (figure.png, layers.png, report.html, summary.csv, observations.md, one bundle per model)"
+    )
 
 
 def summary_table(tables: dict[str, Any], top: int = 5) -> Table:
@@ -316,11 +318,11 @@ def figure_cmd(
     seed: SeedOpt = 0,
 ) -> None:
     """Draw the Benign / Jailbreak / Difference figure (and the layer profile) from saved results."""
-    from .run import draw, load_bundles, parse_rows
+    from .run import draw, load_bundles, parse_rows, stored_table
 
     with user_errors():
         results = load_bundles(dirs)
-        tables = {k: _stored_table(r, seed) for k, r in results.items()}
+        tables = {k: stored_table(r, seed) for k, r in results.items()}
         chosen = parse_rows(rows, list(results))
         shown = draw(
             results,
@@ -335,17 +337,20 @@ def figure_cmd(
     typer.echo(f"wrote {out}: rows " + ", ".join(f"{m} layer {layer}" for m, layer in shown))
 
 
-def _stored_table(result: Any, seed: int) -> Any:
-    """The layer table saved with a bundle when it has the statistics, else computed now."""
-    import pandas as pd
+@app.command("report")
+def report_cmd(
+    dirs: Annotated[list[Path], typer.Argument(help="Results bundles or run directories.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    title: Annotated[str | None, typer.Option(help="Page title.")] = None,
+    examples: Annotated[int | None, typer.Option(help="Example prompts shown per set.")] = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Write one self-contained interactive HTML report (no network needed to open it) for saved results."""
+    from .run import report
 
-    if result.path is not None:
-        csv_path = result.path / "layers.csv"
-        if csv_path.is_file():
-            frame = pd.read_csv(csv_path)
-            if "verdict" in frame.columns:
-                return frame
-    return result.layer_table(seed=seed)
+    with user_errors():
+        path = report(dirs, out, title=title, seed=seed, examples=examples)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 def _batch_size(text: str) -> int | None:

@@ -216,6 +216,21 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The token ids every sequence of ``seqs`` starts with (e.g. a chat template's system turn); [] if none."""
+    if not seqs:
+        return []
+    first = list(seqs[0])
+    n = len(first)
+    for ids in seqs[1:]:
+        n = min(n, len(ids))
+        for i in range(n):
+            if ids[i] != first[i]:
+                n = i
+                break
+    return first[:n]
+
+
 def encode(
     tokenizer: Any,
     texts: Sequence[str],

@@ -526,6 +526,16 @@ def _default_view(models: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return {"model": 0, "layer": min(range(len(info)), key=key)}
 
 
+def _tokens_of(label: str, result: ScanResult, tokens: Mapping[str, Sequence[str]] | None) -> list[str] | None:
+    """Token texts at grid positions 0, 1, ...: given ones, else the shared prefix the scan recorded."""
+    if tokens and label in tokens:
+        return [str(t) for t in tokens[label]]
+    recorded = result.manifest.get("shared_prefix_tokens")
+    if isinstance(recorded, list) and recorded and result.manifest.get("alignment", "absolute") == "absolute":
+        return [str(t) for t in recorded]
+    return None
+
+
 def build_digest(
     results: Mapping[str, ScanResult],
     tables: Mapping[str, pd.DataFrame],
@@ -572,7 +582,7 @@ def build_digest(
                 "layers": layers,
                 "captions": [_caption(i) for i in layers],
                 "maps": _maps_digest(result, factor, display_size),
-                "tokens": [str(t) for t in tokens[label]] if tokens and label in tokens else None,
+                "tokens": _tokens_of(label, result, tokens),
             }
         )
     return {
@@ -1012,20 +1022,12 @@ def prefix_tokens(
 ) -> list[str]:
     """The decoded tokens every prompt of ``texts`` starts with after encoding (with the same options as the scan):
     typically the chat template's prefix. Pass as ``tokens={label: prefix_tokens(...)}`` to :func:`build_report`."""
-    from .prompts import encode
+    from .prompts import encode, shared_prefix
 
     if not texts:
         return []
     enc = encode(tokenizer, texts, length, chat_template=chat_template, system_prompt=system_prompt)
-    first = enc.ids[0]
-    n = len(first)
-    for ids in enc.ids[1:]:
-        n = min(n, len(ids))
-        for i in range(n):
-            if ids[i] != first[i]:
-                n = i
-                break
-    return [str(tokenizer.decode([token_id])) for token_id in first[:n]]
+    return [str(tokenizer.decode([token_id])) for token_id in shared_prefix(enc.ids)]
 
 
 # --------------------------------------------------------------------------------------------------------------------

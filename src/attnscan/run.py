@@ -7,7 +7,8 @@ Output directory (default ``attnscan-out/``), written atomically as a whole:
 - ``summary.csv``: every model's layer table, one row per (model, layer);
 - ``figure.png``: Benign / Jailbreak / Difference rows for the chosen (model, layer) pairs;
 - ``layers.png``: the signed shift with its 95 % interval against relative layer depth, one line per model;
-- ``observations.md``: the observations generated from the numbers.
+- ``observations.md``: the observations generated from the numbers;
+- ``report.html``: the self-contained interactive report (see :mod:`attnscan.report`).
 """
 
 from __future__ import annotations
@@ -222,6 +223,17 @@ def run(
         summary = pd.concat([t.assign(model=k) for k, t in tables.items()], ignore_index=True)
         summary.to_csv(tmp / "summary.csv", index=False, float_format="%.6g")
         shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=dpi)
+        from .report import build_report, write_report
+
+        write_report(
+            tmp / "report.html",
+            build_report(
+                results,
+                tables,
+                notes,
+                prompts={label: {k: list(v.texts) for k, v in sets.items()} for label in results},
+            ),
+        )
         (tmp / "observations.md").write_text(
             "# Observations\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", encoding="utf-8"
         )
@@ -243,6 +255,7 @@ def run(
                 },
                 "figure": "figure.png",
                 "profile": "layers.png",
+                "report": "report.html",
                 "rows": [list(r) for r in shown],
                 "started": started,
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -274,3 +287,51 @@ def load_bundles(paths: Sequence[str | Path]) -> dict[str, ScanResult]:
     if not found:
         raise AttnscanError("no results bundles given")
     return found
+
+
+def stored_table(result: ScanResult, seed: int = 0) -> Any:
+    """The layer table saved with a bundle when it holds the statistics, else computed now."""
+    import pandas as pd
+
+    if result.path is not None:
+        csv_path = result.path / "layers.csv"
+        if csv_path.is_file():
+            frame = pd.read_csv(csv_path)
+            if "verdict" in frame.columns:
+                return frame
+    return result.layer_table(seed=seed)
+
+
+def report(
+    paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    title: str | None = None,
+    seed: int = 0,
+    examples: int | None = None,
+) -> Path:
+    """Write one self-contained HTML report for saved bundles or run directories: the library twin of
+    ``attnscan report``. Layer tables come from each bundle's ``layers.csv`` (computed when absent); prompt texts
+    are reloaded from the sources the manifests record when they still match their sha256."""
+    from .report import DEFAULT_TITLE, EXAMPLES, build_report, prompts_from_manifest, write_report
+    from .stats import observations
+
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise AttnscanError(f"--out {out}: the report is an HTML file; give a name ending in .html")
+    results = load_bundles(paths)
+    tables = {label: stored_table(result, seed) for label, result in results.items()}
+    notes: list[str] = []
+    for label, table in tables.items():
+        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
+    notes[-1:] = compare_models(tables, results) + notes[-1:]
+    prompts = {label: texts for label, result in results.items() if (texts := prompts_from_manifest(result))}
+    html_text = build_report(
+        results,
+        tables,
+        notes,
+        prompts=prompts,
+        title=title or DEFAULT_TITLE,
+        examples=EXAMPLES if examples is None else examples,
+    )
+    return write_report(out, html_text)

@@ -19,7 +19,7 @@ from .arch import Route
 from .checkpoint import Interrupted, checkpoint_file, load_checkpoint, save_checkpoint, stop_on_signals
 from .errors import AttnscanError
 from .models import LoadedModel, load_model
-from .prompts import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSet, Truncate, encode, load_prompts
+from .prompts import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSet, Truncate, encode, load_prompts, shared_prefix
 from .result import ScanResult
 from .runner import PaddingSide, pad_token_id, run_collect
 
@@ -269,6 +269,7 @@ def scan(
             for name, ps in sets.items()
         },
         "chat_template": all(e.chat_template for e in encoded.values()),
+        "shared_prefix_tokens": _decoded_prefix(loaded.tokenizer, [ids for e in encoded.values() for ids in e.ids]),
         "system_prompt": system_prompt,
         "truncate": truncate,
         "padding_side": padding_side,
@@ -286,3 +287,12 @@ def scan(
         "finished": _now(),
     }
     return ScanResult(accs, manifest)
+
+
+def _decoded_prefix(tokenizer: Any, seqs: Sequence[Sequence[int]], limit: int = 512) -> list[str]:
+    """Token texts of the prefix all prompts share (grid positions 0, 1, ...), for hover text in reports."""
+    prefix = shared_prefix(seqs)[:limit]
+    try:
+        return [str(tokenizer.decode([token_id])) for token_id in prefix]
+    except Exception:  # a tokenizer that cannot decode single ids: the report then shows positions only
+        return []
