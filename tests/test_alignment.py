@@ -20,6 +20,26 @@ def _run(seqs: list[list[int]], align: str, batch_size: int = 2) -> torch.Tensor
     return acc.mean(1), acc.count
 
 
+def _stretched(own: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented relative grid of one prompt's ``n x n`` map, cell by cell with exact fractions: row g shows
+    query floor(g n / T); column c takes from key k the share of k's interval [k, k+1) that [c n/T, (c+1) n/T)
+    covers; a cell is reached when its column covers part of a key <= the row's query."""
+    from fractions import Fraction
+
+    grid = torch.zeros(T, T, dtype=torch.float64)
+    reached = torch.zeros(T, T, dtype=torch.bool)
+    for g in range(T):
+        q = (g * n) // T
+        for c in range(T):
+            lo, hi = Fraction(c * n, T), Fraction((c + 1) * n, T)
+            for k in range(q + 1):
+                share = max(Fraction(0), min(hi, Fraction(k + 1)) - max(lo, Fraction(k)))
+                if share > 0:
+                    reached[g, c] = True
+                    grid[g, c] += float(own[q, k]) * float(share)
+    return grid, reached
+
+
 def test_relative_alignment_stretches_each_prompt_over_the_grid() -> None:
     seqs = random_prompts((4, 3), seed=11)
     mean, count = _run(seqs, "relative")
@@ -28,18 +48,38 @@ def test_relative_alignment_stretches_each_prompt_over_the_grid() -> None:
     expected_count = torch.zeros(T, T, dtype=torch.int64)
     for seq in seqs:
         ref, _ = eager_reference(model, [seq], [1], len(seq))
-        own = ref[1].nan_to_num(0.0)
-        src = (torch.arange(T) * len(seq)) // T  # grid index g shows token floor(g * n / T)
-        reached = src[None, :] <= src[:, None]
-        expected += own[src][:, src] * reached
+        grid, reached = _stretched(ref[1].nan_to_num(0.0), len(seq))
+        # Every stretched row is still a probability distribution over the grid's columns.
+        assert torch.allclose(grid.sum(1), torch.ones(T, dtype=torch.float64), atol=1e-6)
+        expected += grid
         expected_count += reached
     assert torch.equal(count, expected_count)
-    # The 4-token prompt covers each token twice; the 3-token one covers tokens 0,0,0,1,1,1,2,2.
+    # The 4-token prompt covers each token twice; the 3-token one shows queries 0,0,0,1,1,1,2,2 and spreads each
+    # key over 8/3 columns, so its row 0 reaches columns 0-2 (the last one partly).
     assert count[1, 1] == 2 and count[0, 1] == 2 and count[0, 2] == 1 and count[0, 3] == 0
-    assert torch.all(count > 0) == torch.all(torch.tril(torch.ones(T, T)) > 0)
+    assert torch.all(count[torch.tril(torch.ones(T, T)) > 0] > 0)
     want = torch.where(expected_count > 0, expected / expected_count.clamp_min(1), torch.nan)
     assert (mean - want).nan_to_num(0.0).abs().max() < 1e-5
     assert torch.equal(mean.isnan(), want.isnan())
+
+
+def test_relative_alignment_does_not_inflate_short_prompts() -> None:
+    """Uniform attention looks the same on the grid whatever the prompt's length: a stretched 3-token prompt whose
+    query attends uniformly puts 1/(row's reach) in each reached column, like an 8-token prompt does."""
+    own = torch.tril(torch.ones(3, 3, dtype=torch.float64))
+    own = own / own.sum(1, keepdim=True)
+    grid, reached = _stretched(own, 3)
+    row_sums = grid.sum(1)
+    assert torch.allclose(row_sums, torch.ones(T, dtype=torch.float64))
+    # Last row: query token 2 attends 1/3 to each key; keys spread over 8/3 columns -> each column ~ 1/8.
+    assert torch.allclose(grid[T - 1], torch.full((T,), 1 / T, dtype=torch.float64))
+    col = GridCollector("s", (0,), 1, T, n_blocks=4, align="relative")
+    col.begin([0], [0], [3])
+    col.add(0, own.to(torch.float32)[None, None])
+    col.end()
+    got = col.result().mean(0)
+    assert torch.allclose(got.nan_to_num(0.0), grid, atol=1e-6)
+    assert torch.equal(~got.isnan(), reached)
 
 
 def test_alignments_agree_when_prompts_fill_the_grid() -> None:

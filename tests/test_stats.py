@@ -412,3 +412,27 @@ def test_effect_is_cohens_d_when_every_prompt_reaches_every_block() -> None:
     pooled = np.sqrt(((20 - 1) * ma.var(0, ddof=1) + (25 - 1) * mb.var(0, ddof=1)) / (20 + 25 - 2))
     expected = (ma.mean(0) - mb.mean(0)) / pooled
     assert standardized_effect(a, b) == pytest.approx(expected, rel=1e-12)
+
+
+def test_alignment_note_says_what_positions_mean(planted: ScanResult) -> None:
+    from dataclasses import replace
+
+    from attnscan.stats import alignment_note
+
+    def with_sets(alignment: str, benign_max: int, jail_max: int) -> ScanResult:
+        sets = {
+            "benign": {"tokens_mean": benign_max * 0.8, "tokens_max": benign_max},
+            "jailbreak": {"tokens_mean": jail_max * 0.8, "tokens_max": jail_max},
+        }
+        return replace(planted, manifest={**planted.manifest, "alignment": alignment, "prompt_sets": sets})
+
+    t = planted.length
+    short = alignment_note(with_sets("absolute", t // 8, t))
+    assert short is not None and f"covers only the first {t // 8} positions" in short and "--align relative" in short
+    assert alignment_note(with_sets("absolute", t, t)) is None  # both sets fill the grid: nothing to say
+    rel = alignment_note(with_sets("relative", t // 8, t))
+    assert rel is not None and rel.startswith("Relative alignment") and f"{t}-position grid" in rel
+    assert alignment_note(replace(planted, manifest={})) is None
+    # The observations carry the note when the result is given.
+    table = layer_table(with_sets("absolute", t // 8, t), n_permutations=200, n_bootstrap=200)
+    assert short in observations(table, with_sets("absolute", t // 8, t))

@@ -10,8 +10,16 @@ Two alignments put prompts of different lengths on the grid:
 
 - ``absolute`` (default): a prompt's token ``i`` lands on grid row/column ``i``; a prompt of ``n`` tokens reaches
   the causal cells ``j <= i < n``, and nothing beyond its length;
-- ``relative``: every prompt is stretched over the whole grid by nearest-neighbour resampling; grid index ``g``
-  shows the prompt's token ``floor(g * n / T)``, and a cell is reached when the token pair it shows is causal.
+- ``relative``: every prompt is stretched over the whole grid, so that its start and its end meet the grid's.
+  Grid row ``g`` shows the query token ``floor(g * n / T)`` (nearest neighbour). Keys are resampled so that each
+  row stays a probability distribution: grid column ``c`` stands for the stretch ``[c n / T, (c + 1) n / T)`` of
+  the prompt's key axis and receives each key token's probability in proportion to how much of that token's unit
+  interval it covers (a 40-token prompt on a 448 grid puts ``p * 40 / 448`` in each of the ~11 columns that show a
+  key). A stretched row therefore sums to 1 like a row of a prompt of T tokens, and a short prompt's map is not
+  inflated by its length (with plain nearest-neighbour copying, a prompt of ``n`` tokens would show rows summing
+  to about ``T / n``, and the difference of two sets would mostly measure their lengths). A cell is reached when
+  its column covers part of a key token the row's query may attend to (so a cell just right of the diagonal can be
+  reached when the diagonal token is stretched over several columns).
 
 Per-prompt summaries (indexed by the prompt's position in its set):
 ``blocks``  ``float32 [N, layers, B, B]`` mean of ln(max(p, e^floor)) over the grid cells of each coarse block
@@ -134,6 +142,18 @@ class SetAccumulator:
         )
 
 
+def _key_spread(n: int, length: int, padded: int, device: torch.device) -> torch.Tensor:
+    """``float32 [padded, n]``: the share of key token ``k``'s unit interval that grid column ``c`` covers when
+    ``n`` tokens are stretched over ``length`` columns (columns past ``length`` get nothing). Each key's shares add
+    up to 1, so multiplying a row of attention probabilities by its transpose keeps the row's mass."""
+    c = torch.arange(padded, device=device, dtype=torch.int64)[:, None]
+    k = torch.arange(n, device=device, dtype=torch.int64)[None, :]
+    # Overlap of [c n, (c + 1) n) and [k T, (k + 1) T), in units of 1 / T source tokens (exact integers).
+    overlap = (torch.minimum((c + 1) * n, (k + 1) * length) - torch.maximum(c * n, k * length)).clamp_min(0)
+    overlap[length:] = 0
+    return overlap.to(torch.float32) / length
+
+
 class GridCollector:
     """Receives head-by-head attention weights of one batch, layer by layer, and reduces them at once.
 
@@ -179,6 +199,7 @@ class GridCollector:
         self.seen = torch.zeros(n_prompts, dtype=torch.bool)
         self._batch: tuple[torch.Tensor, list[int], list[int]] | None = None
         self._source: torch.Tensor | None = None
+        self._spread: list[torch.Tensor] = []
 
     def begin(self, prompt_ids: list[int], starts: list[int], lengths: list[int]) -> None:
         """Start a batch: row ``b`` holds prompt ``prompt_ids[b]`` at positions ``starts[b] : starts[b]+lengths[b]``."""
@@ -192,11 +213,16 @@ class GridCollector:
             self._valid = rows & (ar[None, None, :] <= ar[None, :, None])  # [B, P, P] bool
             self._source = None
         else:
-            # Relative: grid index g of a prompt with n tokens shows its token floor(g * n / T).
-            src = torch.stack([(ar * n) // self.length for n in lengths])  # [B, P]
-            inside = (ar < self.length)[None, :]
-            self._valid = (src[:, None, :] <= src[:, :, None]) & inside[:, :, None] & inside[:, None, :]
+            # Relative: grid row g of a prompt with n tokens shows its query token floor(g * n / T); grid column c
+            # covers [c n / T, (c + 1) n / T) of its key axis (see the module docstring).
+            t = self.length
+            src = torch.stack([(ar * n) // t for n in lengths])  # [B, P]
+            inside = (ar < t)[None, :]
+            # Column c reaches key k <= q when c n / T < q + 1, i.e. c n < (q + 1) T.
+            starts_of_columns = ar[None, None, :] * torch.tensor(lengths, device=self.device)[:, None, None]
+            self._valid = (starts_of_columns < (src[:, :, None] + 1) * t) & inside[:, :, None] & inside[:, None, :]
             self._source = src.clamp_max(torch.tensor(lengths, device=self.device)[:, None] - 1)
+            self._spread = [_key_spread(n, t, self.padded, self.device) for n in lengths]
         bs, nb = self.bs, self.n_blocks
         self._block_count = self._valid.view(-1, nb, bs, nb, bs).sum((2, 4)).to(torch.float32)
         self._batch = (idx, list(starts), list(lengths))
@@ -219,8 +245,7 @@ class GridCollector:
             if self._source is None:
                 aligned[b, :n, :n] = own
             else:
-                src = self._source[b]
-                aligned[b] = own[src][:, src]
+                aligned[b] = own[self._source[b]] @ self._spread[b].T
         del head_mean
         aligned.mul_(self._valid)
         t = self.length

@@ -227,7 +227,7 @@ def run_cmd(
     device: DeviceOpt = "auto",
     chat_template: ChatOpt = True,
     system_prompt: SystemOpt = None,
-    align: AlignOpt = "absolute",
+    align: AlignOpt = "relative",
     permutations: Annotated[int, typer.Option(help="Permutations per layer test.")] = 1000,
     seed: SeedOpt = 0,
     allow_pickle: PickleOpt = False,
@@ -268,7 +268,7 @@ def run_cmd(
                 device=device,
                 chat_template=chat_template,
                 system_prompt=system_prompt,
-                align=align,
+                align=align,  # type: ignore[arg-type]
                 allow_pickle=allow_pickle,
                 trust_remote_code=trust_remote_code,
             )

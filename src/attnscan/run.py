@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .accumulate import Align
 from .errors import AttnscanError
 from .io import atomic_dir, write_json
 from .models import LoadedModel
@@ -163,6 +164,7 @@ def run(
     seed: int = 0,
     n_permutations: int = 1000,
     dpi: int = 200,
+    align: Align = "relative",
     progress: ProgressFn | None = None,
     on_model: Callable[[str], None] | None = None,
     **scan_options: Any,
@@ -170,7 +172,13 @@ def run(
     """Scan every model on the prompt sets, compute the statistics and write the run directory (module docstring).
 
     ``scan_options`` go to :func:`attnscan.scan` (``layers``, ``length``, ``batch_size``, ``dtype``, ``device``,
-    ``chat_template``, ``align``, ...). Prompt sources are subsampled to ``limit`` prompts each with ``seed``.
+    ``chat_template``, ...). Prompt sources are subsampled to ``limit`` prompts each with ``seed``.
+
+    ``align`` defaults to ``"relative"`` here (``scan`` defaults to ``"absolute"``): the built-in benign requests
+    are a few dozen tokens long and the jailbreak prompts a few hundred, so in absolute alignment their maps share
+    only the first few dozen positions; relative alignment compares whole prompts over the whole grid, as the
+    reference figure does, and keeps every stretched row a probability distribution so that length alone does not
+    shift the maps (see :mod:`attnscan.accumulate`).
     """
     from .io import check_output_dir
     from .prompts import load_prompts
@@ -199,6 +207,7 @@ def run(
             sets["jailbreak"],
             sets.get("control"),
             seed=seed,
+            align=align,
             progress=progress,
             **scan_options,
         )
@@ -251,6 +260,7 @@ def run(
                     "seed": seed,
                     "rows": rows,
                     "n_permutations": n_permutations,
+                    "align": align,
                     **{k: v for k, v in scan_options.items() if isinstance(v, (str, int, float, bool, type(None)))},
                 },
                 "figure": "figure.png",

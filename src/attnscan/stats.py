@@ -609,18 +609,48 @@ def effects_table(
 # Observations
 
 
-def _key_ranges(reach_keys: npt.NDArray[np.int64]) -> list[tuple[str, npt.NDArray[np.int64]]]:
-    """The first token and the thirds of the remaining reached key positions, as ``(label, keys)``."""
+def _key_ranges(reach_keys: npt.NDArray[np.int64], relative: bool = False) -> list[tuple[str, npt.NDArray[np.int64]]]:
+    """The first token and the thirds of the remaining reached key positions, as ``(label, keys)``. In relative
+    alignment the first grid column holds the first token only for prompts of T tokens, so it is not singled out."""
     ranges: list[tuple[str, npt.NDArray[np.int64]]] = []
-    if 0 in reach_keys:
+    rest = reach_keys
+    if not relative and 0 in reach_keys:
         ranges.append(("the first token (sink)", np.array([0])))
-    rest = reach_keys[reach_keys > 0]
+        rest = reach_keys[reach_keys > 0]
     names = ("early", "middle", "late")
     for name, part in zip(names, np.array_split(rest, 3), strict=True):
         if part.size:
             span = f"{part[0]}" if part.size == 1 else f"{part[0]}–{part[-1]}"
-            ranges.append((f"{name} keys (positions {span})", part))
+            where = f"grid positions {span}" if relative else f"positions {span}"
+            ranges.append((f"{name} keys ({where})", part))
     return ranges
+
+
+def alignment_note(result: ScanResult, a: str = "jailbreak", b: str = "benign") -> str | None:
+    """One sentence on what grid positions mean for this scan, and on how far each set reaches."""
+    sets = result.manifest.get("prompt_sets", {})
+    if not isinstance(sets, dict) or a not in sets or b not in sets:
+        return None
+    try:
+        mean_a, mean_b = float(sets[a]["tokens_mean"]), float(sets[b]["tokens_mean"])
+        max_a, max_b = int(sets[a]["tokens_max"]), int(sets[b]["tokens_max"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    t = result.length
+    if result.manifest.get("alignment") == "relative":
+        return (
+            f"Relative alignment: every prompt is stretched over the {t}-position grid, so a grid position is the "
+            f"same fraction of every prompt ({a} prompts average {mean_a:.0f} tokens, {b} prompts {mean_b:.0f}); "
+            "a shared start such as a chat template's system turn fills a larger share of a short prompt's grid."
+        )
+    common = min(max_a, max_b)
+    if common >= 0.9 * max(max_a, max_b):
+        return None
+    return (
+        f"Absolute alignment: {b} prompts reach positions 0–{max_b - 1} and {a} prompts 0–{max_a - 1} (means "
+        f"{mean_b:.0f} and {mean_a:.0f} tokens), so the difference covers only the first {common} positions, where "
+        "both sets have tokens; --align relative compares whole prompts by relative position instead."
+    )
 
 
 def _where_sentence(result: ScanResult, layer: int, a: str, b: str, tol: float) -> str | None:
@@ -631,7 +661,7 @@ def _where_sentence(result: ScanResult, layer: int, a: str, b: str, tol: float) 
     keys = np.flatnonzero(reach.any(axis=0)).astype(np.int64)
     parts: list[str] = []
     means: list[tuple[str, float]] = []
-    for label, cols in _key_ranges(keys):
+    for label, cols in _key_ranges(keys, relative=result.manifest.get("alignment") == "relative"):
         vals = d[:, cols][reach[:, cols]]
         mean = float(vals.mean())
         means.append((label, mean))
@@ -749,6 +779,9 @@ def observations(table: pd.DataFrame, result: ScanResult | None = None, model_na
         where = _where_sentence(result, layer, a, b, tol)
         if where:
             out.append(where)
+        note = alignment_note(result, a, b)
+        if note:
+            out.append(note)
     out.append(
         "An attention shift is a proxy for, not a measurement of, jailbreak success: these numbers show where "
         f"attention differs between {a} and {b} prompts, not whether the model complied."
