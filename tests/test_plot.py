@@ -555,3 +555,42 @@ def test_pick_rows_one_model_falls_back_to_the_next_strongest() -> None:
         pick_rows({"m": two.drop(columns="q_abs")})
     with pytest.raises(AttnscanError, match="no layer tables"):
         pick_rows({})
+
+
+def test_layer_profile_with_detection_auroc_below() -> None:
+    tables = {"GPT-J-6B": _table(28, 1), "Llama-3.1-8B": _table(32, 2)}
+    detection = {}
+    for name, t in tables.items():
+        n = len(t)
+        auroc = np.linspace(0.5, 0.98, n)
+        detection[name] = pd.DataFrame(
+            {
+                "layer": np.arange(n),
+                "cp_auroc": auroc,
+                "cp_auroc_low": auroc - 0.05,
+                "cp_auroc_high": np.minimum(auroc + 0.05, 1.0),
+                "probe_auroc": auroc[::-1],
+                "flagged": auroc >= 0.9,
+            }
+        )
+    fig = layer_profile_figure(tables, detection=detection, threshold=0.9)
+    shift_ax, det_ax = fig.axes[:2]
+    assert det_ax.get_ylabel().startswith("Detection AUROC") and det_ax.get_ylim() == (0.0, 1.02)
+    assert "Relative layer depth" in det_ax.get_xlabel() and shift_ax.get_xlabel() == ""
+    for det in detection.values():  # the two models have different depths, so line lengths tell them apart
+        (cp_line,) = [ln for ln in det_ax.get_lines() if ln.get_linestyle() == "-" and len(ln.get_xdata()) == len(det)]
+        np.testing.assert_allclose(cp_line.get_ydata(), det["cp_auroc"])
+        np.testing.assert_allclose(cp_line.get_xdata(), det["layer"] / (len(det) - 1))
+    # Filled markers exactly at the flagged layers, one chance line and one threshold line.
+    for name, det in detection.items():
+        (filled,) = [c for c in det_ax.collections if c.get_label() == f"_flagged:{name}"]
+        np.testing.assert_allclose(filled.get_offsets()[:, 1], det.loc[det["flagged"], "cp_auroc"])
+    flat = [ln.get_ydata()[0] for ln in det_ax.get_lines() if len(ln.get_ydata()) == 2]
+    assert 0.5 in flat and 0.9 in flat
+    _draw(fig)
+    with pytest.raises(AttnscanError, match="has no layer table"):
+        layer_profile_figure(tables, detection={"other": detection["GPT-J-6B"]})
+    with pytest.raises(AttnscanError, match="needs a 'layer' column"):
+        layer_profile_figure(
+            tables, detection={"GPT-J-6B": detection["GPT-J-6B"].drop(columns=["cp_auroc", "probe_auroc"])}
+        )

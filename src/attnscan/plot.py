@@ -372,8 +372,15 @@ def layer_profile_figure(
     title: str | None = None,
     ylabel: str | None = None,
     dpi: int = 200,
+    detection: Mapping[str, pd.DataFrame] | None = None,
+    threshold: float | None = None,
 ) -> Figure:
     """Effect size and its confidence interval against relative layer depth, one line per model.
+
+    With ``detection`` (model label -> :func:`attnscan.detect.layer_detection_table` or its ``detection.csv``) a
+    second panel below, on the same depth axis, shows each model's cross-validated detection AUROC per layer: the
+    CP detector as a solid line with its bootstrap 95 % band, the hidden-state probe dashed, chance (0.5) dotted,
+    ``threshold`` (default: the table's, else none) as a grey line, and flagged layers as filled markers.
 
     ``tables`` maps a model label to its layer table with columns ``layer``, ``value`` (default ``effect``),
     ``ci_low``, ``ci_high`` and ``verdict``; the interval must bound the same quantity as ``value`` (with
@@ -393,8 +400,14 @@ def layer_profile_figure(
     if not tables:
         raise AttnscanError("no layer tables to plot: pass at least one model's table")
     needed = ("layer", value, "ci_low", "ci_high", "verdict")
-    fig = Figure(figsize=(9.0, 5.0), dpi=dpi, layout="constrained")
-    ax = fig.add_subplot()
+    unknown = [key for key in (detection or {}) if key not in tables]
+    if unknown:
+        raise AttnscanError(f"detection table for '{unknown[0]}' has no layer table: key both by the same model labels")
+    fig = Figure(figsize=(9.0, 8.0 if detection else 5.0), dpi=dpi, layout="constrained")
+    if detection:
+        ax, det_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    else:
+        ax, det_ax = fig.add_subplot(), None
     ax.axhline(0.0, color="black", linewidth=0.9, zorder=1)
     depths: dict[str, int] = {}
     model_handles = []
@@ -418,6 +431,8 @@ def layer_profile_figure(
         for v in verdict:
             if v not in verdicts_seen:
                 verdicts_seen.append(v)
+        if det_ax is not None and detection is not None and key in detection:
+            _detection_lines(det_ax, key, detection[key], depth, color, marker, threshold)
         model_handles.append(
             Line2D(
                 [],
@@ -432,7 +447,25 @@ def layer_profile_figure(
         )
     ax.set_xlim(-0.03, 1.03)
     ax.set_xticks(np.linspace(0.0, 1.0, 5))
-    ax.set_xlabel("Relative layer depth  (layer / (layers − 1))", fontsize=_FS_LABEL)
+    if det_ax is not None:
+        det_ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":", zorder=1)
+        det_ax.set_ylim(0.0, 1.02)
+        det_ax.set_ylabel("Detection AUROC (cross-validated)", fontsize=_FS_LABEL)
+        det_ax.set_xlabel("Relative layer depth  (layer / (layers − 1))", fontsize=_FS_LABEL)
+        det_ax.tick_params(labelsize=_FS_TICK)
+        det_ax.grid(True, color="#e6e6e6", linewidth=0.7, zorder=0)
+        det_ax.set_axisbelow(True)
+        det_ax.legend(
+            handles=[
+                Line2D([], [], color="#444444", linestyle="-", label="CP detector (95 % CI band)"),
+                Line2D([], [], color="#444444", linestyle="--", label="hidden-state probe"),
+                Line2D([], [], color="#444444", marker="o", linestyle="", label="flagged layer"),
+            ],
+            loc="lower right",
+            fontsize=_FS_TICK - 1,
+        )
+    else:
+        ax.set_xlabel("Relative layer depth  (layer / (layers − 1))", fontsize=_FS_LABEL)
     ax.set_ylabel(ylabel if ylabel is not None else _YLABELS.get(value, value), fontsize=_FS_LABEL)
     ax.tick_params(labelsize=_FS_TICK)
     ax.grid(True, color="#e6e6e6", linewidth=0.7, zorder=0)
@@ -479,6 +512,43 @@ def layer_profile_figure(
     if title:
         fig.suptitle(title, fontsize=_FS_SUPTITLE - 2, fontweight="bold")
     return fig
+
+
+def _detection_lines(
+    ax: Axes,
+    key: str,
+    table: pd.DataFrame,
+    depth: int,
+    color: str,
+    marker: str,
+    threshold: float | None,
+) -> None:
+    """One model's detection AUROC per layer on ``ax`` (see :func:`layer_profile_figure`)."""
+    if "layer" not in table.columns or not ({"cp_auroc", "probe_auroc"} & set(table.columns)):
+        raise AttnscanError(
+            f"detection table '{key}' needs a 'layer' column and cp_auroc and/or probe_auroc: give the "
+            "detection.csv that attnscan detect train writes"
+        )
+    frame = table.sort_values("layer")
+    layer = frame["layer"].to_numpy(dtype=np.int64)
+    if layer.min() < 0 or layer.max() >= depth:
+        raise AttnscanError(f"detection table '{key}' has layers outside 0..{depth - 1} for a {depth}-layer model")
+    x = layer / (depth - 1) if depth > 1 else np.zeros(len(layer))
+    if "cp_auroc" in frame.columns:
+        cp = frame["cp_auroc"].to_numpy(dtype=np.float64)
+        if {"cp_auroc_low", "cp_auroc_high"} <= set(frame.columns):
+            lo = frame["cp_auroc_low"].to_numpy(dtype=np.float64)
+            hi = frame["cp_auroc_high"].to_numpy(dtype=np.float64)
+            ax.fill_between(x, lo, hi, color=color, alpha=0.14, linewidth=0, zorder=2)
+        ax.plot(x, cp, color=color, linewidth=1.6, zorder=3)
+        flagged = frame["flagged"].astype(bool).to_numpy() if "flagged" in frame.columns else np.zeros(len(x), bool)
+        ax.scatter(x[~flagged], cp[~flagged], marker=marker, s=26, facecolors="white", edgecolors=color, zorder=4)
+        ax.scatter(x[flagged], cp[flagged], marker=marker, s=30, color=color, zorder=4, label=f"_flagged:{key}")
+    if "probe_auroc" in frame.columns:
+        ax.plot(x, frame["probe_auroc"].to_numpy(dtype=np.float64), color=color, linestyle="--", linewidth=1.2)
+    level = threshold if threshold is not None else table.attrs.get("threshold")
+    if level is not None:
+        ax.axhline(float(level), color="#888888", linewidth=0.8, zorder=1)
 
 
 _PICK_COLUMNS = ("layer", "effect", "q_signed", "q_abs", "verdict")
