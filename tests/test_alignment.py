@@ -40,8 +40,9 @@ def _stretched(own: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return grid, reached
 
 
-def test_relative_alignment_stretches_each_prompt_over_the_grid() -> None:
-    seqs = random_prompts((4, 3), seed=11)
+@pytest.mark.parametrize("lengths", [(4, 3), (4, 11)])  # 11 > T: columns then gather several keys
+def test_relative_alignment_stretches_each_prompt_over_the_grid(lengths: tuple[int, int]) -> None:
+    seqs = random_prompts(lengths, seed=11)
     mean, count = _run(seqs, "relative")
     model = build_model("llama")
     expected = torch.zeros(T, T, dtype=torch.float64)
@@ -54,9 +55,10 @@ def test_relative_alignment_stretches_each_prompt_over_the_grid() -> None:
         expected += grid
         expected_count += reached
     assert torch.equal(count, expected_count)
-    # The 4-token prompt covers each token twice; the 3-token one shows queries 0,0,0,1,1,1,2,2 and spreads each
-    # key over 8/3 columns, so its row 0 reaches columns 0-2 (the last one partly).
-    assert count[1, 1] == 2 and count[0, 1] == 2 and count[0, 2] == 1 and count[0, 3] == 0
+    if lengths == (4, 3):
+        # The 4-token prompt covers each token twice; the 3-token one shows queries 0,0,0,1,1,1,2,2 and spreads
+        # each key over 8/3 columns, so its row 0 reaches columns 0-2 (the last one partly).
+        assert count[1, 1] == 2 and count[0, 1] == 2 and count[0, 2] == 1 and count[0, 3] == 0
     assert torch.all(count[torch.tril(torch.ones(T, T)) > 0] > 0)
     want = torch.where(expected_count > 0, expected / expected_count.clamp_min(1), torch.nan)
     assert (mean - want).nan_to_num(0.0).abs().max() < 1e-5

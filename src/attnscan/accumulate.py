@@ -154,6 +154,20 @@ def _key_spread(n: int, length: int, padded: int, device: torch.device) -> torch
     return overlap.to(torch.float32) / length
 
 
+def _key_pairs(
+    n: int, length: int, padded: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same shares as :func:`_key_spread` when ``n <= length``: column ``c`` then meets at most two key tokens,
+    ``k0 = floor(c n / T)`` and ``k0 + 1``; returns ``(k0, share of k0, k1, share of k1)``, each ``[padded]``."""
+    spread = _key_spread(n, length, padded, device)  # [padded, n], at most two non-zeros per row
+    c = torch.arange(padded, device=device)
+    k0 = ((c * n) // length).clamp_max(n - 1)
+    k1 = (k0 + 1).clamp_max(n - 1)
+    w0 = spread[c, k0]
+    w1 = torch.where(k1 > k0, spread[c, k1], torch.zeros_like(w0))
+    return k0, w0, k1, w1
+
+
 class GridCollector:
     """Receives head-by-head attention weights of one batch, layer by layer, and reduces them at once.
 
@@ -200,6 +214,7 @@ class GridCollector:
         self._batch: tuple[torch.Tensor, list[int], list[int]] | None = None
         self._source: torch.Tensor | None = None
         self._spread: list[torch.Tensor] = []
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
 
     def begin(self, prompt_ids: list[int], starts: list[int], lengths: list[int]) -> None:
         """Start a batch: row ``b`` holds prompt ``prompt_ids[b]`` at positions ``starts[b] : starts[b]+lengths[b]``."""
@@ -223,6 +238,7 @@ class GridCollector:
             self._valid = (starts_of_columns < (src[:, :, None] + 1) * t) & inside[:, :, None] & inside[:, None, :]
             self._source = src.clamp_max(torch.tensor(lengths, device=self.device)[:, None] - 1)
             self._spread = [_key_spread(n, t, self.padded, self.device) for n in lengths]
+            self._pairs = [_key_pairs(n, t, self.padded, self.device) if n <= t else None for n in lengths]
         bs, nb = self.bs, self.n_blocks
         self._block_count = self._valid.view(-1, nb, bs, nb, bs).sum((2, 4)).to(torch.float32)
         self._batch = (idx, list(starts), list(lengths))
@@ -245,7 +261,13 @@ class GridCollector:
             if self._source is None:
                 aligned[b, :n, :n] = own
             else:
-                aligned[b] = own[self._source[b]] @ self._spread[b].T
+                rows = own[self._source[b]]  # [P, n]: the query token each grid row shows
+                pairs = self._pairs[b]
+                if pairs is None:  # more tokens than columns: a column gathers several keys
+                    aligned[b] = rows @ self._spread[b].T
+                else:  # at most two keys meet in a column: gather them instead of a dense product
+                    k0, w0, k1, w1 = pairs
+                    aligned[b] = rows[:, k0] * w0 + rows[:, k1] * w1
         del head_mean
         aligned.mul_(self._valid)
         t = self.length

@@ -229,6 +229,9 @@ def run_cmd(
     system_prompt: SystemOpt = None,
     align: AlignOpt = "relative",
     permutations: Annotated[int, typer.Option(help="Permutations per layer test.")] = 1000,
+    detect: Annotated[
+        bool, typer.Option(help="Also train per-layer jailbreak detectors on hidden states and plot their AUROC.")
+    ] = True,
     seed: SeedOpt = 0,
     allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
@@ -259,6 +262,7 @@ def run_cmd(
                 limit=limit,
                 seed=seed,
                 n_permutations=permutations,
+                detect=detect,
                 progress=progress,
                 on_model=lambda label: console.log(f"scanning {label}"),
                 layers=layers,
@@ -318,7 +322,7 @@ def figure_cmd(
     seed: SeedOpt = 0,
 ) -> None:
     """Draw the Benign / Jailbreak / Difference figure (and the layer profile) from saved results."""
-    from .run import draw, load_bundles, parse_rows, stored_table
+    from .run import draw, load_bundles, parse_rows, stored_detection, stored_table
 
     with user_errors():
         results = load_bundles(dirs)
@@ -333,6 +337,7 @@ def figure_cmd(
             dpi=dpi,
             log_range=(log_min, log_max),
             diff_range=(-diff_max, diff_max),
+            detection={k: t for k, r in results.items() if (t := stored_detection(r)) is not None},
         )
     typer.echo(f"wrote {out}: rows " + ", ".join(f"{m} layer {layer}" for m, layer in shown))
 

@@ -536,6 +536,27 @@ def _tokens_of(label: str, result: ScanResult, tokens: Mapping[str, Sequence[str
     return None
 
 
+def _detection_digest(table: pd.DataFrame | None) -> list[dict[str, Any]] | None:
+    """Per-layer detection AUROC (CP with its interval, probe, flagged) from a detection table, or None."""
+    if table is None:
+        return None
+    if "layer" not in table.columns or "cp_auroc" not in table.columns:
+        raise AttnscanError("a detection table needs columns 'layer' and 'cp_auroc': give detection.csv of a detector")
+    rows = []
+    for _, r in table.sort_values("layer").iterrows():
+        rows.append(
+            {
+                "layer": int(r["layer"]),
+                "cp": _finite(r["cp_auroc"]),
+                "lo": _finite(r.get("cp_auroc_low")),
+                "hi": _finite(r.get("cp_auroc_high")),
+                "probe": _finite(r.get("probe_auroc")),
+                "flagged": bool(r.get("flagged", False)),
+            }
+        )
+    return rows
+
+
 def build_digest(
     results: Mapping[str, ScanResult],
     tables: Mapping[str, pd.DataFrame],
@@ -548,13 +569,19 @@ def build_digest(
     map_budget: int = MAP_BUDGET,
     examples: int = EXAMPLES,
     generated: str | None = None,
+    detection: Mapping[str, pd.DataFrame] | None = None,
 ) -> dict[str, Any]:
     """Everything the report shows, as plain JSON-able data (see :func:`build_report` for the arguments)."""
     from . import __version__
 
     if not results:
         raise AttnscanError("no results to report: pass at least one scan result")
-    for what, mapping in (("tables", tables), ("prompts", prompts or {}), ("tokens", tokens or {})):
+    for what, mapping in (
+        ("tables", tables),
+        ("prompts", prompts or {}),
+        ("tokens", tokens or {}),
+        ("detection", detection or {}),
+    ):
         unknown = [k for k in mapping if k not in results]
         if unknown:
             raise AttnscanError(
@@ -581,6 +608,7 @@ def build_digest(
                 "table": _table_digest(table),
                 "layers": layers,
                 "captions": [_caption(i) for i in layers],
+                "detection": _detection_digest(detection.get(label) if detection else None),
                 "maps": _maps_digest(result, factor, display_size),
                 "tokens": _tokens_of(label, result, tokens),
             }
@@ -763,6 +791,71 @@ def _render_profile(digest: Mapping[str, Any]) -> str:
     )
 
 
+def _render_detection(digest: Mapping[str, Any]) -> str:
+    """Cross-validated detection AUROC per layer (CP line with interval bars, probe dashed), when given."""
+    models = [(k, m) for k, m in enumerate(digest["models"]) if m.get("detection")]
+    if not models:
+        return ""
+    w, h, left, right, top, bottom = 960.0, 240.0, 70.0, 20.0, 14.0, 46.0
+    pw, ph = w - left - right, h - top - bottom
+    layers = [r["layer"] for _, m in models for r in m["detection"]]
+    xmin, xmax = int(min(layers)), int(max(layers))
+
+    def x(layer: float) -> float:
+        return left + (layer - xmin + 0.5) / (xmax - xmin + 1) * pw
+
+    def y(v: float) -> float:
+        return top + (1.0 - v) * ph
+
+    parts = [f"<rect class='frame' x='{left}' y='{top}' width='{pw}' height='{ph}'/>"]
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        cls = "zero" if tick == 0.5 else "grid"
+        parts.append(f"<line class='{cls}' x1='{left}' x2='{left + pw}' y1='{y(tick):.2f}' y2='{y(tick):.2f}'/>")
+        parts.append(f"<text class='tick' x='{left - 6}' y='{y(tick) + 4:.2f}' text-anchor='end'>{tick:g}</text>")
+    xstep = max(1, int(_nice_step(xmax - xmin + 1, 16)))
+    for layer in range(xmin, xmax + 1, xstep):
+        parts.append(f"<text class='tick' x='{x(layer):.2f}' y='{top + ph + 16}' text-anchor='middle'>{layer}</text>")
+    parts.append(f"<text class='axis' x='{left + pw / 2}' y='{h - 8}' text-anchor='middle'>Layer</text>")
+    parts.append(
+        f"<text class='axis' transform='translate(16 {top + ph / 2}) rotate(-90)' text-anchor='middle'>"
+        "Detection AUROC</text>"
+    )
+    for index, model in models:
+        color = _esc(model["color"])
+        rows = [r for r in model["detection"] if r["cp"] is not None]
+        if len(rows) > 1:
+            path = " ".join(f"{x(r['layer']):.2f},{y(r['cp']):.2f}" for r in rows)
+            parts.append(f"<polyline class='line' stroke='{color}' points='{path}'/>")
+        probe = [r for r in model["detection"] if r["probe"] is not None]
+        if len(probe) > 1:
+            path = " ".join(f"{x(r['layer']):.2f},{y(r['probe']):.2f}" for r in probe)
+            parts.append(f"<polyline class='line' stroke='{color}' stroke-dasharray='5 4' points='{path}'/>")
+        for r in rows:
+            xx = x(r["layer"])
+            if r["lo"] is not None and r["hi"] is not None:
+                parts.append(
+                    f"<line class='ci' stroke='{color}' x1='{xx:.2f}' x2='{xx:.2f}' y1='{y(r['lo']):.2f}' "
+                    f"y2='{y(r['hi']):.2f}'/>"
+                )
+            fill = color if r["flagged"] else "#ffffff"
+            probe_text = f", probe {r['probe']:.3f}" if r["probe"] is not None else ""
+            tip = f"{model['label']} · layer {r['layer']}: CP AUROC {r['cp']:.3f}{probe_text}" + (
+                " · flagged" if r["flagged"] else ""
+            )
+            parts.append(
+                f"<circle class='det' cx='{xx:.2f}' cy='{y(r['cp']):.2f}' r='4' stroke='{color}' fill='{fill}' "
+                f"data-model='{index}' data-layer='{r['layer']}'><title>{_esc(tip)}</title></circle>"
+            )
+    return (
+        "<h3>Jailbreak detection per layer</h3>"
+        f"<svg id='detection-svg' viewBox='0 0 {w:g} {h:g}' role='img' aria-label='Detection AUROC per layer'>"
+        f"{''.join(parts)}</svg>"
+        "<p class='muted'>Cross-validated AUROC of the CP detector per layer (solid, bars: 95 % bootstrap interval; "
+        "filled: flagged layers) and of the hidden-state probe (dashed); 0.5 is chance. A detector can separate the "
+        "sets by their wrappers alone: check it on a control set (same wrappers, benign requests).</p>"
+    )
+
+
 def _render_heatmaps(digest: Mapping[str, Any]) -> str:
     options = "".join(f"<option value='{k}'>{_esc(m['label'])}</option>" for k, m in enumerate(digest["models"]))
     first = digest["models"][0]["maps"]["full"]
@@ -891,7 +984,7 @@ def render_html(digest: Mapping[str, Any]) -> str:
         "<a href='#heatmaps'>Heatmaps</a><a href='#verdicts'>Verdict table</a><a href='#prompts'>Prompts</a>"
         "<a href='#provenance'>Provenance</a></nav></header><main>"
         f"{_render_observations(digest)}"
-        f"<section id='profile'><h2>Layer profile</h2>{_render_profile(digest)}</section>"
+        f"<section id='profile'><h2>Layer profile</h2>{_render_profile(digest)}{_render_detection(digest)}</section>"
         f"<section id='heatmaps'><h2>Attention heatmaps</h2>{_render_heatmaps(digest)}</section>"
         f"<section id='verdicts'><h2>Verdict table</h2>{tables}</section>"
         f"<section id='prompts'><h2>Prompt browser</h2>{_render_prompts(digest)}</section>"
@@ -914,6 +1007,7 @@ def build_report(
     map_budget: int = MAP_BUDGET,
     examples: int = EXAMPLES,
     generated: str | None = None,
+    detection: Mapping[str, pd.DataFrame] | None = None,
 ) -> str:
     """One self-contained HTML document reporting one or more scans.
 
@@ -932,6 +1026,8 @@ def build_report(
         map_budget: upper bound on the heatmaps' base64 bytes; the block size grows until they fit.
         examples: prompts shown per set.
         generated: timestamp shown in the header (default: now, UTC).
+        detection: model label -> detection table (``detection.csv`` of ``attnscan detect train``); its
+            cross-validated AUROC per layer is drawn beside the layer profile.
 
     Every prompt, token and manifest string is escaped; data reach the page as JSON that cannot close its script
     element, and the page's script inserts text only through ``textContent``.
@@ -947,6 +1043,7 @@ def build_report(
         map_budget=map_budget,
         examples=examples,
         generated=generated,
+        detection=detection,
     )
     return render_html(digest)
 
@@ -1076,6 +1173,11 @@ td.hash{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11.5px;text-
 #profile-svg .ci{stroke-width:1.4;opacity:.55}
 #profile-svg .pt{stroke-width:1.2;cursor:pointer}
 #profile-svg .pt:hover,#profile-svg .pt:focus{stroke-width:3;outline:none}
+#detection-svg{width:100%;max-width:960px;height:auto;display:block}
+#detection-svg .frame{fill:none;stroke:#bbb}#detection-svg .grid{stroke:#ececec}
+#detection-svg .zero{stroke:#777;stroke-dasharray:2 3}#detection-svg .tick{font-size:11px;fill:#444}
+#detection-svg .axis{font-size:12.5px;fill:#222}#detection-svg .line{fill:none;stroke-width:1.6}
+#detection-svg .ci{stroke-width:1.4;opacity:.55}#detection-svg .det{stroke-width:1.2}
 .controls{display:flex;flex-wrap:wrap;align-items:center;gap:10px;margin:6px 0 10px}
 .controls select,.controls button{font:inherit;padding:2px 6px}
 .caption{font-weight:600;margin:0 0 6px}

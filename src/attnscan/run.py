@@ -14,6 +14,8 @@ Output directory (default ``attnscan-out/``), written atomically as a whole:
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,13 +26,15 @@ from . import __version__
 from .accumulate import Align
 from .errors import AttnscanError
 from .io import atomic_dir, write_json
-from .models import LoadedModel
+from .models import LoadedModel, load_model
 from .prompts import PromptSet
 from .result import ScanResult
 from .scan import ProgressFn, scan
 
 DEFAULT_LIMIT = 40
 RUN_KIND = "attnscan-run"
+#: Where a run keeps a model's detectors, inside its bundle.
+DETECTOR_DIR = "detector"
 
 
 @dataclass
@@ -97,8 +101,10 @@ def draw(
     dpi: int = 200,
     log_range: tuple[float, float] = (-10.0, 0.0),
     diff_range: tuple[float, float] = (-4.0, 4.0),
+    detection: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, int]]:
-    """Draw the grid figure and the layer profile; return the (model, layer) rows shown."""
+    """Draw the grid figure and the layer profile (with detection AUROC below it when given); return the
+    (model, layer) rows shown."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -127,6 +133,7 @@ def draw(
             n_layers={k: v for k, v in n_layers.items() if v},
             ylabel="Signed shift, jailbreak − benign (nats)",
             dpi=dpi,
+            detection=detection or None,
         )
         save_figure(fig, profile_path, dpi=dpi)
         plt.close(fig)
@@ -165,6 +172,7 @@ def run(
     n_permutations: int = 1000,
     dpi: int = 200,
     align: Align = "relative",
+    detect: bool = False,
     progress: ProgressFn | None = None,
     on_model: Callable[[str], None] | None = None,
     **scan_options: Any,
@@ -179,10 +187,16 @@ def run(
     only the first few dozen positions; relative alignment compares whole prompts over the whole grid, as the
     reference figure does, and keeps every stretched row a probability distribution so that length alone does not
     shift the maps (see :mod:`attnscan.accumulate`).
+
+    With ``detect`` each model also gets per-layer jailbreak detectors trained on its hidden states (benign vs
+    jailbreak, :func:`attnscan.detect_job.train_detector` with the scan's layers, length and chat template), saved
+    as ``<model>/detector/``; their cross-validated AUROC is drawn under the layer profile and shown in the report.
+    With a control set, the best layer's detector also scores the control prompts (benign requests inside the same
+    jailbreak wrappers): the share it flags tells whether it reacts to the wrapper or to the request.
     """
     from .io import check_output_dir
     from .prompts import load_prompts
-    from .stats import effects_table, layer_table, observations
+    from .stats import layer_table
 
     if not models:
         raise AttnscanError("no model given: pass --model at least once")
@@ -196,22 +210,132 @@ def run(
     if control is not None:
         sets["control"] = load_prompts(control, "control", limit=limit, seed=seed)
     results: dict[str, ScanResult] = {}
-    for model in models:
-        spec = model.spec if isinstance(model, LoadedModel) else str(model)
-        label = _label(spec, set(results))
-        if on_model is not None:
-            on_model(label)
-        results[label] = scan(
-            model,
-            sets["benign"],
-            sets["jailbreak"],
-            sets.get("control"),
+    detection: dict[str, Any] = {}
+    detection_notes: list[str] = []
+    staging = Path(tempfile.mkdtemp(prefix="attnscan-detect-")) if detect else None
+    try:
+        for model in models:
+            spec = model.spec if isinstance(model, LoadedModel) else str(model)
+            label = _label(spec, set(results))
+            if on_model is not None:
+                on_model(label)
+            target: str | LoadedModel = model
+            if detect and not isinstance(model, LoadedModel):  # load once for the scan and the detectors
+                target = load_model(spec, **{k: v for k, v in scan_options.items() if k in _LOAD_OPTIONS})
+            results[label] = scan(
+                target,
+                sets["benign"],
+                sets["jailbreak"],
+                sets.get("control"),
+                seed=seed,
+                align=align,
+                progress=progress,
+                **scan_options,
+            )
+            if staging is not None and isinstance(target, LoadedModel):
+                table, note = _detect(target, sets, staging / label, seed, progress, scan_options)
+                detection[label] = table
+                detection_notes.append(note if len(models) == 1 else f"{label}: {note}")
+        tables = {k: layer_table(r, seed=seed, n_permutations=n_permutations) for k, r in results.items()}
+        return _write_run(
+            out,
+            overwrite,
+            results,
+            tables,
+            detection,
+            detection_notes,
+            staging,
+            sets=sets,
+            rows=rows,
             seed=seed,
-            align=align,
-            progress=progress,
-            **scan_options,
+            n_permutations=n_permutations,
+            dpi=dpi,
+            started=started,
+            options={
+                "limit": limit,
+                "seed": seed,
+                "rows": rows,
+                "n_permutations": n_permutations,
+                "align": align,
+                "detect": detect,
+                **{k: v for k, v in scan_options.items() if isinstance(v, (str, int, float, bool, type(None)))},
+            },
         )
-    tables = {k: layer_table(r, seed=seed, n_permutations=n_permutations) for k, r in results.items()}
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+_LOAD_OPTIONS = ("dtype", "device", "revision", "trust_remote_code", "allow_pickle", "device_map", "max_memory")
+
+
+def _detect(
+    loaded: LoadedModel,
+    sets: Mapping[str, PromptSet],
+    where: Path,
+    seed: int,
+    progress: ProgressFn | None,
+    scan_options: Mapping[str, Any],
+) -> tuple[Any, str]:
+    """Train the detectors of one model into ``where``; return their table and one sentence on them."""
+    from .detect_job import score_prompts, train_detector
+
+    passed = {k: scan_options[k] for k in ("layers", "length", "chat_template", "system_prompt") if k in scan_options}
+    trained = train_detector(
+        loaded,
+        sets["benign"],
+        sets["jailbreak"],
+        out=where,
+        seed=seed,
+        batch_size=scan_options.get("batch_size") or 8,
+        progress=progress,
+        **passed,
+    )
+    table = trained.table
+    best = trained.best_layer
+    row = table.loc[table["layer"] == best].iloc[0]
+    note = (
+        f"Detection from hidden states: the CP detector separates jailbreak from benign prompts best at layer {best} "
+        f"(cross-validated AUROC {row['cp_auroc']:.3f}, 95% CI {row['cp_auroc_low']:.3f} to "
+        f"{row['cp_auroc_high']:.3f}; the pooled-state probe {row['probe_auroc']:.3f}); "
+        f"{len(trained.flagged_layers)} of {len(table)} layers reach the flagging threshold."
+    )
+    if "control" in sets:
+        scores = score_prompts(trained, sets["control"], model=loaded, layer=best)
+        flagged, n = int(scores["flagged"].sum()), len(scores)
+        if flagged >= n / 2:
+            note += (
+                f" It also flags {flagged} of {n} control prompts (benign requests inside the same jailbreak "
+                "wrappers), so it responds to the wrapper, not only to a harmful request."
+            )
+        else:
+            note += (
+                f" It flags {flagged} of {n} control prompts (benign requests inside the same jailbreak wrappers), "
+                "so it is not simply reacting to the wrapper."
+            )
+    return table, note
+
+
+def _write_run(
+    out: Path,
+    overwrite: bool,
+    results: dict[str, ScanResult],
+    tables: dict[str, Any],
+    detection: Mapping[str, Any],
+    detection_notes: Sequence[str],
+    staging: Path | None,
+    *,
+    sets: Mapping[str, PromptSet],
+    rows: str,
+    seed: int,
+    n_permutations: int,
+    dpi: int,
+    started: str,
+    options: Mapping[str, Any],
+) -> RunOutput:
+    """Statistics, figures, report and tables of a run, written to ``out`` atomically."""
+    from .stats import effects_table, observations
+
     effects = {
         k: e
         for k, r in results.items()
@@ -220,18 +344,20 @@ def run(
     notes: list[str] = []
     for label, table in tables.items():
         notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
-    notes[-1:] = compare_models(tables, results) + notes[-1:]
+    notes[-1:] = compare_models(tables, results) + list(detection_notes) + notes[-1:]
     chosen = parse_rows(rows, list(results))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for label, result in results.items():
             result.save(tmp / label, table=tables[label])
             if label in effects:
                 effects[label].to_csv(tmp / label / "effects.csv", index=False, float_format="%.6g")
+            if staging is not None and (staging / label).is_dir():
+                shutil.move(str(staging / label), str(tmp / label / DETECTOR_DIR))
         import pandas as pd
 
         summary = pd.concat([t.assign(model=k) for k, t in tables.items()], ignore_index=True)
         summary.to_csv(tmp / "summary.csv", index=False, float_format="%.6g")
-        shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=dpi)
+        shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=dpi, detection=detection)
         from .report import build_report, write_report
 
         write_report(
@@ -241,6 +367,7 @@ def run(
                 tables,
                 notes,
                 prompts={label: {k: list(v.texts) for k, v in sets.items()} for label in results},
+                detection=detection,
             ),
         )
         (tmp / "observations.md").write_text(
@@ -255,14 +382,7 @@ def run(
                     k: {"spec": r.manifest.get("model", {}).get("spec"), "bundle": k} for k, r in results.items()
                 },
                 "prompt_sets": {k: v.provenance() for k, v in sets.items()},
-                "options": {
-                    "limit": limit,
-                    "seed": seed,
-                    "rows": rows,
-                    "n_permutations": n_permutations,
-                    "align": align,
-                    **{k: v for k, v in scan_options.items() if isinstance(v, (str, int, float, bool, type(None)))},
-                },
+                "options": dict(options),
                 "figure": "figure.png",
                 "profile": "layers.png",
                 "report": "report.html",
@@ -312,6 +432,16 @@ def stored_table(result: ScanResult, seed: int = 0) -> Any:
     return result.layer_table(seed=seed)
 
 
+def stored_detection(result: ScanResult) -> Any | None:
+    """The detection table kept beside a bundle by ``attnscan run --detect`` (``detector/detection.csv``), if any."""
+    import pandas as pd
+
+    if result.path is None:
+        return None
+    path = result.path / DETECTOR_DIR / "detection.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
 def report(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -336,11 +466,13 @@ def report(
         notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
     notes[-1:] = compare_models(tables, results) + notes[-1:]
     prompts = {label: texts for label, result in results.items() if (texts := prompts_from_manifest(result))}
+    detection = {label: t for label, result in results.items() if (t := stored_detection(result)) is not None}
     html_text = build_report(
         results,
         tables,
         notes,
         prompts=prompts,
+        detection=detection,
         title=title or DEFAULT_TITLE,
         examples=EXAMPLES if examples is None else examples,
     )
