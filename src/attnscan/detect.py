@@ -70,10 +70,8 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -512,43 +510,6 @@ def fit_detectors(
 # --------------------------------------------------------------------------------------------------- save / load
 
 
-@contextlib.contextmanager
-def _atomic_detector_dir(final: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``final`` that replaces it in one rename on success (removed on failure).
-
-    Refuses an existing ``final`` unless it is a detector directory and ``overwrite`` is set, and never replaces a
-    non-empty directory that holds no detector.
-    """
-    if final.exists():
-        if not final.is_dir():
-            raise AttnscanError(f"{final} exists and is not a directory: choose another path")
-        if (final / META_FILE).is_file():
-            if not overwrite:
-                raise AttnscanError(f"{final} already holds a detector: pass overwrite=True or choose another path")
-        elif any(final.iterdir()):
-            raise AttnscanError(f"{final} is not empty and holds no attnscan detector: choose a new or empty path")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        old: Path | None = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rmdir(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_detector(
     path_dir: str | os.PathLike[str],
     detectors: Mapping[int, Detector],
@@ -591,7 +552,9 @@ def save_detector(
         raise AttnscanError(
             f"detector metadata is not JSON-serialisable ({exc}): pass plain str/int/float/list/dict"
         ) from None
-    with _atomic_detector_dir(final, overwrite) as tmp:
+    from .io import atomic_dir
+
+    with atomic_dir(final, overwrite, marker=META_FILE, what="a detector") as tmp:
         save_file(tensors, str(tmp / STATE_FILE), metadata={"format": FORMAT})
         (tmp / META_FILE).write_text(text + "\n", encoding="utf-8")
     return final

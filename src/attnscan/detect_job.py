@@ -39,14 +39,11 @@ internals and its scores mean nothing on another's.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,6 +72,7 @@ from .detect import (
 )
 from .errors import AttnscanError
 from .features import DEFAULT_LAST_K, extract_features
+from .io import atomic_dir, atomic_file, check_output_dir
 from .models import LoadedModel, load_model
 from .prompts import PromptSet, Truncate, encode, load_prompts
 
@@ -430,52 +428,7 @@ def check_detector_dir(final: str | os.PathLike[str], overwrite: bool = False) -
 
     A missing or empty directory is fine; an existing detector only with ``overwrite``; anything else never.
     """
-    final = Path(final)
-    if not final.exists():
-        return
-    if not final.is_dir():
-        raise AttnscanError(f"{final} exists and is not a directory: choose another --out")
-    if (final / META_FILE).is_file():
-        if not overwrite:
-            raise AttnscanError(f"{final} already holds a detector: pass --overwrite (overwrite=True) or another --out")
-        return
-    if any(final.iterdir()):
-        raise AttnscanError(f"{final} is not empty and holds no attnscan detector: choose a new or empty --out")
-
-
-@contextlib.contextmanager
-def _atomic_detector_dir(final: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``final`` (subdirectories allowed) that replaces it in one rename on success.
-
-    On any exception the temporary directory and the parent directories this call created are removed.
-    """
-    from .io import _publish_permissions
-
-    check_detector_dir(final, overwrite)
-    created: list[Path] = []
-    parent = final.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        _publish_permissions(tmp)
-        old: Path | None = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rmdir(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for path in created:  # innermost first
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        raise
+    check_output_dir(Path(final), overwrite, marker=META_FILE, what="a detector")
 
 
 def check_output_file(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -492,18 +445,8 @@ def write_table(frame: pd.DataFrame, path: str | os.PathLike[str], *, overwrite:
     """Write ``frame`` as CSV (UTF-8, no index) atomically: a temporary file beside ``path``, then one rename."""
     final = check_output_file(path, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            frame.to_csv(fh, index=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_file(final) as tmp:
+        frame.to_csv(tmp, index=False, encoding="utf-8")
     return final
 
 
@@ -818,7 +761,7 @@ def train_detector(
         "finished": _now(),
         "seconds": {"features": round(t_features, 3), "fitting": round(t_fit, 3)},
     }
-    with _atomic_detector_dir(final, overwrite) as tmp:
+    with atomic_dir(final, overwrite, marker=META_FILE, what="a detector") as tmp:
         staged = save_detector(tmp / ".cp", cps, {**meta, "detector": "cp"})
         for name in (STATE_FILE, META_FILE):
             os.replace(staged / name, tmp / name)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from torch import nn
 
 from .capture import base_model, decoder_layers
 from .errors import AttnscanError
+from .io import atomic_dir
 from .models import LoadedModel
 from .prompts import PromptSet, Truncate, encode
 from .runner import _accepts_position_ids, batch_order, make_batch, pad_token_id
@@ -128,7 +127,7 @@ class Features:
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write ``features.json`` + ``L{layer}.safetensors`` to ``path`` atomically; see the module docstring."""
         final = Path(path)
-        with _atomic_features_dir(final, overwrite) as tmp:
+        with atomic_dir(final, overwrite, marker=META_FILE, what="features") as tmp:
             for layer in self.layers:
                 tokens, pooled = _create_layer_file(tmp, layer, self.n_prompts, self.last_k, self.hidden_size)
                 tokens[:] = self.tensors[layer]
@@ -255,39 +254,6 @@ def _write_meta(directory: Path, feats: Features) -> None:
     except (TypeError, ValueError) as exc:
         raise AttnscanError(f"features info is not JSON-serialisable ({exc})") from None
     (directory / META_FILE).write_text(text + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _atomic_features_dir(final: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``final`` that replaces it in one rename on success (removed on failure)."""
-    if final.exists():
-        if not final.is_dir():
-            raise AttnscanError(f"{final} exists and is not a directory: choose another path")
-        if (final / META_FILE).is_file():
-            if not overwrite:
-                raise AttnscanError(f"{final} already holds features: pass overwrite=True or choose another path")
-        elif any(final.iterdir()):
-            raise AttnscanError(f"{final} is not empty and holds no attnscan features: choose a new or empty path")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        old: Path | None = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rmdir(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------- extraction
@@ -429,7 +395,7 @@ def extract_features(
     with contextlib.ExitStack() as stack_ctx:
         tmp: Path | None = None
         if store is not None:
-            tmp = stack_ctx.enter_context(_atomic_features_dir(Path(store), overwrite))
+            tmp = stack_ctx.enter_context(atomic_dir(Path(store), overwrite, marker=META_FILE, what="features"))
             files = {layer: _create_layer_file(tmp, layer, n, last_k, hidden_size) for layer in chosen}
             tensors: dict[int, Any] = {layer: f[0] for layer, f in files.items()}
             pooled: dict[int, Any] = {layer: f[1] for layer, f in files.items()}

@@ -16,30 +16,39 @@ from .errors import AttnscanError
 BUNDLE_MARKER = "manifest.json"
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output directory that cannot take a new bundle, before any work is done."""
+def check_output_dir(
+    out: Path, overwrite: bool, *, marker: str = BUNDLE_MARKER, what: str = "a results bundle"
+) -> None:
+    """Refuse an output directory that cannot take new results, before any work is done.
+
+    A missing or empty directory is fine; one holding ``what`` (recognised by its ``marker`` file) only with
+    ``overwrite``; anything else never (attnscan does not delete what it did not write).
+    """
     out = Path(out)
     if not out.exists():
         return
     if not out.is_dir():
         raise AttnscanError(f"output path {out} exists and is not a directory: choose another --out")
-    if (out / BUNDLE_MARKER).is_file():
+    if (out / marker).is_file():
         if not overwrite:
-            raise AttnscanError(f"{out} already holds a results bundle: pass --overwrite or choose another --out")
+            raise AttnscanError(f"{out} already holds {what}: pass --overwrite or choose another --out")
         return
     if any(out.iterdir()):
-        raise AttnscanError(f"{out} is not empty and holds no attnscan bundle: choose a new or empty --out")
+        noun = what.removeprefix("a ").removeprefix("an ")
+        raise AttnscanError(f"{out} is not empty and holds no attnscan {noun}: choose a new or empty --out")
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    final: Path, overwrite: bool = False, *, marker: str = BUNDLE_MARKER, what: str = "a results bundle"
+) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``final``; on success it replaces ``final`` in one rename.
 
-    On any exception the temporary directory (and any parent directories this call created) is removed and
-    ``final`` is left as it was.
+    ``final`` is checked first (:func:`check_output_dir` with ``marker`` and ``what``). On any exception the
+    temporary directory (and any parent directories this call created) is removed and ``final`` is left as it was.
     """
     final = Path(final)
-    check_output_dir(final, overwrite)
+    check_output_dir(final, overwrite, marker=marker, what=what)
     created: list[Path] = []
     parent = final.parent
     while not parent.exists():
@@ -49,7 +58,7 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        _publish_permissions(tmp)
+        publish_permissions(tmp)
         old: Path | None = None
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
@@ -66,13 +75,36 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def _publish_permissions(directory: Path) -> None:
-    """mkdtemp makes private directories; give the bundle the permissions of a normally created one."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary file name beside ``path``; on success the file replaces ``path`` in one rename, with the
+    permissions of a normally created file. On any exception the temporary file is removed."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_permissions(directory: Path) -> None:
+    """mkdtemp makes private directories; give a result the permissions of a normally created one."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
     for path in directory.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -16,11 +16,8 @@ figure registry or interactive backend is involved and the module is safe on hea
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,19 +322,10 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 200) -> Path:
         raise AttnscanError(f"cannot save {path}: directory {path.parent} does not exist; create it first")
     if dpi <= 0:
         raise AttnscanError(f"dpi must be positive, got {dpi}")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=dpi)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are private; give the figure normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    from .io import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
     return path
 
 

@@ -30,13 +30,10 @@ For T = 448 with 30 layers and the default ``display_size=224`` the maps take ab
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import html
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -1055,21 +1052,10 @@ def write_report(path: str | Path, html_text: str) -> Path:
         raise AttnscanError(f"cannot write {path}: directory {path.parent} does not exist; create it first")
     if path.is_dir():
         raise AttnscanError(f"cannot write the report to {path}: it is a directory; give a file name like report.html")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".html", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(html_text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are private; give the report normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    from .io import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(html_text, encoding="utf-8", newline="\n")
     return path
 
 
