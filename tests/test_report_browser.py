@@ -183,7 +183,7 @@ def test_report_of_a_real_scan_opens_cleanly(browser: Any, tiny_model_dir: Path,
     without errors, all three heatmaps draw, every captured layer is selectable, and a prompt from the scanned
     file carrying a script shows as text."""
     from attnscan import scan
-    from attnscan.run import report
+    from attnscan.run import make_report
 
     benign = tmp_path / "b.txt"
     benign.write_text("\n".join(f"tell me a story about bread number {i}" for i in range(10)) + "\n")
@@ -199,7 +199,7 @@ def test_report_of_a_real_scan_opens_cleanly(browser: Any, tiny_model_dir: Path,
     )
     result = scan(str(tiny_model_dir), str(benign), str(jail), length=24, device="cpu")
     result.save(tmp_path / "bundle")
-    path = report([tmp_path / "bundle"], tmp_path / "report.html")
+    path = make_report([tmp_path / "bundle"], tmp_path / "report.html")
     context = browser.new_context(viewport={"width": 1300, "height": 1000})
     pg = context.new_page()
     errors: list[str] = []

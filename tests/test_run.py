@@ -157,8 +157,15 @@ def test_run_checks_the_detector_on_the_control_set(two_models: tuple[Path, Path
     assert match is not None, notes
     manifest = json.loads((tmp_path / "with" / "manifest.json").read_text())
     assert manifest["options"]["detect"] is True and manifest["options"]["align"] == "relative"
-    res = runner.invoke(app, [*args, "--no-detect", "--out", str(tmp_path / "without")])
+    res = runner.invoke(app, [*args, "--no-detect", "--alpha", "1e-9", "--out", str(tmp_path / "without")])
     assert res.exit_code == 0, res.stderr
+    # The verdict thresholds are options: nothing passes q < 1e-9 with 200 permutations.
+    verdicts = (tmp_path / "without" / "summary.csv").read_text()
+    assert verdicts.count("no significant shift") == 3 and "vulnerable" not in verdicts
+    assert json.loads((tmp_path / "without" / "manifest.json").read_text())["options"]["thresholds"]["alpha"] == 1e-9
+    res = runner.invoke(app, [*args, "--consistency", "1.5", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "consistency must lie in (0, 1]" in res.stderr
+    assert not (tmp_path / "bad").exists()
     assert not (tmp_path / "without" / "tiny-llama" / "detector").exists()
     assert "Detection" not in (tmp_path / "without" / "observations.md").read_text()
     assert "id='detection-svg'" not in (tmp_path / "without" / "report.html").read_text()

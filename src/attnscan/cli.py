@@ -232,6 +232,15 @@ def run_cmd(
     detect: Annotated[
         bool, typer.Option(help="Also train per-layer jailbreak detectors on hidden states and plot their AUROC.")
     ] = True,
+    alpha: Annotated[
+        float, typer.Option(help="Verdicts: a layer is significant when its BH q-value is below this.")
+    ] = 0.05,
+    consistency: Annotated[
+        float, typer.Option(help="Verdicts: share of cells that must move one way for vulnerable or resilient.")
+    ] = 0.70,
+    tol: Annotated[
+        float, typer.Option(help="Verdicts: a cell moves when its log difference exceeds this (nats).")
+    ] = 0.05,
     seed: SeedOpt = 0,
     allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
@@ -241,6 +250,7 @@ def run_cmd(
     """The main job: scan, statistics, verdicts, the reference-style figure and a summary of the top layers."""
     from .progress import prompt_progress
     from .run import run
+    from .stats import VerdictThresholds
 
     models = model or ["smollm2-135m-instruct"]
     console = Console(stderr=True, quiet=quiet)
@@ -263,6 +273,7 @@ def run_cmd(
                 seed=seed,
                 n_permutations=permutations,
                 detect=detect,
+                thresholds=VerdictThresholds(alpha=alpha, consistency=consistency, tol=tol),
                 progress=progress,
                 on_model=lambda label: console.log(f"scanning {label}"),
                 layers=layers,
@@ -351,10 +362,10 @@ def report_cmd(
     seed: SeedOpt = 0,
 ) -> None:
     """Write one self-contained interactive HTML report (no network needed to open it) for saved results."""
-    from .run import report
+    from .run import make_report
 
     with user_errors():
-        path = report(dirs, out, title=title, seed=seed, examples=examples)
+        path = make_report(dirs, out, title=title, seed=seed, examples=examples)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 

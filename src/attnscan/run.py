@@ -13,6 +13,7 @@ Output directory (default ``attnscan-out/``), written atomically as a whole:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from .models import LoadedModel, load_model
 from .prompts import PromptSet
 from .result import ScanResult
 from .scan import ProgressFn, scan
+from .stats import VerdictThresholds
 
 DEFAULT_LIMIT = 40
 RUN_KIND = "attnscan-run"
@@ -173,6 +175,7 @@ def run(
     dpi: int = 200,
     align: Align = "relative",
     detect: bool = False,
+    thresholds: VerdictThresholds | None = None,
     progress: ProgressFn | None = None,
     on_model: Callable[[str], None] | None = None,
     **scan_options: Any,
@@ -187,6 +190,9 @@ def run(
     only the first few dozen positions; relative alignment compares whole prompts over the whole grid, as the
     reference figure does, and keeps every stretched row a probability distribution so that length alone does not
     shift the maps (see :mod:`attnscan.accumulate`).
+
+    ``thresholds`` decide the verdicts (:class:`attnscan.stats.VerdictThresholds`: q level, share of cells that
+    must move one way, cell tolerance).
 
     With ``detect`` each model also gets per-layer jailbreak detectors trained on its hidden states (benign vs
     jailbreak, :func:`attnscan.detect_job.train_detector` with the scan's layers, length and chat template), saved
@@ -236,7 +242,10 @@ def run(
                 table, note = _detect(target, sets, staging / label, seed, progress, scan_options)
                 detection[label] = table
                 detection_notes.append(note if len(models) == 1 else f"{label}: {note}")
-        tables = {k: layer_table(r, seed=seed, n_permutations=n_permutations) for k, r in results.items()}
+        tables = {
+            k: layer_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)
+            for k, r in results.items()
+        }
         return _write_run(
             out,
             overwrite,
@@ -245,6 +254,7 @@ def run(
             detection,
             detection_notes,
             staging,
+            thresholds=thresholds,
             sets=sets,
             rows=rows,
             seed=seed,
@@ -258,6 +268,7 @@ def run(
                 "n_permutations": n_permutations,
                 "align": align,
                 "detect": detect,
+                "thresholds": dataclasses.asdict(thresholds or VerdictThresholds()),
                 **{k: v for k, v in scan_options.items() if isinstance(v, (str, int, float, bool, type(None)))},
             },
         )
@@ -325,6 +336,7 @@ def _write_run(
     detection_notes: Sequence[str],
     staging: Path | None,
     *,
+    thresholds: VerdictThresholds | None,
     sets: Mapping[str, PromptSet],
     rows: str,
     seed: int,
@@ -339,7 +351,7 @@ def _write_run(
     effects = {
         k: e
         for k, r in results.items()
-        if (e := effects_table(r, seed=seed, n_permutations=n_permutations)) is not None
+        if (e := effects_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)) is not None
     }
     notes: list[str] = []
     for label, table in tables.items():
@@ -442,7 +454,7 @@ def stored_detection(result: ScanResult) -> Any | None:
     return pd.read_csv(path) if path.is_file() else None
 
 
-def report(
+def make_report(
     paths: Sequence[str | Path],
     out: str | Path,
     *,
