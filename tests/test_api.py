@@ -16,6 +16,7 @@ PUBLIC = {
     "ProbeDetector",
     "PromptSet",
     "RunOutput",
+    "TrainedDetector",
     "ScanResult",
     "SetAccumulator",
     "VerdictThresholds",
@@ -24,6 +25,7 @@ PUBLIC = {
     "capture_attention",
     "effects_table",
     "encode",
+    "evaluate_detector",
     "from_model",
     "grid_figure",
     "layer_detection_table",
@@ -31,10 +33,14 @@ PUBLIC = {
     "layer_table",
     "load_model",
     "load_prompts",
+    "load_trained",
+    "make_report",
     "observations",
     "register_arch",
     "run",
     "scan",
+    "score_prompts",
+    "train_detector",
 }
 
 

@@ -8,12 +8,13 @@ from .accumulate import GridCollector, SetAccumulator
 from .arch import ArchEntry, ArchFacts, arch_facts, register_arch
 from .capture import capture_attention
 from .detect import CPDetector, ProbeDetector, layer_detection_table
+from .detect_job import TrainedDetector, evaluate_detector, load_trained, score_prompts, train_detector
 from .errors import AttnscanError
 from .models import EMBEDDED_NAME, LoadedModel, from_model, load_model
 from .plot import FigureRow, grid_figure, layer_profile_figure
 from .prompts import PromptSet, encode, load_prompts
 from .result import ScanResult
-from .run import RunOutput, run
+from .run import RunOutput, make_report, run
 from .scan import scan
 from .stats import VerdictThresholds, effects_table, layer_table, observations
 
@@ -31,12 +32,14 @@ __all__ = [
     "RunOutput",
     "ScanResult",
     "SetAccumulator",
+    "TrainedDetector",
     "VerdictThresholds",
     "__version__",
     "arch_facts",
     "capture_attention",
     "effects_table",
     "encode",
+    "evaluate_detector",
     "from_model",
     "grid_figure",
     "layer_detection_table",
@@ -44,8 +47,12 @@ __all__ = [
     "layer_table",
     "load_model",
     "load_prompts",
+    "load_trained",
+    "make_report",
     "observations",
     "register_arch",
     "run",
     "scan",
+    "score_prompts",
+    "train_detector",
 ]
