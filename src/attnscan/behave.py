@@ -21,14 +21,11 @@ A response record (one JSON object per line in ``responses.jsonl``) is
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +34,7 @@ import pandas as pd
 import torch
 
 from .errors import AttnscanError
+from .io import atomic_dir, atomic_file
 from .models import LoadedModel, resolve_device
 from .prompts import PromptSet, encode
 from .runner import batch_order, make_batch, pad_token_id
@@ -443,7 +441,10 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # at k = 0 (k = n) the lower (upper) bound is exactly 0 (1); say so instead of leaving rounding residue
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
 
 
 def _is_attack(name: str, attack_sets: Collection[str] | None) -> bool:
@@ -543,7 +544,7 @@ class BehaviourResult:
     def save(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write ``responses.jsonl``, ``behaviour.csv`` (the table) and ``behaviour.json`` (info) atomically."""
         final = Path(out)
-        with atomic_output_dir(final, META_FILE, "behaviour results", overwrite) as tmp:
+        with atomic_dir(final, overwrite, marker=META_FILE, what="behaviour results") as tmp:
             save_jsonl(tmp / RESPONSES_FILE, self.records)
             self.table().to_csv(tmp / SUMMARY_FILE, index=False)
             _write_json(tmp / META_FILE, {"format": FORMAT, **self.info})
@@ -647,19 +648,9 @@ def save_jsonl(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]
     """Write one JSON object per line (UTF-8), atomically: a temporary file beside ``path`` then ``os.replace``."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(dict(rec), ensure_ascii=False) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    with atomic_file(final) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(dict(rec), ensure_ascii=False) + "\n")
     return final
 
 
@@ -681,40 +672,3 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(final: Path, marker: str, what: str, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside ``final`` that replaces it in one rename on success (removed on failure).
-
-    An existing ``final`` is replaced only when it holds ``marker`` (i.e. earlier output of the same kind) and
-    ``overwrite`` is set; a non-empty directory without it is never touched.
-    """
-    if final.exists():
-        if not final.is_dir():
-            raise AttnscanError(f"{final} exists and is not a directory: choose another path")
-        if (final / marker).is_file():
-            if not overwrite:
-                raise AttnscanError(f"{final} already holds {what}: pass overwrite=True or choose another path")
-        elif any(final.iterdir()):
-            raise AttnscanError(f"{final} is not empty and holds no attnscan {what}: choose a new or empty path")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o666 & ~umask)
-        old: Path | None = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rmdir(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

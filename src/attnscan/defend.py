@@ -8,7 +8,9 @@ filled, so generation with a cache behaves exactly like a model without those la
 
 - **jailbreak refusal rate**: share of jailbreak prompts refused (:class:`attnscan.behave.RefusalMatcher`), with
   its Wilson 95 % interval; ASR = 1 − refusal rate;
-- **benign retention**: share of benign prompts *not* refused, with its Wilson interval;
+- **benign retention**: share of benign prompts *not* refused, with its Wilson interval. An empty or garbled
+  answer is not a refusal and so counts as kept: read it with ``benign_empty`` / ``jailbreak_empty`` (responses
+  that are empty) and the similarity below;
 - **benign similarity**: how close the bypassed model's benign answers stay to the baseline's, as the mean over
   benign prompts of :func:`chrf` (character n-gram F-score, n = 1..6, β = 1, white space removed) and of
   :func:`token_f1` (bag-of-words F1 over lower-cased word tokens). Both are 1 for identical answers and 0 for
@@ -20,11 +22,17 @@ filled, so generation with a cache behaves exactly like a model without those la
 
 :func:`sweep` bypasses the first ``k`` layers of an ordering (e.g. layers sorted by detector AUROC or attention
 shift, :func:`layer_order`) for each ``k`` and tabulates the trade-off; :func:`trade_off_figure` plots it.
+:func:`defend` with ``sweep_ks`` runs one setting and a sweep together, sharing the baseline, and
+:meth:`DefenceResult.save` then writes the sweep table and the trade-off curve beside the setting's results.
+
+Where the layers come from: :func:`scan_layer_order` ranks the layers of a scan bundle's ``layers.csv``;
+:func:`detector_layers` reads the flagged layers of a detector directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -42,13 +50,13 @@ from .behave import (
     DEFAULT_MAX_PROMPT_TOKENS,
     RefusalMatcher,
     _write_json,
-    atomic_output_dir,
     generate,
     save_jsonl,
     wilson_interval,
 )
 from .capture import base_model, decoder_layers
 from .errors import AttnscanError
+from .io import atomic_dir
 from .models import LoadedModel
 from .prompts import PromptSet, encode
 from .runner import _accepts_position_ids, batch_order, make_batch, pad_token_id
@@ -62,8 +70,10 @@ __all__ = [
     "bypass_layers",
     "chrf",
     "defend",
+    "detector_layers",
     "layer_order",
     "perplexity",
+    "scan_layer_order",
     "sweep",
     "sweep_results",
     "sweep_table",
@@ -78,6 +88,10 @@ DEFAULT_PPL_LENGTH = 512
 DEFAULT_PPL_CHUNK = 1024
 META_FILE = "defence.json"
 FORMAT = "attnscan.defence"
+SWEEP_FILE = "sweep.csv"
+SWEEP_RESPONSES_FILE = "sweep_responses.jsonl"
+FIGURE_FILE = "tradeoff.png"
+DETECTION_FILE = "detection.csv"
 
 
 # --------------------------------------------------------------------------------------------------- bypass
@@ -307,6 +321,8 @@ class DefenceArm:
             "benign_retention": (nb - kb) / nb,
             "benign_retention_low": blow,
             "benign_retention_high": bhigh,
+            "jailbreak_empty": sum(not r.strip() for r in self.jailbreak_responses),
+            "benign_empty": sum(not r.strip() for r in self.benign_responses),
             "benign_chrf": sim_chrf,
             "benign_token_f1": sim_f1,
             "perplexity": math.nan if self.perplexity is None else self.perplexity,
@@ -315,13 +331,19 @@ class DefenceArm:
 
 @dataclass
 class DefenceResult:
-    """The baseline and the bypassed model on the same prompts (see :func:`defend`)."""
+    """The baseline and the bypassed model on the same prompts (see :func:`defend`).
+
+    ``sweep``: the :func:`sweep_table` of a sweep run alongside (``defend(..., sweep_ks=...)``), else ``None``;
+    ``sweep_arms``: that sweep's bypassed variants by ``k`` (``k = 0`` is the baseline).
+    """
 
     baseline: DefenceArm
     bypass: DefenceArm
     jailbreak: PromptSet
     benign: PromptSet
     info: dict[str, Any] = field(default_factory=dict)
+    sweep: pd.DataFrame | None = field(default=None, compare=False, repr=False)
+    sweep_arms: dict[int, DefenceArm] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -337,32 +359,50 @@ class DefenceResult:
 
     def records(self) -> list[dict[str, Any]]:
         """One record per variant, set and prompt: ``{variant, layers, set, index, prompt, response, refusal}``."""
+        return self._arm_records(self.baseline) + self._arm_records(self.bypass)
+
+    def sweep_records(self) -> list[dict[str, Any]]:
+        """The records of the sweep's bypassed variants, ``k`` first (``k = 0``, the baseline, is in records())."""
+        return [rec for k, arm in sorted(self.sweep_arms.items()) if k for rec in self._arm_records(arm, k=k)]
+
+    def _arm_records(self, arm: DefenceArm, **extra: Any) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for arm in (self.baseline, self.bypass):
-            for set_name, ps, responses, refusals in (
-                ("jailbreak", self.jailbreak, arm.jailbreak_responses, arm.jailbreak_refusals),
-                ("benign", self.benign, arm.benign_responses, arm.benign_refusals),
-            ):
-                for i, (prompt, response, refused) in enumerate(zip(ps.texts, responses, refusals, strict=True)):
-                    out.append(
-                        {
-                            "variant": arm.name,
-                            "layers": list(arm.layers),
-                            "set": set_name,
-                            "index": i,
-                            "prompt": prompt,
-                            "response": response,
-                            "refusal": refused,
-                        }
-                    )
+        for set_name, ps, responses, refusals in (
+            ("jailbreak", self.jailbreak, arm.jailbreak_responses, arm.jailbreak_refusals),
+            ("benign", self.benign, arm.benign_responses, arm.benign_refusals),
+        ):
+            for i, (prompt, response, refused) in enumerate(zip(ps.texts, responses, refusals, strict=True)):
+                out.append(
+                    {
+                        **extra,
+                        "variant": arm.name,
+                        "layers": list(arm.layers),
+                        "set": set_name,
+                        "index": i,
+                        "prompt": prompt,
+                        "response": response,
+                        "refusal": refused,
+                    }
+                )
         return out
 
-    def save(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write ``responses.jsonl``, ``defence.csv`` and ``defence.json`` to ``out`` atomically."""
+    def save(self, out: str | os.PathLike[str], *, overwrite: bool = False, dpi: int = 150) -> Path:
+        """Write ``responses.jsonl``, ``defence.csv`` and ``defence.json`` to ``out`` atomically.
+
+        With a :attr:`sweep`, also ``sweep.csv`` (the table), ``tradeoff.png`` (:func:`trade_off_figure` at
+        ``dpi``) and ``sweep_responses.jsonl`` (:meth:`sweep_records`), inside the same directory, which appears
+        complete or not at all.
+        """
         final = Path(out)
-        with atomic_output_dir(final, META_FILE, "defence results", overwrite) as tmp:
+        with atomic_dir(final, overwrite, marker=META_FILE, what="defence results") as tmp:
             save_jsonl(tmp / "responses.jsonl", self.records())
             self.table().to_csv(tmp / "defence.csv", index=False)
+            if self.sweep is not None:
+                from .plot import save_figure
+
+                self.sweep.to_csv(tmp / SWEEP_FILE, index=False)
+                save_jsonl(tmp / SWEEP_RESPONSES_FILE, self.sweep_records())
+                save_figure(trade_off_figure(self.sweep), tmp / FIGURE_FILE, dpi=dpi)
             _write_json(tmp / META_FILE, {"format": FORMAT, **self.info})
         return final
 
@@ -527,6 +567,8 @@ def defend(
     ppl_length: int = DEFAULT_PPL_LENGTH,
     matcher: RefusalMatcher | None = None,
     baseline: DefenceArm | None = None,
+    sweep_ks: Sequence[int] | None = None,
+    sweep_order: Sequence[int] | None = None,
     progress: ProgressFn | None = None,
 ) -> DefenceResult:
     """Bypass ``layers`` and compare with the unmodified model: the library twin of ``attnscan defend``.
@@ -535,7 +577,14 @@ def defend(
     ``ppl_texts`` (default the benign prompts' texts; ``False`` skips it). ``baseline`` reuses an unmodified run
     made with the same prompts and options (as :func:`sweep_results` does). Generation options are those of
     :func:`attnscan.behave.generate`.
+
+    ``sweep_ks`` also runs a sweep: for each ``k``, bypass the first ``k`` layers of ``sweep_order`` (default:
+    ``layers`` in the order given), tabulated by :func:`sweep_table` into the result's :attr:`~DefenceResult.sweep`
+    (its order and ks go to ``info["sweep"]``). The sweep shares the baseline, and a sweep setting that bypasses
+    the same layers as ``layers`` reuses that run. Everything is checked before the first generation.
     """
+    if not isinstance(layers, str):
+        layers = [int(x) for x in layers]
     jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
     opts = _options(
         bn,
@@ -553,11 +602,27 @@ def defend(
         len(baseline.jailbreak_responses) != len(jb) or len(baseline.benign_responses) != len(bn)
     ):
         raise AttnscanError("the baseline was run on other prompts: run it on the same jailbreak and benign sets")
-    tracker = _Tracker(progress, opts.arm_items(jb, bn) * (1 if baseline is not None else 2))
+    info = _info(loaded, jb, bn, opts)
+    settings: list[tuple[int, ...]] = [chosen]
+    if sweep_ks is not None:
+        order_given = sweep_order if sweep_order is not None else (list(chosen) if isinstance(layers, str) else layers)
+        ordered, k_values = _check_sweep(loaded, order_given, sweep_ks)
+        info["sweep"] = {"order": ordered, "ks": k_values}
+        settings += [tuple(sorted(ordered[:k])) for k in k_values]
+    elif sweep_order is not None:
+        raise AttnscanError("sweep_order needs sweep_ks: give the k values to sweep, e.g. [0, 1, 2, 4]")
+    to_run = list(dict.fromkeys(s for s in settings if s))
+    tracker = _Tracker(progress, opts.arm_items(jb, bn) * (len(to_run) + (1 if baseline is None else 0)))
     if baseline is None:
         baseline = _run_arm(loaded, "baseline", (), jb, bn, opts, tracker)
-    arm = _run_arm(loaded, "bypass", chosen, jb, bn, opts, tracker) if chosen else _copy_arm(baseline, "bypass")
-    return DefenceResult(baseline=baseline, bypass=arm, jailbreak=jb, benign=bn, info=_info(loaded, jb, bn, opts))
+    arms = {s: _run_arm(loaded, "bypass", s, jb, bn, opts, tracker) for s in to_run}
+    arms[()] = _copy_arm(baseline, "bypass")
+    result = DefenceResult(baseline=baseline, bypass=arms[chosen], jailbreak=jb, benign=bn, info=info)
+    if sweep_ks is not None:
+        swept = [DefenceResult(baseline, arms[s], jb, bn, info) for s in settings[1:]]
+        result.sweep = sweep_table(swept)
+        result.sweep_arms = {k: arms[s] for k, s in zip(info["sweep"]["ks"], settings[1:], strict=True)}
+    return result
 
 
 def _copy_arm(arm: DefenceArm, name: str) -> DefenceArm:
@@ -702,6 +767,82 @@ def layer_order(table: pd.DataFrame, by: str, *, descending: bool = True) -> lis
         raise AttnscanError(f"the table has no column '{by}': choose one of {', '.join(map(str, table.columns))}")
     ranked = table.sort_values(["layer"]).sort_values(by, ascending=not descending, kind="stable", na_position="last")
     return [int(x) for x in ranked["layer"]]
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise AttnscanError(f"cannot read {path} ({exc}): write it again") from None
+
+
+def scan_layer_order(bundle: str | os.PathLike[str], by: str | None = None) -> tuple[list[int], str]:
+    """The layers of a scan bundle's ``layers.csv`` ranked by column ``by``, largest first (:func:`layer_order`).
+
+    ``by`` defaults to ``abs_shift`` (the mean absolute attention shift, jailbreak vs benign) and, in a bundle whose
+    sets were too small for the statistics, to ``mean_abs_diff``. Returns the ranking and the column used.
+    """
+    root = Path(bundle)
+    if not root.is_dir():
+        raise AttnscanError(f"scan bundle not found: {root} (write one with attnscan scan --out DIR)")
+    path = root / "layers.csv"
+    if not path.is_file():
+        raise AttnscanError(f"{root} holds no layers.csv: give the directory of an attnscan scan bundle")
+    table = _read_table(path)
+    if by is None:
+        by = "abs_shift" if "abs_shift" in table.columns or "mean_abs_diff" not in table.columns else "mean_abs_diff"
+    return layer_order(table, by), by
+
+
+def _detector_meta(root: Path) -> dict[str, Any]:
+    """The ``meta`` of ``root/detector.json`` when it can be read, else ``{}`` (no checks: see load_detector)."""
+    try:
+        doc = json.loads((root / "detector.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    meta = doc.get("meta") if isinstance(doc, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def detector_layers(detector: str | os.PathLike[str], by: str | None = None) -> list[int]:
+    """The flagged layers of a detector directory, ranked for a sweep.
+
+    With a ``detection.csv`` in the directory (the per-layer table of :func:`attnscan.detect.layer_detection_table`,
+    a ``flagged`` column): its flagged layers ranked by ``by``, largest first (default: the AUROC the layers were
+    flagged on, ``{primary}_auroc`` with ``primary`` from ``detector.json``'s metadata, else ``cp_auroc``, else
+    ascending layer). Without it: the ``flagged_layers`` (or ``flagged``) list of the detector's metadata
+    (:func:`attnscan.detect.load_detector`), in the order stored; ``by`` then cannot be used. An empty list means
+    the detector flagged no layer.
+    """
+    root = Path(detector)
+    if not root.is_dir():
+        raise AttnscanError(f"detector directory not found: {root} (train one with attnscan detect train)")
+    path = root / DETECTION_FILE
+    if path.is_file():
+        table = _read_table(path)
+        if "flagged" not in table.columns or "layer" not in table.columns:
+            raise AttnscanError(f"{path} has no 'layer' and 'flagged' columns: write it with attnscan detect train")
+        flags = table["flagged"].map(lambda x: str(x).strip().lower() in ("true", "1", "1.0", "yes"))
+        flagged = table[flags.to_numpy(dtype=bool)]
+        if by is None:
+            primary = f"{_detector_meta(root).get('primary', 'cp')}_auroc"
+            by = next((c for c in (primary, "cp_auroc") if c in table.columns), "layer")
+        return layer_order(flagged, by, descending=by != "layer")
+    from .detect import load_detector
+
+    _, meta = load_detector(root)
+    listed = meta.get("flagged_layers", meta.get("flagged"))
+    if listed is None:
+        raise AttnscanError(
+            f"{root} records no flagged layers (no {DETECTION_FILE}, no 'flagged_layers' in its metadata): "
+            "give the layers with --layers, or retrain the detector with attnscan detect train"
+        )
+    if by is not None:
+        raise AttnscanError(f"{root} has no {DETECTION_FILE} to rank its flagged layers by '{by}': leave out --by")
+    try:
+        return [int(x) for x in listed]
+    except (TypeError, ValueError):
+        raise AttnscanError(f"{root}: the flagged layers {listed!r} are not a list of layer numbers") from None
 
 
 # --------------------------------------------------------------------------------------------------- figure
