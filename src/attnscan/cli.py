@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +11,37 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_common import (
+    AlignOpt,
+    AssistantOpt,
+    BatchOpt,
+    ChatOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FieldOpt,
+    FloorOpt,
+    LayersOpt,
+    LengthOpt,
+    LimitOpt,
+    ModelOpt,
+    MultilineOpt,
+    OverwriteOpt,
+    PaddingOpt,
+    PickleOpt,
+    QuietOpt,
+    RemoteOpt,
+    RequestsOpt,
+    RevisionOpt,
+    SeedOpt,
+    SourceOpt,
+    SystemOpt,
+    TemplatesOpt,
+    TruncateOpt,
+    batch_size_option,
+    check_numbers,
+    quiet_libraries,
+    user_errors,
+)
 from .errors import AttnscanError
 
 app = typer.Typer(
@@ -26,69 +53,9 @@ app = typer.Typer(
 )
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Show warnings as one 'warning:' line each; turn AttnscanError into one 'error:' line and exit code 2."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", UserWarning)
-        warnings.showwarning = _show_warning
-        try:
-            yield
-        except AttnscanError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=exc.exit_code) from None
-
-
-def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    typer.echo(f"warning: {message}", err=True)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
 @app.callback()
 def main() -> None:
     """attnscan: see how attention changes, layer by layer, when a request is wrapped in a jailbreak."""
-
-
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or 'smollm2-135m-instruct'.")
-]
-SourceOpt = Annotated[
-    str | None,
-    typer.Option(help="Prompt source: builtin:NAME, a .txt/.json/.jsonl/.csv/.tsv/.parquet file, or hf:DS:SPLIT:COL."),
-]
-TemplatesOpt = Annotated[
-    str | None, typer.Option(help="Jailbreak templates with a {request} slot, composed with --requests.")
-]
-RequestsOpt = Annotated[str | None, typer.Option(help="Requests for --jailbreak-templates (default builtin:harmful).")]
-FieldOpt = Annotated[str | None, typer.Option(help="Column or key holding the prompt (json, jsonl, csv, parquet).")]
-MultilineOpt = Annotated[bool, typer.Option(help="In .txt files, prompts are separated by blank lines.")]
-AssistantOpt = Annotated[str, typer.Option(help="Fills {generator.name} placeholders of DAN-style templates.")]
-LimitOpt = Annotated[int | None, typer.Option(help="Use at most N prompts per set (deterministic by --seed).")]
-LayersOpt = Annotated[str, typer.Option(help="'all', or layers such as 3,7,18 or 4-8.")]
-LengthOpt = Annotated[int, typer.Option(help="Grid length T in tokens; longer prompts are truncated.")]
-BatchOpt = Annotated[str, typer.Option(help="Prompts per forward pass, or 'auto' (backs off on out-of-memory).")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-ChatOpt = Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")]
-SystemOpt = Annotated[str | None, typer.Option(help="System turn for the chat template.")]
-TruncateOpt = Annotated[str, typer.Option(help="Keep the 'head' or the 'tail' of long prompts.")]
-AlignOpt = Annotated[str, typer.Option(help="'absolute' (token i on row i) or 'relative' (stretched to T).")]
-PaddingOpt = Annotated[str, typer.Option(help="Pad batches on the 'right' or the 'left'.")]
-FloorOpt = Annotated[float, typer.Option(help="Floor of the log-attention maps.")]
-RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
-RemoteOpt = Annotated[bool, typer.Option(help="Allow model code from the hub to run.")]
-PickleOpt = Annotated[bool, typer.Option(help="Allow pickle weight files (they can run code).")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for subsampling and statistics, recorded in the manifest.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing bundle in --out.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 @app.command("scan")
@@ -149,8 +116,8 @@ def scan_cmd(
     ckpt_dir = checkpoint if checkpoint is not None else out.with_name(out.name + ".ckpt")
     with user_errors():
         check_output_dir(out, overwrite)
-        size = _batch_size(batch_size)
-        _check_numbers(length, size or 1, limit)
+        size = batch_size_option(batch_size)
+        check_numbers(length, size or 1, limit)
         if checkpoint_every < 0:
             raise AttnscanError(f"--checkpoint-every must be 0 or more, got {checkpoint_every}")
         sets = prompt_sets(
@@ -165,7 +132,7 @@ def scan_cmd(
             limit=limit,
             seed=seed,
         )
-        _quiet_libraries()
+        quiet_libraries()
         notice = Console(stderr=True, quiet=quiet or not main_rank).log
         if not resume and (ckpt_dir / "rank0.safetensors").is_file():
             notice(f"a checkpoint of an earlier scan is in {ckpt_dir}; starting over (pass --resume to continue it)")
@@ -255,11 +222,11 @@ def run_cmd(
     models = model or ["smollm2-135m-instruct"]
     console = Console(stderr=True, quiet=quiet)
     with user_errors():
-        size = _batch_size(batch_size)
-        _check_numbers(length, size or 1, limit)
+        size = batch_size_option(batch_size)
+        check_numbers(length, size or 1, limit)
         if permutations < 100:
             raise AttnscanError(f"--permutations must be at least 100, got {permutations}")
-        _quiet_libraries()
+        quiet_libraries()
         with prompt_progress(quiet) as progress:
             output = run(
                 models,
@@ -367,24 +334,6 @@ def report_cmd(
     with user_errors():
         path = make_report(dirs, out, title=title, seed=seed, examples=examples)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-
-
-def _batch_size(text: str) -> int | None:
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise AttnscanError(f"--batch-size must be a number or 'auto', got '{text}'") from None
-
-
-def _check_numbers(length: int, batch_size: int, limit: int | None) -> None:
-    if length <= 0:
-        raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
-    if batch_size < 1:
-        raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise AttnscanError(f"--limit must be at least 1, got {limit}")
 
 
 def _register_more_commands() -> None:

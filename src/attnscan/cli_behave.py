@@ -1,7 +1,7 @@
 """The ``attnscan behave`` and ``attnscan defend`` commands: thin wrappers over :func:`attnscan.behave.behave` and
 :func:`attnscan.defend.defend` (registered on the main app by :func:`register`).
 
-This module is imported at the bottom of :mod:`attnscan.cli`, so it imports ``.cli`` only inside functions.
+The option types shared by every command come from :mod:`attnscan.cli_common`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from .cli_common import (
+    ChatOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FieldOpt,
+    LimitOpt,
+    ModelOpt,
+    MultilineOpt,
+    PickleOpt,
+    QuietOpt,
+    RemoteOpt,
+    RequestsOpt,
+    RevisionOpt,
+    SourceOpt,
+    SystemOpt,
+    TemplatesOpt,
+)
 from .errors import AttnscanError
 
 if TYPE_CHECKING:
@@ -24,7 +41,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SCAN_TOP = 3
 
-# Option types of these two commands (the shared ones live in attnscan.cli).
+# Option types of these two commands (the shared ones live in attnscan.cli_common).
 OutOpt = Annotated[Path, typer.Option(help="Directory for the results (appears complete or not at all).")]
 MaxNewOpt = Annotated[int, typer.Option(help="Generate at most N new tokens per prompt (greedy decoding).")]
 GenBatchOpt = Annotated[int, typer.Option(help="Prompts per generation batch.")]
@@ -48,30 +65,20 @@ def register(app: typer.Typer) -> None:
 
 def behave_cmd(
     out: OutOpt,
-    benign: Annotated[
-        str | None, typer.Option(help="Benign prompts: builtin:NAME, a file, or hf:DS:SPLIT:COL.")
-    ] = None,
-    jailbreak: Annotated[str | None, typer.Option(help="Jailbreak prompts (same kinds of source).")] = None,
-    control: Annotated[str | None, typer.Option(help="Optional control prompts (same kinds of source).")] = None,
-    jailbreak_templates: Annotated[
-        str | None, typer.Option(help="Jailbreak templates with a {request} slot, composed with --requests.")
-    ] = None,
-    requests: Annotated[
-        str | None, typer.Option(help="Requests for --jailbreak-templates (default builtin:harmful).")
-    ] = None,
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or 'smollm2-135m-instruct'.")
-    ] = "smollm2-135m-instruct",
-    field: Annotated[
-        str | None, typer.Option(help="Column or key holding the prompt (json, jsonl, csv, parquet).")
-    ] = None,
-    multiline: Annotated[bool, typer.Option(help="In .txt files, prompts are separated by blank lines.")] = False,
-    limit: Annotated[int | None, typer.Option(help="Use at most N prompts per set (deterministic by --seed).")] = None,
+    benign: SourceOpt = None,
+    jailbreak: SourceOpt = None,
+    control: SourceOpt = None,
+    jailbreak_templates: TemplatesOpt = None,
+    requests: RequestsOpt = None,
+    model: ModelOpt = "smollm2-135m-instruct",
+    field: FieldOpt = None,
+    multiline: MultilineOpt = False,
+    limit: LimitOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for subsampling with --limit.")] = 0,
     max_new_tokens: MaxNewOpt = 64,
     batch_size: GenBatchOpt = 8,
-    chat_template: Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")] = True,
-    system_prompt: Annotated[str | None, typer.Option(help="System turn for the chat template.")] = None,
+    chat_template: ChatOpt = True,
+    system_prompt: SystemOpt = None,
     refusal_phrases: PhrasesOpt = None,
     refusal_window: WindowOpt = 160,
     judge: Annotated[
@@ -80,13 +87,13 @@ def behave_cmd(
     judge_refusal_labels: Annotated[
         str | None, typer.Option(help="Comma-separated judge labels that count as a refusal (e.g. refusal).")
     ] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub to run.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickle weight files (they can run code).")] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    revision: RevisionOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
     overwrite: Annotated[bool, typer.Option(help="Replace earlier behaviour results in --out.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Generate a response to every prompt and measure how often the model refuses (and the jailbreaks' ASR).
 
@@ -96,7 +103,7 @@ def behave_cmd(
     from rich.console import Console
 
     from .behave import META_FILE, ClassifierJudge, behave
-    from .cli import _quiet_libraries, user_errors
+    from .cli_common import quiet_libraries, user_errors
     from .io import check_output_dir
     from .models import load_model
     from .progress import prompt_progress
@@ -119,7 +126,7 @@ def behave_cmd(
         matcher = _matcher(refusal_phrases, refusal_window)
         if judge_refusal_labels is not None and judge is None:
             raise AttnscanError("--judge-refusal-labels needs --judge SPEC")
-        _quiet_libraries()
+        quiet_libraries()
         loaded = load_model(
             model,
             dtype=dtype,
@@ -184,19 +191,11 @@ def behaviour_summary(table: pd.DataFrame, model: str) -> Table:
 
 def defend_cmd(
     out: OutOpt,
-    benign: Annotated[
-        str | None, typer.Option(help="Benign prompts: builtin:NAME, a file, or hf:DS:SPLIT:COL.")
-    ] = None,
-    jailbreak: Annotated[str | None, typer.Option(help="Jailbreak prompts (same kinds of source).")] = None,
-    jailbreak_templates: Annotated[
-        str | None, typer.Option(help="Jailbreak templates with a {request} slot, composed with --requests.")
-    ] = None,
-    requests: Annotated[
-        str | None, typer.Option(help="Requests for --jailbreak-templates (default builtin:harmful).")
-    ] = None,
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Hub id, local directory, .gguf file, or 'smollm2-135m-instruct'.")
-    ] = "smollm2-135m-instruct",
+    benign: SourceOpt = None,
+    jailbreak: SourceOpt = None,
+    jailbreak_templates: TemplatesOpt = None,
+    requests: RequestsOpt = None,
+    model: ModelOpt = "smollm2-135m-instruct",
     layers: Annotated[str | None, typer.Option(help="Layers to bypass, e.g. 3,7 or 4-8 (order = sweep order).")] = None,
     from_detector: Annotated[
         Path | None, typer.Option(help="Bypass the flagged layers of a detector directory (attnscan detect train).")
@@ -215,28 +214,26 @@ def defend_cmd(
     sweep: Annotated[
         str | None, typer.Option(help="Also bypass the first k layers of the ranking for each k, e.g. 0,1,2,4,8.")
     ] = None,
-    field: Annotated[
-        str | None, typer.Option(help="Column or key holding the prompt (json, jsonl, csv, parquet).")
-    ] = None,
-    multiline: Annotated[bool, typer.Option(help="In .txt files, prompts are separated by blank lines.")] = False,
-    limit: Annotated[int | None, typer.Option(help="Use at most N prompts per set (deterministic by --seed).")] = None,
+    field: FieldOpt = None,
+    multiline: MultilineOpt = False,
+    limit: LimitOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for subsampling with --limit.")] = 0,
     max_new_tokens: MaxNewOpt = 64,
     batch_size: GenBatchOpt = 8,
     perplexity: Annotated[bool, typer.Option(help="Measure perplexity on the benign prompts' text.")] = True,
     ppl_length: Annotated[int, typer.Option(help="Perplexity reads the first N tokens of each text.")] = 512,
-    chat_template: Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")] = True,
-    system_prompt: Annotated[str | None, typer.Option(help="System turn for the chat template.")] = None,
+    chat_template: ChatOpt = True,
+    system_prompt: SystemOpt = None,
     refusal_phrases: PhrasesOpt = None,
     refusal_window: WindowOpt = 160,
     dpi: Annotated[int, typer.Option(help="Resolution of tradeoff.png.")] = 150,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub to run.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickle weight files (they can run code).")] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    revision: RevisionOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
     overwrite: Annotated[bool, typer.Option(help="Replace earlier defence results in --out.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Bypass chosen layers at inference and compare with the unmodified model: jailbreaks refused, benign kept.
 
@@ -247,7 +244,7 @@ def defend_cmd(
     """
     from rich.console import Console
 
-    from .cli import _quiet_libraries, user_errors
+    from .cli_common import quiet_libraries, user_errors
     from .defend import META_FILE, defend
     from .io import check_output_dir
     from .models import load_model
@@ -275,7 +272,7 @@ def defend_cmd(
         )
         matcher = _matcher(refusal_phrases, refusal_window)
         order, source = _file_order(from_detector, from_scan, by, model)
-        _quiet_libraries()
+        quiet_libraries()
         loaded = load_model(
             model,
             dtype=dtype,

@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
     """Add the ``detect`` sub-app (``train``, ``score``, ``eval``) to ``app``."""
     from rich.console import Console
 
-    from .cli import (
+    from .cli_common import (
         AssistantOpt,
         ChatOpt,
         DeviceOpt,
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         SourceOpt,
         SystemOpt,
         TemplatesOpt,
-        _quiet_libraries,
+        quiet_libraries,
         user_errors,
     )
     from .errors import AttnscanError
@@ -175,7 +175,7 @@ def register(app: typer.Typer) -> None:
                 limit=limit,
                 seed=seed,
             )
-            _quiet_libraries()
+            quiet_libraries()
             with lazy_progress(quiet, unit="") as progress:
                 trained = train_detector(
                     model,
@@ -256,7 +256,7 @@ def register(app: typer.Typer) -> None:
                 limit=limit,
                 seed=seed,
             )
-            _quiet_libraries()
+            quiet_libraries()
             with lazy_progress(quiet) as progress:
                 frame = score_prompts(
                     trained,
@@ -328,7 +328,7 @@ def register(app: typer.Typer) -> None:
                 limit=limit,
                 seed=seed,
             )
-            _quiet_libraries()
+            quiet_libraries()
             with lazy_progress(quiet) as progress:
                 frame = evaluate_detector(
                     trained,
