@@ -47,6 +47,28 @@ def test_mean_matches_eager_reference(arch: str, batch_size: int, side: str) -> 
         assert err < TOL, f"{arch} layer {layer}: max |capture - eager| = {err:.2e}"
 
 
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_bfloat16_capture_is_padding_aware(arch: str, side: str) -> None:
+    """A batched capture of a bfloat16 model (the GPU set-up, run here on the CPU) matches the float32 eager
+    reference of the same weights to bfloat16 precision, and its counts exactly: padding never leaks in."""
+    reference = build_model(arch, seed=4)
+    low = build_model(arch, seed=4).to(torch.bfloat16)
+    layers = tuple(range(reference.config.num_hidden_layers))
+    seqs = random_prompts(LENGTHS, seed=9)
+    result = _capture(low, seqs, layers, 3, side)
+    ref, count = eager_reference(reference, seqs, layers, LENGTH)
+    assert torch.equal(result.count, count)
+    for layer in layers:
+        mean = result.mean(layer)
+        assert torch.equal(mean.isnan(), ref[layer].isnan())
+        err = (mean - ref[layer]).nan_to_num(0.0).abs().max().item()
+        assert err < 2e-2, f"{arch} layer {layer}: bfloat16 capture off by {err:.2e}"
+        # Rows still sum to one over the reached keys (no mass on pad positions).
+        rows = mean.nan_to_num(0.0).sum(1)[count.sum(1) > 0]
+        assert torch.allclose(rows, torch.ones_like(rows), atol=2e-2)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3", "gpt_neo"])
 def test_single_chosen_layer_matches_reference(arch: str) -> None:
     """Capturing one layer (others through SDPA) gives that layer's reference map."""

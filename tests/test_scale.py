@@ -68,6 +68,34 @@ def test_out_of_memory_backs_off_and_keeps_results_exact(monkeypatch: pytest.Mon
         run_collect(model, seqs, GridCollector("s", (0,), len(seqs), 12), route="interface", pad_id=0, batch_size=8)
 
 
+def test_a_batch_dropped_after_adding_on_the_cpu_is_not_retried() -> None:
+    """On the CPU the layers add straight into the float64 sums (no second [layers, T, T] buffer). An error after a
+    layer was added cannot be undone, so the collector refuses to give results and back-off does not retry."""
+    col = GridCollector("s", (0, 1), 2, 8)
+    assert col._buf is None  # the CPU keeps no per-batch copy of the sums
+    col.begin([0], [0], [4])
+    assert col.abort() is True  # nothing added yet: dropping the batch is clean
+    col.begin([0], [0], [4])
+    col.add(0, torch.full((1, 2, 4, 4), 0.25))
+    assert col.abort() is False
+    with pytest.raises(RuntimeError, match="results are incomplete"):
+        col.result()
+    with pytest.raises(RuntimeError, match="results are incomplete"):
+        col.state()
+
+    model = build_model("llama")
+    seqs = random_prompts((5, 9, 12, 7), seed=22)
+
+    class FailAfterFirstLayer(GridCollector):
+        def add(self, layer: int, weights: torch.Tensor) -> None:
+            super().add(layer, weights)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated after a layer was added)")
+
+    failing = FailAfterFirstLayer("s", (0, 2), len(seqs), 12)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_collect(model, seqs, failing, route="interface", pad_id=0, batch_size=4, backoff=True)
+
+
 def _scan_cmd(model_dir: Path, benign: Path, jail: Path, out: Path, *extra: str) -> list[str]:
     args = [sys.executable, "-m", "attnscan", "scan", "--model", str(model_dir), "--benign", str(benign)]
     return [*args, "--jailbreak", str(jail), "--out", str(out), "--length", "16", "--quiet", *extra]

@@ -173,8 +173,10 @@ class GridCollector:
 
     Call :meth:`begin` with the batch's prompt ids and where each prompt sits in the padded batch, then
     :meth:`add` once per captured layer, then :meth:`end`. Only the reduced ``[B, T, T]`` head mean of the current
-    layer is alive at any time. On CUDA the per-layer sums are kept in float32 on the device and added to the
-    float64 CPU sums at the end of each batch; on the CPU they are float64 throughout.
+    layer is alive at any time. On an accelerator each batch's per-layer sums are kept in float32 on the device
+    and added to the float64 CPU sums at the end of the batch (so a batch dropped after an out-of-memory error
+    leaves no trace); on the CPU the layers add straight into the float64 sums (no second ``[layers, T, T]``
+    buffer), and a batch dropped after some of its layers were added leaves the collector unusable.
     """
 
     def __init__(
@@ -201,9 +203,14 @@ class GridCollector:
         self.bs = block_size(length, n_blocks)
         self.padded = self.bs * n_blocks
         self.device = torch.device(device)
-        self._buf_dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         nl = len(self.layers)
-        self._buf = torch.zeros(nl, length, length, dtype=self._buf_dtype, device=self.device)
+        self._buf = (
+            None
+            if self.device.type == "cpu"
+            else torch.zeros(nl, length, length, dtype=torch.float32, device=self.device)
+        )
+        self._added = False  # whether the batch in progress has added to the sums already
+        self._broken = False
         self.sums = torch.zeros(nl, length, length, dtype=torch.float64)
         self.count = torch.zeros(length, length, dtype=torch.int64)
         self.lengths = torch.zeros(n_prompts, dtype=torch.int64)
@@ -271,7 +278,11 @@ class GridCollector:
         del head_mean
         aligned.mul_(self._valid)
         t = self.length
-        self._buf[li] += aligned[:, :t, :t].sum(0, dtype=self._buf_dtype)
+        if self._buf is None:
+            self.sums[li] += aligned[:, :t, :t].sum(0, dtype=torch.float64)
+            self._added = True
+        else:
+            self._buf[li] += aligned[:, :t, :t].sum(0, dtype=torch.float32)
         logp = torch.log(aligned.clamp_min(math.exp(self.floor))).mul_(self._valid)
         nb, bs = self.n_blocks, self.bs
         blocks = logp.view(-1, nb, bs, nb, bs).sum((2, 4)) / self._block_count
@@ -287,16 +298,28 @@ class GridCollector:
         idx, _, lengths = self._batch
         t = self.length
         self.count += self._valid[:, :t, :t].sum(0).to(device="cpu", dtype=torch.int64)
-        self.sums += self._buf.to(device="cpu", dtype=torch.float64)
-        self._buf.zero_()
+        if self._buf is not None:
+            self.sums += self._buf.to(device="cpu", dtype=torch.float64)
+            self._buf.zero_()
+        self._added = False
         self.lengths[idx] = torch.tensor(lengths, dtype=torch.int64)
         self.seen[idx] = True
         self._batch = None
 
-    def abort(self) -> None:
-        """Drop the batch in progress (e.g. after an out-of-memory error); nothing of it is kept."""
-        self._buf.zero_()
+    def abort(self) -> bool:
+        """Drop the batch in progress (e.g. after an out-of-memory error). Returns whether nothing of it was kept;
+        ``False`` (on the CPU, after some of its layers were added) leaves the collector unusable."""
+        if self._buf is not None:
+            self._buf.zero_()
+        clean = not self._added
+        self._broken = self._broken or not clean
+        self._added = False
         self._batch = None
+        return clean
+
+    def _check_whole(self) -> None:
+        if self._broken:
+            raise RuntimeError("a batch failed after adding to this collector's sums: its results are incomplete")
 
     STATE_KEYS = ("sums", "count", "lengths", "blocks", "sink", "entropy", "seen")
 
@@ -304,6 +327,7 @@ class GridCollector:
         """Everything accumulated so far (between batches), for checkpoints and cross-process reduction."""
         if self._batch is not None:
             raise RuntimeError("GridCollector.state called inside a batch")
+        self._check_whole()
         return {key: getattr(self, key) for key in self.STATE_KEYS}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -316,6 +340,7 @@ class GridCollector:
 
     def result(self) -> SetAccumulator:
         """The accumulator for the prompts seen so far (all of them after a full run)."""
+        self._check_whole()
         ids = torch.nonzero(self.seen).flatten()
         return SetAccumulator(
             name=self.name,

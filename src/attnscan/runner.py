@@ -115,8 +115,8 @@ def run_collect(
             try:
                 base(**kwargs)
             except Exception as exc:
-                collector.abort()
-                if not (backoff and size > 1 and is_out_of_memory(exc)):
+                clean = collector.abort()
+                if not (backoff and clean and size > 1 and is_out_of_memory(exc)):
                     raise
                 del input_ids, mask, pos, kwargs
                 if device.type == "cuda":
