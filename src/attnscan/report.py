@@ -1171,7 +1171,7 @@ td.hash{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11.5px;text-
 .panels{display:flex;flex-wrap:wrap;gap:8px}
 .panels canvas{display:block;cursor:crosshair}
 .tip{position:fixed;pointer-events:none;background:rgba(25,25,28,.94);color:#fff;font:12px/1.4 ui-monospace,Menlo,
-Consolas,monospace;padding:6px 9px;border-radius:4px;white-space:pre;max-width:560px;overflow:hidden;z-index:10}
+Consolas,monospace;padding:6px 9px;border-radius:4px;white-space:pre-wrap;max-width:560px;overflow:hidden;z-index:10}
 dl.prov{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:6px 0 10px;font-size:13px}
 dl.prov dt{color:var(--muted)}dl.prov dd{margin:0;word-break:break-all}
 pre.manifest{background:var(--soft);padding:10px;font-size:11.5px;max-height:420px;overflow:auto}
