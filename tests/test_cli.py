@@ -124,3 +124,29 @@ def test_scan_with_composed_jailbreaks_limit_and_relative_alignment(tiny_model_d
     jb = manifest["prompt_sets"]["jailbreak"]
     assert jb["count"] == 4 and jb["of"] == 6 and jb["seed"] == 3 and manifest["alignment"] == "relative"
     assert manifest["prompt_sets"]["benign"]["count"] == 3
+
+
+def test_progress_bar_gives_each_stage_its_own_line_and_unit(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnscan.progress import prompt_progress
+
+    monkeypatch.setenv("COLUMNS", "200")  # one line per bar
+    with prompt_progress() as progress:
+        assert progress is not None
+        for done in range(0, 121, 40):  # a scan: one total over the sets, the label names the set
+            progress(done, 120, "benign" if done < 60 else "jailbreak")
+        for done in range(0, 81, 20):
+            progress(done, 80, "features")
+        for done in range(0, 31, 10):
+            progress(done, 30, "fitting")
+    err = capsys.readouterr().err
+    import re
+
+    lines = err.splitlines()
+    assert len(lines) == 3  # one line per stage: the scan, the features, the fitting
+    assert re.search(r"120/120\s+prompts", lines[0]) and re.search(r"80/80\s+prompts", lines[1])
+    assert re.search(r"30/30\s+layers\s+.*layers/s", lines[2])
+    assert "jailbreak" in err and "fitting" in err
+    with prompt_progress(quiet=True) as quiet:
+        assert quiet is None

@@ -176,7 +176,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
             )
             quiet_libraries()
-            with lazy_progress(quiet, unit="") as progress:
+            with lazy_progress(quiet) as progress:
                 trained = train_detector(
                     model,
                     sets["benign"],
