@@ -71,3 +71,16 @@ def test_truncation_keeps_head_or_tail(tokenizer: object) -> None:
     assert tokenizer.convert_ids_to_tokens(list(tail.ids[0])) == ["snow"] * 4  # type: ignore[attr-defined]
     with pytest.raises(AttnscanError, match="positive"):
         encode(tokenizer, [text], 0)
+
+
+def test_truncation_warning_counts_and_names_the_set() -> None:
+    import warnings
+
+    from attnscan.prompts import Encoded, warn_truncated
+
+    enc = Encoded(ids=((1, 2, 3), (4, 5, 6)), full_lengths=(3, 9), chat_template=False)
+    with pytest.warns(UserWarning, match=r"^1 of 2 jailbreak prompts are longer than 3 tokens .* first 3$"):
+        warn_truncated(enc, 3, "head", "jailbreak prompts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_truncated(Encoded(ids=((1, 2),), full_lengths=(2,), chat_template=False), 3, "tail")

@@ -74,7 +74,7 @@ from .errors import AttnscanError
 from .features import DEFAULT_LAST_K, extract_features
 from .io import atomic_dir, atomic_file, check_output_dir
 from .models import LoadedModel, load_model
-from .prompts import PromptSet, Truncate, encode, load_prompts
+from .prompts import PromptSet, Truncate, encode, load_prompts, warn_truncated
 
 __all__ = [
     "DEFAULT_LENGTH",
@@ -175,12 +175,7 @@ def attention_blocks(
         system_prompt=system_prompt,
         truncate=truncate,
     )
-    if enc.truncated:
-        warnings.warn(
-            f"{enc.truncated} of {len(enc.ids)} prompts are longer than {length} tokens and were cut to their "
-            f"{'first' if truncate == 'head' else 'last'} {length}",
-            stacklevel=2,
-        )
+    warn_truncated(enc, length, truncate)
     n = len(enc.ids)
     collector = GridCollector(
         "prompts", chosen, n, length, floor=floor, n_blocks=blocks, device=loaded.device, align=align

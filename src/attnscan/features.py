@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from .capture import base_model, decoder_layers
 from .errors import AttnscanError
 from .io import atomic_dir
 from .models import LoadedModel
-from .prompts import PromptSet, Truncate, encode
+from .prompts import PromptSet, Truncate, encode, warn_truncated
 from .runner import _accepts_position_ids, batch_order, make_batch, pad_token_id
 
 __all__ = [
@@ -365,12 +364,7 @@ def extract_features(
         system_prompt=system_prompt,
         truncate=truncate,
     )
-    if enc.truncated:
-        warnings.warn(
-            f"{enc.truncated} of {len(enc.ids)} prompts are longer than {length} tokens and were cut to their "
-            f"{'first' if truncate == 'head' else 'last'} {length}",
-            stacklevel=2,
-        )
+    warn_truncated(enc, length, truncate)
     n = len(enc.ids)
     model = loaded.model
     stack = decoder_layers(model)

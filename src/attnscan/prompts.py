@@ -216,6 +216,16 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def warn_truncated(enc: Encoded, length: int, truncate: Truncate, what: str = "prompts", stacklevel: int = 3) -> None:
+    """Warn with counts when ``encode`` cut prompts to the grid length (``what`` names them, e.g. "benign prompts")."""
+    if enc.truncated:
+        warnings.warn(
+            f"{enc.truncated} of {len(enc.ids)} {what} are longer than {length} tokens and were cut to their "
+            f"{'first' if truncate == 'head' else 'last'} {length}",
+            stacklevel=stacklevel,
+        )
+
+
 def shared_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
     """The token ids every sequence of ``seqs`` starts with (e.g. a chat template's system turn); [] if none."""
     if not seqs:

@@ -19,7 +19,16 @@ from .arch import Route
 from .checkpoint import Interrupted, checkpoint_file, load_checkpoint, save_checkpoint, stop_on_signals
 from .errors import AttnscanError
 from .models import LoadedModel, load_model
-from .prompts import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSet, Truncate, encode, load_prompts, shared_prefix
+from .prompts import (
+    MIN_STAT_PROMPTS,
+    SHORT_PROMPT_TOKENS,
+    PromptSet,
+    Truncate,
+    encode,
+    load_prompts,
+    shared_prefix,
+    warn_truncated,
+)
 from .result import ScanResult
 from .runner import PaddingSide, pad_token_id, run_collect
 
@@ -146,12 +155,7 @@ def scan(
                 f"{short} of {len(enc.ids)} {name} prompts are shorter than {SHORT_PROMPT_TOKENS} tokens",
                 stacklevel=2,
             )
-        if enc.truncated:
-            warnings.warn(
-                f"{enc.truncated} of {len(enc.ids)} {name} prompts are longer than {length} tokens and were cut to "
-                f"their {'first' if truncate == 'head' else 'last'} {length}",
-                stacklevel=2,
-            )
+        warn_truncated(enc, length, truncate, f"{name} prompts")
     rank, world = distributed.setup(loaded.device)
     pad = pad_token_id(loaded.tokenizer, loaded.model)
     collectors = {
