@@ -96,6 +96,59 @@ def test_a_batch_dropped_after_adding_on_the_cpu_is_not_retried() -> None:
         run_collect(model, seqs, failing, route="interface", pad_id=0, batch_size=4, backoff=True)
 
 
+@pytest.mark.parametrize("align", ["absolute", "relative"])
+def test_the_accelerator_float32_buffer_gives_the_same_sums(align: str) -> None:
+    """The float32 per-batch buffer that accelerators use (here forced on the CPU, the only device the suite has)
+    adds up to the unbuffered float64 sums within float32 rounding; counts and per-prompt summaries are equal."""
+    model = build_model("mistral")
+    seqs = random_prompts((5, 9, 12, 7, 3, 11, 8), seed=23)
+    runs = {}
+    for buffered in (False, True):
+        col = GridCollector("s", (0, 1, 2), len(seqs), 12, align=align, buffered=buffered)  # type: ignore[arg-type]
+        assert (col._buf is not None) is buffered
+        run_collect(model, seqs, col, route="interface", pad_id=0, batch_size=3)
+        runs[buffered] = col.result()
+    plain, buffered_run = runs[False], runs[True]
+    assert torch.equal(plain.count, buffered_run.count)
+    assert plain.sums.abs().sum() > 0
+    assert torch.allclose(plain.sums, buffered_run.sums, rtol=1e-6, atol=1e-6)
+    for key in ("blocks", "sink", "entropy", "lengths", "prompt_ids"):
+        torch.testing.assert_close(getattr(plain, key), getattr(buffered_run, key), rtol=0, atol=0, equal_nan=True)
+
+
+def test_with_the_buffer_an_out_of_memory_error_after_a_layer_is_retried_cleanly() -> None:
+    """What happens on a GPU: the batch's layers sit in the float32 buffer until the batch ends, so an
+    out-of-memory error after some layers were added drops the batch without a trace and back-off retries it."""
+    model = build_model("llama")
+    seqs = random_prompts((5, 9, 12, 7, 3, 11, 8), seed=24)
+    ref = GridCollector("s", (0, 2), len(seqs), 12, buffered=True)
+    run_collect(model, seqs, ref, route="interface", pad_id=0, batch_size=1)
+
+    class FailsOnBigBatches(GridCollector):
+        def add(self, layer: int, weights: torch.Tensor) -> None:
+            super().add(layer, weights)  # the layer is in the buffer before the error
+            if weights.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated after a layer was added)")
+
+    col = FailsOnBigBatches("s", (0, 2), len(seqs), 12, buffered=True)
+    seen: list[tuple[int, int]] = []
+    final = run_collect(
+        model,
+        seqs,
+        col,
+        route="interface",
+        pad_id=0,
+        batch_size=8,
+        backoff=True,
+        on_backoff=lambda a, b: seen.append((a, b)),
+    )
+    assert seen == [(8, 4), (4, 2)] and final == 2
+    a, b = ref.result(), col.result()
+    assert torch.equal(a.count, b.count) and torch.equal(a.lengths, b.lengths)
+    assert torch.allclose(a.sums, b.sums, atol=1e-6)
+    assert torch.allclose(a.blocks, b.blocks, atol=1e-5, equal_nan=True)
+
+
 def _scan_cmd(model_dir: Path, benign: Path, jail: Path, out: Path, *extra: str) -> list[str]:
     args = [sys.executable, "-m", "attnscan", "scan", "--model", str(model_dir), "--benign", str(benign)]
     return [*args, "--jailbreak", str(jail), "--out", str(out), "--length", "16", "--quiet", *extra]

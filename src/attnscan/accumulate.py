@@ -173,10 +173,13 @@ class GridCollector:
 
     Call :meth:`begin` with the batch's prompt ids and where each prompt sits in the padded batch, then
     :meth:`add` once per captured layer, then :meth:`end`. Only the reduced ``[B, T, T]`` head mean of the current
-    layer is alive at any time. On an accelerator each batch's per-layer sums are kept in float32 on the device
-    and added to the float64 CPU sums at the end of the batch (so a batch dropped after an out-of-memory error
-    leaves no trace); on the CPU the layers add straight into the float64 sums (no second ``[layers, T, T]``
-    buffer), and a batch dropped after some of its layers were added leaves the collector unusable.
+    layer is alive at any time.
+
+    ``buffered`` (default: on accelerators only) keeps each batch's per-layer sums in a float32 ``[layers, T, T]``
+    buffer on ``device`` and adds it to the float64 CPU sums at the end of the batch: one device-to-host copy per
+    batch instead of one per layer, and a batch dropped after an out-of-memory error leaves no trace. Unbuffered
+    (the CPU default), the layers add straight into the float64 sums with no second ``[layers, T, T]`` tensor, and a
+    batch dropped after some of its layers were added leaves the collector unusable (:meth:`abort` says so).
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class GridCollector:
         n_blocks: int = 16,
         device: torch.device | str = "cpu",
         align: Align = "absolute",
+        buffered: bool | None = None,
     ) -> None:
         if align not in ("absolute", "relative"):
             raise AttnscanError(f"--align must be absolute or relative, got {align}")
@@ -204,11 +208,9 @@ class GridCollector:
         self.padded = self.bs * n_blocks
         self.device = torch.device(device)
         nl = len(self.layers)
-        self._buf = (
-            None
-            if self.device.type == "cpu"
-            else torch.zeros(nl, length, length, dtype=torch.float32, device=self.device)
-        )
+        if buffered is None:
+            buffered = self.device.type != "cpu"
+        self._buf = torch.zeros(nl, length, length, dtype=torch.float32, device=self.device) if buffered else None
         self._added = False  # whether the batch in progress has added to the sums already
         self._broken = False
         self.sums = torch.zeros(nl, length, length, dtype=torch.float64)
@@ -279,7 +281,7 @@ class GridCollector:
         aligned.mul_(self._valid)
         t = self.length
         if self._buf is None:
-            self.sums[li] += aligned[:, :t, :t].sum(0, dtype=torch.float64)
+            self.sums[li] += aligned[:, :t, :t].sum(0, dtype=torch.float64).cpu()  # .cpu(): no copy on the CPU
             self._added = True
         else:
             self._buf[li] += aligned[:, :t, :t].sum(0, dtype=torch.float32)
