@@ -10,7 +10,10 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
+from fnmatch import fnmatch
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,11 @@ from attnscan.report import (
     write_report,
 )
 from attnscan.stats import layer_table, observations
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest itself depends on tomli before 3.11
+    import tomli as tomllib
 
 T = 32
 B = 4
@@ -159,6 +167,26 @@ def test_one_self_contained_file(page: str) -> None:
     # Only a data: favicon among links, and a CSP that allows nothing from the network.
     assert re.findall(r"<link[^>]*>", page) == ["<link rel='icon' href='data:,'>"]
     assert "default-src 'none'" in html.unescape(page)
+
+
+def test_assets_ship_with_the_package_and_are_inlined(page: str) -> None:
+    assets = resources.files("attnscan") / "assets"
+    script = (assets / "report.js").read_text(encoding="utf-8")
+    style = (assets / "report.css").read_text(encoding="utf-8")
+    assert "attnscan-data" in script and "#profile-svg" in style
+    # The page's script element is the asset verbatim, and its style element starts with the style sheet.
+    assert page.rsplit("<script>", 1)[1].split("</script>", 1)[0] == "\n" + script
+    assert page.split("<style>", 1)[1].split("</style>", 1)[0].startswith("\n" + style)
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.I)
+    assert re.findall(r"<link[^>]*>", page) == ["<link rel='icon' href='data:,'>"]
+    # Neither file can end its own element early once inlined.
+    assert "</script" not in script.lower() and "</style" not in style.lower()
+    # Every asset matches a package-data pattern of pyproject.toml, so the wheel carries it.
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["attnscan"]
+    names = sorted(f"assets/{p.name}" for p in assets.iterdir() if p.is_file())
+    assert {"assets/report.css", "assets/report.js"} <= set(names)
+    assert all(any(fnmatch(name, pat) for pat in patterns) for name in names)
 
 
 def test_csp_allows_exactly_the_inline_script_and_style(page: str) -> None:

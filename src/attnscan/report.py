@@ -7,8 +7,9 @@ Compute -> plain data -> renderer:
   plain JSON-able dict. Heatmaps are decimated and quantised here (see *Maps* below).
 - :func:`render_html` turns a digest into the HTML document. Static parts (provenance, tables, the layer profile as
   inline SVG, the prompt browser, observations) are rendered in Python with every string passed through
-  :func:`html.escape`; the heatmap viewer and table sorting are a small inline script that reads the digest from a
-  ``<script type="application/json">`` element and inserts text only through ``textContent``.
+  :func:`html.escape`; the heatmap viewer and table sorting are a small script that reads the digest from a
+  ``<script type="application/json">`` element and inserts text only through ``textContent``. The script and the
+  style sheet live in ``attnscan/assets/report.js`` and ``report.css`` and are copied inline into every page.
 - :func:`build_report` is both in one call; :func:`write_report` writes the document atomically.
 
 The page loads nothing from the network: no CDN, no fonts, no images. A Content-Security-Policy meta tag allows only
@@ -30,6 +31,7 @@ For T = 448 with 30 layers and the default ``display_size=224`` the maps take ab
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
@@ -37,6 +39,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -654,6 +657,32 @@ def _csp_hash(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
+def _asset(name: str) -> str:
+    """The text of ``attnscan/assets/<name>``, read through :mod:`importlib.resources` (so also from a wheel)."""
+    return (resources.files("attnscan") / "assets" / name).read_text(encoding="utf-8")
+
+
+def _css_rule(selector: str, declarations: str) -> str:
+    return selector + "{" + declarations + "}"
+
+
+def _color_rules() -> str:
+    """Verdict (``.v0``-``.v3``, ``.vx``) and model (``.m0``-``.m5``) colours, from the same constants as the
+    figures, so the page and the PNGs agree."""
+    rules = [_css_rule(f".v{i}", f"background:{c};fill:{c}") for i, c in enumerate(VERDICT_COLORS.values())]
+    rules.append(_css_rule(".vx", f"background:{_OTHER_VERDICT_COLOR};fill:{_OTHER_VERDICT_COLOR}"))
+    rules += [_css_rule(f".m{i}", f"background:{c}") for i, c in enumerate(_MODEL_COLORS)]
+    return "".join(rules) + "\n"
+
+
+@functools.cache
+def _page_assets() -> tuple[str, str]:
+    """``(style, script)``: the text of the page's ``<style>`` and ``<script>`` elements, each hashed into the
+    Content-Security-Policy. They are ``assets/report.css`` (plus the colour rules) and ``assets/report.js``, each
+    after a newline; no data ever enters them (the script reads the digest from the JSON element)."""
+    return "\n" + _asset("report.css") + _color_rules(), "\n" + _asset("report.js")
+
+
 def _verdict_class(verdict: Any) -> str:
     text = str(verdict)
     return f"v{_VERDICT_ORDER.index(text)}" if text in _VERDICT_ORDER else "vx"
@@ -962,10 +991,11 @@ def _render_provenance(digest: Mapping[str, Any]) -> str:
 def render_html(digest: Mapping[str, Any]) -> str:
     """The report document for a digest from :func:`build_digest`."""
     title = _esc(digest["title"])
+    style, script = _page_assets()
     labels = ", ".join(m["label"] for m in digest["models"])
     csp = (
         "default-src 'none'; img-src data:; base-uri 'none'; form-action 'none'; "
-        f"script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}"
+        f"script-src {_csp_hash(script)}; style-src {_csp_hash(style)}"
     )
     tables = "".join(_render_table(m, k) for k, m in enumerate(digest["models"]))
     return (
@@ -974,7 +1004,7 @@ def render_html(digest: Mapping[str, Any]) -> str:
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<meta name='generator' content='attnscan'>"
         "<link rel='icon' href='data:,'>"
-        f"<title>{title}</title><style>{_STYLE}</style></head><body>"
+        f"<title>{title}</title><style>{style}</style></head><body>"
         f"<header><h1>{title}</h1><p class='muted'>{_esc(labels)} · generated {_esc(digest['generated'])} by "
         f"attnscan {_esc(digest['attnscan_version'])}</p>"
         "<nav><a href='#observations'>Observations</a><a href='#profile'>Layer profile</a>"
@@ -988,7 +1018,7 @@ def render_html(digest: Mapping[str, Any]) -> str:
         f"<section id='provenance'><h2>Provenance</h2>{_render_provenance(digest)}</section>"
         "</main><div id='tip' class='tip' role='status' hidden></div>"
         f"<script type='application/json' id='attnscan-data'>{_json_for_script(digest)}</script>"
-        f"<script>{_SCRIPT}</script></body></html>\n"
+        f"<script>{script}</script></body></html>\n"
     )
 
 
@@ -1111,398 +1141,3 @@ def prefix_tokens(
         return []
     enc = encode(tokenizer, texts, length, chat_template=chat_template, system_prompt=system_prompt)
     return [str(tokenizer.decode([token_id])) for token_id in shared_prefix(enc.ids)]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Page style and script (hashed into the Content-Security-Policy; data never enters these strings)
-
-_STYLE = """
-:root{--fg:#1d1d1f;--muted:#666;--line:#ddd;--bg:#fff;--soft:#f6f6f7;--accent:#1f5fbf}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:var(--fg);
-background:var(--bg)}
-header{padding:18px 28px 10px;border-bottom:1px solid var(--line);background:var(--soft)}
-header h1{margin:0 0 4px;font-size:22px}
-nav{display:flex;flex-wrap:wrap;gap:14px;margin-top:6px}
-nav a{color:var(--accent);text-decoration:none}nav a:hover{text-decoration:underline}
-main{max-width:1280px;margin:0 auto;padding:8px 28px 40px}
-section{margin-top:22px}
-h2{font-size:18px;border-bottom:1px solid var(--line);padding-bottom:4px;margin:0 0 10px}
-h3{font-size:15px;margin:16px 0 4px}
-.muted{color:var(--muted);font-size:12.5px;margin:4px 0}
-.warn{color:#8a4b00;background:#fff4e0;padding:6px 10px;border-radius:4px}
-ul.obs{margin:0;padding-left:20px}ul.obs li{margin:4px 0}
-.scroll{overflow-x:auto}
-table.data{border-collapse:collapse;font-size:12.5px;margin:6px 0}
-table.data th,table.data td{border-bottom:1px solid var(--line);padding:3px 8px;text-align:right;white-space:nowrap}
-table.data th{background:var(--soft);position:sticky;top:0}
-table.data td:first-child,table.data th:first-child,table.data .l{text-align:left}
-table.sortable th{cursor:pointer;user-select:none}
-table.sortable th::after{content:" \\2195";color:#aaa;font-size:10px}
-table.sortable th[aria-sort=ascending]::after{content:" \\25B2";color:var(--fg)}
-table.sortable th[aria-sort=descending]::after{content:" \\25BC";color:var(--fg)}
-tr.pick{cursor:pointer}tr.pick:hover td{background:#eef3fb}tr.sel td{background:#e3ecfa}
-table.prompts td.prompt{text-align:left;white-space:pre-wrap;word-break:break-word;min-width:420px;
-max-width:820px}
-table.prompts div.ptext{max-height:14em;overflow:auto}
-td.hash{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11.5px;text-align:left}
-.chip{display:inline-block;width:10px;height:10px;border-radius:50%;margin-right:6px;vertical-align:baseline}
-.swatch{display:inline-block;width:18px;height:3px;margin-right:6px;vertical-align:middle}
-.legend{display:flex;flex-wrap:wrap;gap:16px;font-size:12.5px;margin:2px 0 0 70px}
-#profile-svg{width:100%;max-width:960px;height:auto;display:block}
-#profile-svg .frame{fill:none;stroke:#bbb}
-#profile-svg .grid{stroke:#ececec}
-#profile-svg .zero{stroke:#000;stroke-width:1}
-#profile-svg .tick{font-size:11px;fill:#444}
-#profile-svg .axis{font-size:12.5px;fill:#222}
-#profile-svg .line{fill:none;stroke-width:1.6}
-#profile-svg .ci{stroke-width:1.4;opacity:.55}
-#profile-svg .pt{stroke-width:1.2;cursor:pointer}
-#profile-svg .pt:hover,#profile-svg .pt:focus{stroke-width:3;outline:none}
-#detection-svg{width:100%;max-width:960px;height:auto;display:block}
-#detection-svg .frame{fill:none;stroke:#bbb}#detection-svg .grid{stroke:#ececec}
-#detection-svg .zero{stroke:#777;stroke-dasharray:2 3}#detection-svg .tick{font-size:11px;fill:#444}
-#detection-svg .axis{font-size:12.5px;fill:#222}#detection-svg .line{fill:none;stroke-width:1.6}
-#detection-svg .ci{stroke-width:1.4;opacity:.55}#detection-svg .det{stroke-width:1.2}
-.controls{display:flex;flex-wrap:wrap;align-items:center;gap:10px;margin:6px 0 10px}
-.controls select,.controls button{font:inherit;padding:2px 6px}
-.caption{font-weight:600;margin:0 0 6px}
-#hm-zoom-box{font-size:13px}
-.panels{display:flex;flex-wrap:wrap;gap:8px}
-.panels canvas{display:block;cursor:crosshair}
-.tip{position:fixed;pointer-events:none;background:rgba(25,25,28,.94);color:#fff;font:12px/1.4 ui-monospace,Menlo,
-Consolas,monospace;padding:6px 9px;border-radius:4px;white-space:pre-wrap;max-width:560px;overflow:hidden;z-index:10}
-dl.prov{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:6px 0 10px;font-size:13px}
-dl.prov dt{color:var(--muted)}dl.prov dd{margin:0;word-break:break-all}
-pre.manifest{background:var(--soft);padding:10px;font-size:11.5px;max-height:420px;overflow:auto}
-details.pset{margin:8px 0}details.pset summary{cursor:pointer;font-weight:600}
-"""
-
-# Verdict (.v0-.v3, .vx) and model (.m0-.m5) colours, from the same constants as the figures.
-_STYLE += "".join(f".v{i}{{background:{c};fill:{c}}}" for i, c in enumerate(VERDICT_COLORS.values()))
-_STYLE += f".vx{{background:{_OTHER_VERDICT_COLOR};fill:{_OTHER_VERDICT_COLOR}}}"
-_STYLE += "".join(f".m{i}{{background:{c}}}" for i, c in enumerate(_MODEL_COLORS)) + "\n"
-
-_SCRIPT = r"""
-"use strict";
-(() => {
-  const data = JSON.parse(document.getElementById("attnscan-data").textContent);
-  const byId = (id) => document.getElementById(id);
-  const minus = (s) => s.replace(/-/g, "\u2212");
-  const tip = byId("tip");
-
-  // ---- sortable tables -------------------------------------------------------------------------------------------
-  const sortTable = (table, col, th) => {
-    const dir = th.getAttribute("aria-sort") === "ascending" ? "descending" : "ascending";
-    table.querySelectorAll("thead th").forEach((h) => h.removeAttribute("aria-sort"));
-    th.setAttribute("aria-sort", dir);
-    const numeric = th.dataset.type === "num";
-    const body = table.tBodies[0];
-    const rows = Array.from(body.rows);
-    const key = (row) => {
-      const cell = row.cells[col];
-      const raw = cell.dataset.v !== undefined ? cell.dataset.v : cell.textContent;
-      if (!numeric) return raw.toLowerCase();
-      const v = parseFloat(raw);
-      return Number.isFinite(v) ? v : null;
-    };
-    const sign = dir === "ascending" ? 1 : -1;
-    rows.sort((a, b) => {
-      const ka = key(a), kb = key(b);
-      if (ka === null || kb === null) return (ka === null) - (kb === null);
-      return ka < kb ? -sign : ka > kb ? sign : 0;
-    });
-    rows.forEach((r) => body.appendChild(r));
-  };
-  document.querySelectorAll("table.sortable").forEach((table) => {
-    table.querySelectorAll("thead th").forEach((th, col) => {
-      th.tabIndex = 0;
-      th.addEventListener("click", () => sortTable(table, col, th));
-      th.addEventListener("keydown", (e) => {
-        if (e.key === "Enter" || e.key === " ") {
-          e.preventDefault();
-          sortTable(table, col, th);
-        }
-      });
-    });
-  });
-
-  // ---- heatmaps --------------------------------------------------------------------------------------------------
-  const models = data.models;
-  const hexLut = (hex) => {
-    const out = new Uint8Array(768);
-    for (let i = 0; i < 768; i++) out[i] = parseInt(hex.substr(2 * i, 2), 16);
-    return out;
-  };
-  const luts = { log: hexLut(data.colors.log), diff: hexLut(data.colors.diff) };
-  const nanRgb = [1, 3, 5].map((i) => parseInt(data.colors.nan.substr(i, 2), 16));
-  const TITLES = { benign: "Benign", jailbreak: "Jailbreak", diff: "Difference" };
-
-  // code -> value and code -> RGBA for one model and kind (log maps or difference)
-  const tables = new Map();
-  const codeTable = (m, kind) => {
-    const family = kind === "diff" ? "diff" : "log";
-    const key = m + "|" + family;
-    if (tables.has(key)) return tables.get(key);
-    const enc = models[m].maps.encoding[family];
-    const [lo, hi] = data.ranges[family];
-    const values = new Float64Array(256);
-    const rgba = new Uint8ClampedArray(1024);
-    const lut = luts[family];
-    const scale = enc.kind === "asinh" ? Math.asinh(enc.max / enc.scale) : 0;
-    for (let c = 0; c < 256; c++) {
-      let v = NaN;
-      if (c !== enc.nan) {
-        v = enc.kind === "asinh"
-          ? enc.scale * Math.sinh(((c - 127) / 127) * scale)
-          : enc.lo + (c / 254) * (enc.hi - enc.lo);
-      }
-      values[c] = v;
-      if (Number.isNaN(v)) {
-        rgba.set([nanRgb[0], nanRgb[1], nanRgb[2], 255], 4 * c);
-      } else {
-        const t = Math.min(255, Math.max(0, Math.round(((v - lo) / (hi - lo)) * 255)));
-        rgba.set([lut[3 * t], lut[3 * t + 1], lut[3 * t + 2], 255], 4 * c);
-      }
-    }
-    const table = { values, rgba };
-    tables.set(key, table);
-    return table;
-  };
-  const decoded = new Map();
-  const viewName = (m) => (state.zoom && models[m].maps.zoom ? "zoom" : "full");
-  const codes = (m, view, kind, li) => {
-    const key = m + "|" + view + "|" + kind + "|" + li;
-    if (!decoded.has(key)) {
-      const bin = atob(models[m].maps[view].data[kind][li]);
-      const out = new Uint8Array(bin.length);
-      for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-      decoded.set(key, out);
-    }
-    return decoded.get(key);
-  };
-
-  const G = { left: 46, right: 12, top: 26, plot: 300, below: 86 };
-  const WIDTH = G.left + G.plot + G.right, HEIGHT = G.top + G.plot + G.below;
-  const tickStep = (t) => {
-    if (t >= 128) return 64 * Math.ceil(t / 64 / 8);
-    const raw = t / 6;
-    const mag = Math.pow(10, Math.floor(Math.log10(raw)));
-    for (const k of [1, 2, 5, 10]) if (k * mag >= raw) return Math.max(1, k * mag);
-    return Math.max(1, 10 * mag);
-  };
-
-  const state = { m: data.view.model, li: data.view.layer, zoom: true };
-  const panelsEl = byId("hm-panels");
-  const panels = [];
-  const ensurePanels = (kinds) => {
-    if (panels.length === kinds.length && panels.every((p, i) => p.kind === kinds[i])) return;
-    panels.length = 0;
-    panelsEl.replaceChildren();
-    kinds.forEach((kind) => {
-      const canvas = document.createElement("canvas");
-      canvas.className = "heatmap";
-      canvas.dataset.kind = kind;
-      const ratio = window.devicePixelRatio || 1;
-      canvas.width = Math.round(WIDTH * ratio);
-      canvas.height = Math.round(HEIGHT * ratio);
-      canvas.style.width = WIDTH + "px";
-      canvas.style.height = HEIGHT + "px";
-      canvas.setAttribute("role", "img");
-      canvas.setAttribute("aria-label", TITLES[kind] + " heatmap");
-      const off = document.createElement("canvas");
-      const panel = { kind, canvas, off, ratio };
-      canvas.addEventListener("mousemove", (e) => hover(panel, e));
-      canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
-      panelsEl.appendChild(canvas);
-      panels.push(panel);
-    });
-  };
-
-  const drawPanel = (panel, m, li) => {
-    const maps = models[m].maps, vname = viewName(m), view = maps[vname];
-    const n = view.size, T = view.extent, kind = panel.kind, family = kind === "diff" ? "diff" : "log";
-    const { rgba } = codeTable(m, kind);
-    const c = codes(m, vname, kind, li);
-    panel.off.width = n;
-    panel.off.height = n;
-    const octx = panel.off.getContext("2d");
-    const img = octx.createImageData(n, n);
-    for (let i = 0; i < c.length; i++) img.data.set(rgba.subarray(4 * c[i], 4 * c[i] + 4), 4 * i);
-    octx.putImageData(img, 0, 0);
-    const ctx = panel.canvas.getContext("2d");
-    ctx.setTransform(panel.ratio, 0, 0, panel.ratio, 0, 0);
-    ctx.clearRect(0, 0, WIDTH, HEIGHT);
-    ctx.imageSmoothingEnabled = false;
-    ctx.drawImage(panel.off, G.left, G.top, G.plot, G.plot);
-    ctx.fillStyle = "#1d1d1f";
-    ctx.font = "600 14px system-ui, sans-serif";
-    ctx.textAlign = "center";
-    ctx.fillText(TITLES[kind], G.left + G.plot / 2, 17);
-    // axes: token positions 0..T, query down, key across
-    ctx.font = "11px system-ui, sans-serif";
-    ctx.fillStyle = "#444";
-    ctx.strokeStyle = "#444";
-    ctx.lineWidth = 1;
-    const step = tickStep(T);
-    const ticks = [];
-    for (let p = 0; p <= T; p += step) ticks.push(p);
-    if (T - ticks[ticks.length - 1] >= step / 2) ticks.push(T);
-    for (const p of ticks) {
-      const off = (p / T) * G.plot;
-      ctx.beginPath();
-      ctx.moveTo(G.left + off, G.top + G.plot);
-      ctx.lineTo(G.left + off, G.top + G.plot + 4);
-      ctx.moveTo(G.left - 4, G.top + off);
-      ctx.lineTo(G.left, G.top + off);
-      ctx.stroke();
-      ctx.textAlign = "center";
-      ctx.fillText(String(p), G.left + off, G.top + G.plot + 15);
-      ctx.textAlign = "right";
-      ctx.fillText(String(p), G.left - 6, G.top + off + 4);
-    }
-    ctx.textAlign = "center";
-    ctx.fillStyle = "#222";
-    ctx.font = "12px system-ui, sans-serif";
-    ctx.fillText("Key token", G.left + G.plot / 2, G.top + G.plot + 30);
-    ctx.save();
-    ctx.translate(12, G.top + G.plot / 2);
-    ctx.rotate(-Math.PI / 2);
-    ctx.fillText("Query token", 0, 0);
-    ctx.restore();
-    // colour bar
-    const lut = luts[family];
-    const [lo, hi] = data.ranges[family];
-    const barY = G.top + G.plot + 40, barH = 10;
-    for (let i = 0; i < 256; i++) {
-      ctx.fillStyle = "rgb(" + lut[3 * i] + "," + lut[3 * i + 1] + "," + lut[3 * i + 2] + ")";
-      const x0 = G.left + (i / 256) * G.plot;
-      ctx.fillRect(x0, barY, Math.min(G.plot / 256 + 0.6, G.left + G.plot - x0), barH);
-    }
-    ctx.strokeStyle = "#999";
-    ctx.strokeRect(G.left + 0.5, barY + 0.5, G.plot - 1, barH - 1);
-    ctx.fillStyle = "#444";
-    ctx.font = "11px system-ui, sans-serif";
-    const bstep = family === "diff" ? 2 : 2;
-    for (let v = lo; v <= hi + 1e-9; v += bstep) {
-      const x = G.left + ((v - lo) / (hi - lo)) * G.plot;
-      ctx.textAlign = v === lo ? "left" : v >= hi - 1e-9 ? "right" : "center";
-      ctx.fillText(minus((v > 0 && family === "diff" ? "+" : "") + v), x, barY + barH + 13);
-    }
-    ctx.textAlign = "center";
-    const label = family === "diff" ? "\u0394 log attention (jailbreak \u2212 benign)" : "log attention";
-    ctx.fillText(label, G.left + G.plot / 2, barY + barH + 27);
-    panel.canvas.dataset.layer = String(maps.layers[li]);
-    panel.canvas.dataset.view = vname;
-  };
-
-  const fmtValue = (v, signed) => {
-    if (Number.isNaN(v)) return signed ? "\u2014 (not reached by both sets)" : "\u2014 (no prompt reaches)";
-    return minus((signed && v > 0 ? "+" : "") + v.toFixed(2));
-  };
-  const span = (a, b) => (a === b ? String(a) : a + "\u2013" + b);
-  const tokenText = (tokens, a, b) => {
-    if (!tokens || a >= tokens.length) return "";
-    const parts = [];
-    for (let p = a; p <= Math.min(b, tokens.length - 1); p++) parts.push(JSON.stringify(tokens[p]));
-    return parts.join(" ");
-  };
-  const hover = (panel, e) => {
-    const rect = panel.canvas.getBoundingClientRect();
-    const x = e.clientX - rect.left - G.left, y = e.clientY - rect.top - G.top;
-    if (x < 0 || y < 0 || x >= G.plot || y >= G.plot) { tip.hidden = true; return; }
-    const model = models[state.m], maps = model.maps, vname = viewName(state.m), view = maps[vname];
-    const n = view.size, f = view.factor, T = view.extent;
-    const col = Math.min(n - 1, Math.floor((x / G.plot) * n)), row = Math.min(n - 1, Math.floor((y / G.plot) * n));
-    const q0 = row * f, q1 = Math.min(T - 1, row * f + f - 1), k0 = col * f, k1 = Math.min(T - 1, col * f + f - 1);
-    const lines = ["Layer " + maps.layers[state.li] + (f > 1 ? "  (" + f + "\u00d7" + f + " block mean)" : ""),
-      "query " + span(q0, q1) + "   key " + span(k0, k1)];
-    const qt = tokenText(model.tokens, q0, q1), kt = tokenText(model.tokens, k0, k1);
-    if (qt) lines.push("query tokens: " + qt);
-    if (kt) lines.push("key tokens:   " + kt);
-    if (model.tokens && (q1 >= model.tokens.length || k1 >= model.tokens.length)) {
-      lines.push("(tokens past the shared prefix, position " + model.tokens.length + " on, vary by prompt)");
-    }
-    for (const kind of maps.kinds) {
-      const v = codeTable(state.m, kind).values[codes(state.m, vname, kind, state.li)[row * n + col]];
-      const mark = kind === panel.kind ? "\u25b8 " : "  ";
-      lines.push(mark + (TITLES[kind] + ":").padEnd(12) + fmtValue(v, kind === "diff"));
-    }
-    const reach = [];
-    for (const [name, counts] of Object.entries(maps.reach)) {
-      const lo = Math.min(...counts.slice(q0, q1 + 1)), hi = Math.max(...counts.slice(q0, q1 + 1));
-      reach.push(name + " " + span(lo, hi));
-    }
-    if (reach.length) lines.push("prompts reaching these query rows: " + reach.join(", "));
-    tip.textContent = lines.join("\n");
-    tip.hidden = false;
-    const pad = 14, w = tip.offsetWidth, h = tip.offsetHeight;
-    tip.style.left = Math.min(e.clientX + pad, window.innerWidth - w - 4) + "px";
-    tip.style.top = Math.min(e.clientY + pad, window.innerHeight - h - 4) + "px";
-  };
-
-  const modelSel = byId("hm-model"), layerSel = byId("hm-layer"), caption = byId("hm-caption");
-  const zoomBox = byId("hm-zoom"), zoomWrap = byId("hm-zoom-box"), zoomLabel = byId("hm-zoom-label");
-  const fillLayers = () => {
-    const model = models[state.m];
-    layerSel.replaceChildren();
-    model.layers.forEach((info, i) => {
-      const opt = document.createElement("option");
-      opt.value = String(i);
-      opt.textContent = "Layer " + info.layer + (info.verdict ? " \u00b7 " + info.verdict : "");
-      layerSel.appendChild(opt);
-    });
-  };
-  const render = () => {
-    const model = models[state.m];
-    const section = byId("heatmaps");
-    ensurePanels(model.maps.kinds);
-    panels.forEach((p) => drawPanel(p, state.m, state.li));
-    const zoom = model.maps.zoom;
-    zoomWrap.hidden = !zoom;
-    if (zoom) zoomLabel.textContent = "Zoom to positions 0\u2013" + (zoom.extent - 1) + " (reached by every set)";
-    zoomBox.checked = state.zoom;
-    section.dataset.view = viewName(state.m);
-    modelSel.value = String(state.m);
-    layerSel.value = String(state.li);
-    caption.textContent = model.captions[state.li];
-    section.dataset.model = model.label;
-    section.dataset.layer = String(model.maps.layers[state.li]);
-    document.querySelectorAll("tr.pick").forEach((tr) => {
-      tr.classList.toggle("sel", tr.dataset.model === String(state.m) && tr.dataset.layer === section.dataset.layer);
-    });
-  };
-  const select = (m, layer) => {
-    const li = models[m].maps.layers.indexOf(layer);
-    if (li < 0) return;
-    if (m !== state.m) { state.m = m; fillLayers(); }
-    state.li = li;
-    render();
-  };
-  modelSel.addEventListener("change", () => {
-    state.m = Number(modelSel.value);
-    state.li = 0;
-    fillLayers();
-    render();
-  });
-  layerSel.addEventListener("change", () => { state.li = Number(layerSel.value); render(); });
-  zoomBox.addEventListener("change", () => { state.zoom = zoomBox.checked; render(); });
-  const stepLayer = (d) => {
-    const n = models[state.m].maps.layers.length;
-    state.li = (state.li + d + n) % n;
-    render();
-  };
-  byId("hm-prev").addEventListener("click", () => stepLayer(-1));
-  byId("hm-next").addEventListener("click", () => stepLayer(1));
-  const pick = (el) => {
-    select(Number(el.dataset.model), Number(el.dataset.layer));
-    byId("heatmaps").scrollIntoView({ behavior: "smooth", block: "start" });
-  };
-  document.querySelectorAll("tr.pick, circle.pt").forEach((el) => {
-    el.addEventListener("click", () => pick(el));
-    el.addEventListener("keydown", (e) => { if (e.key === "Enter") pick(el); });
-  });
-  fillLayers();
-  render();
-})();
-"""
