@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Everything attnscan wants measured on a GPU, in one command, for a machine lent for a few minutes.
+#
+#   bash bench/gpu_session.sh OUTDIR        # from the repository root; about 7-9 minutes on one H100
+#
+# Uses the Python that holds torch there (python3, or $PYTHON); attnscan is taken from src/ (no install), so the
+# machine needs torch, transformers, accelerate, safetensors, tokenizers, numpy, pandas and pytest, nothing else.
+# Each step writes its own JSON and log into OUTDIR as soon as it ends, so a run cut short keeps what finished.
+# Order: the correctness checks, then the capture benchmark of the 8B architecture (the 40 % target), then the
+# other two reference architectures.
+set -u -o pipefail
+out=${1:?usage: bash bench/gpu_session.sh OUTDIR}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$out/gpu.txt"
+"$py" bench/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log" || status=1
+for preset in llama-3.1-8b mistral-7b-v0.1 gpt-j-6b; do
+    "$py" bench/capture.py --presets "$preset" --batch-sizes 1,4 --json "$out/bench-$preset.json" 2>&1 \
+        | tee "$out/bench-$preset.log" || status=1
+done
+exit $status
