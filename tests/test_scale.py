@@ -149,6 +149,26 @@ def test_with_the_buffer_an_out_of_memory_error_after_a_layer_is_retried_cleanly
     assert torch.allclose(a.blocks, b.blocks, atol=1e-5, equal_nan=True)
 
 
+def test_running_out_of_memory_while_a_batch_is_set_up_also_backs_off() -> None:
+    """The collector's per-batch masks ([B, P, P]) are allocated before the forward; an out-of-memory error there
+    is a batch too large as well."""
+    model = build_model("gpt2")
+    seqs = random_prompts((5, 9, 12, 7, 3), seed=25)
+
+    class FailsToBegin(GridCollector):
+        def begin(self, prompt_ids: list[int], starts: list[int], lengths: list[int]) -> None:
+            if len(prompt_ids) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated while allocating the batch masks)")
+            super().begin(prompt_ids, starts, lengths)
+
+    col = FailsToBegin("s", (1,), len(seqs), 12)
+    assert run_collect(model, seqs, col, route="interface", pad_id=0, batch_size=4, backoff=True) == 1
+    ref = GridCollector("s", (1,), len(seqs), 12)
+    run_collect(model, seqs, ref, route="interface", pad_id=0, batch_size=1)
+    assert torch.equal(col.result().count, ref.result().count)
+    assert torch.allclose(col.result().sums, ref.result().sums, atol=1e-6)
+
+
 def _scan_cmd(model_dir: Path, benign: Path, jail: Path, out: Path, *extra: str) -> list[str]:
     args = [sys.executable, "-m", "attnscan", "scan", "--model", str(model_dir), "--benign", str(benign)]
     return [*args, "--jailbreak", str(jail), "--out", str(out), "--length", "16", "--quiet", *extra]

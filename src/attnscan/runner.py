@@ -108,11 +108,12 @@ def run_collect(
             chunk = order[lo : lo + size]
             batch = [seqs[i] for i in chunk]
             input_ids, mask, pos, starts = make_batch(batch, pad_id, padding_side, device)
-            collector.begin([ids_of[i] for i in chunk], starts, [len(s) for s in batch])
             kwargs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
             if pass_positions:
                 kwargs["position_ids"] = pos
             try:
+                # begin() allocates the batch's [B, P, P] masks on the collector's device: it may run out too.
+                collector.begin([ids_of[i] for i in chunk], starts, [len(s) for s in batch])
                 base(**kwargs)
             except Exception as exc:
                 clean = collector.abort()
