@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from attnscan.detect import (
 )
 from attnscan.errors import AttnscanError
 from attnscan.features import extract_features
-from attnscan.models import LoadedModel, from_model
+from attnscan.models import LoadedModel, from_model, load_model
 from attnscan.scan import scan
 from conftest import build_model, tiny_tokenizer
 
@@ -485,6 +486,60 @@ def test_cli_errors(tiny_model_dir: Path, prompt_files: dict[str, Path], tmp_pat
     assert not out.exists()
     res = runner.invoke(app, [*_train_args(tiny_model_dir, prompt_files, det), "--quiet"])
     _one_line_error(res, "already holds a detector: pass --overwrite")
+
+
+def test_score_and_eval_default_to_the_training_dtype(
+    tiny_model_dir: Path, sets: dict[str, list[str]], tmp_path: Path
+) -> None:
+    """A detector trained on bfloat16 features is scored in bfloat16 unless another dtype is asked for (warns)."""
+    det = tmp_path / "bf16"
+    benign, jail = sets["benign"][:8], sets["jailbreak"][:8]
+    opts = {**OPTS, "n_bootstrap": 0, "folds": 2, "layers": "1"}
+    trained = job.train_detector(str(tiny_model_dir), benign, jail, out=det, dtype="bfloat16", device="cpu", **opts)
+    assert trained.meta["features"]["dtype"] == "bfloat16" and trained.meta["model"]["dtype"] == "bfloat16"
+    new = sentences(JAILBREAK_WORDS, 3, 30) + sentences(BENIGN_WORDS, 3, 31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training dtype: no warning
+        same = job.score_prompts(det, new, device="cpu")
+        explicit = job.score_prompts(det, new, device="cpu", dtype="bf16")
+        evaluated = job.evaluate_detector(det, new[3:], new[:3], device="cpu", n_bootstrap=0)
+    assert same.attrs["dtype"] == explicit.attrs["dtype"] == evaluated.attrs["dtype"] == "bfloat16"
+    np.testing.assert_array_equal(same["prob"], explicit["prob"])
+    # The features of the bfloat16 model, scored by the saved detector, are what the default gives.
+    bf16 = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    feats = extract_features(bf16, new, layers=[1], last_k=4, length=32)
+    np.testing.assert_array_equal(same["prob"], trained.detectors[1].predict_proba(feats.tensors[1]))
+
+    mismatch = "trained on bfloat16 features but the model runs in float32"
+    with pytest.warns(UserWarning, match=mismatch):
+        other = job.score_prompts(det, new, device="cpu", dtype="float32")
+    assert other.attrs["dtype"] == "float32" and not np.array_equal(other["prob"], same["prob"])
+    with pytest.warns(UserWarning, match=mismatch):
+        job.evaluate_detector(det, new[3:], new[:3], device="cpu", dtype="auto", n_bootstrap=0)  # auto: CPU float32
+    f32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    with pytest.warns(UserWarning, match=mismatch):  # a loaded model in another dtype warns too
+        job.score_prompts(det, new, model=f32)
+
+
+def test_cli_score_dtype_follows_training(tiny_model_dir: Path, prompt_files: dict[str, Path], tmp_path: Path) -> None:
+    det = tmp_path / "det"
+    args = [*_train_args(tiny_model_dir, prompt_files, det), "--layers", "1", "--bootstrap", "0", "--dtype", "bfloat16"]
+    res = runner.invoke(app, [*args, "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.stderr
+    score = ["detect", "score", str(det), "--prompts", str(prompt_files["new_jail"]), "--device", "cpu", "--quiet"]
+    res = runner.invoke(app, [*score, "--out", str(tmp_path / "same.csv")])
+    assert res.exit_code == 0 and res.stderr == "", res.stderr  # no --dtype: bfloat16, as trained, no warning
+    res = runner.invoke(app, [*score, "--out", str(tmp_path / "f32.csv"), "--dtype", "float32"])
+    assert res.exit_code == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the detector was trained on bfloat16 features"), lines
+    assert "runs in float32" in lines[0]
+    evaluate = ["detect", "eval", str(det), "--benign", str(prompt_files["new_benign"]), "--device", "cpu"]
+    evaluate += ["--jailbreak", str(prompt_files["new_jail"]), "--bootstrap", "0", "--quiet"]
+    res = runner.invoke(app, evaluate)
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+    res = runner.invoke(app, [*evaluate, "--dtype", "float32"])
+    assert res.exit_code == 0 and "warning: the detector was trained on bfloat16 features" in res.stderr
 
 
 # --------------------------------------------------------------------------------------------------- embedded model

@@ -20,6 +20,7 @@ from matplotlib.colorbar import Colorbar
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.legend import Legend
 from matplotlib.transforms import Bbox
 
 from attnscan import AttnscanError, ScanResult
@@ -442,6 +443,16 @@ def _scatters(ax: Axes) -> list[PathCollection]:
     return [c for c in ax.collections if isinstance(c, PathCollection)]
 
 
+def _legends(fig: Figure) -> dict[str, Legend]:
+    """The figure's legends by their ``attnscan:legend:*`` label."""
+    found = [leg for leg in fig.findobj(Legend) if isinstance(leg, Legend)]
+    return {leg.get_label(): leg for leg in found if leg.get_label().startswith("attnscan:legend:")}
+
+
+def _texts(legend: Legend) -> list[str]:
+    return [t.get_text() for t in legend.get_texts()]
+
+
 def test_layer_profile_puts_models_of_different_depth_on_one_axis() -> None:
     tables = {"GPT-J-6B": _table(28, 1), "Llama-3.1-8B": _table(32, 2)}
     fig = layer_profile_figure(tables)
@@ -459,9 +470,10 @@ def test_layer_profile_puts_models_of_different_depth_on_one_axis() -> None:
     # A zero line, an interval band per model, legends for models (with depths) and verdicts.
     assert any(np.allclose(line.get_ydata(), 0) and len(line.get_ydata()) == 2 for line in ax.get_lines())
     assert sum(1 for c in ax.collections if not isinstance(c, PathCollection)) == 2
-    legends = {leg.get_label(): [t.get_text() for t in leg.get_texts()] for leg in fig.legends}
+    legends = {label: _texts(leg) for label, leg in _legends(fig).items()}
     assert legends["attnscan:legend:models"] == ["GPT-J-6B (28 layers)", "Llama-3.1-8B (32 layers)"]
     assert legends["attnscan:legend:verdicts"] == [v for v in VERDICT_COLORS]
+    assert "attnscan:legend:detection" not in legends, "no detection panel, no detection legend"
     assert "Relative layer depth" in ax.get_xlabel()
     assert ax.child_axes == [], "different depths: no absolute layer axis"
     _draw(fig)
@@ -594,3 +606,63 @@ def test_layer_profile_with_detection_auroc_below() -> None:
         layer_profile_figure(
             tables, detection={"GPT-J-6B": detection["GPT-J-6B"].drop(columns=["cp_auroc", "probe_auroc"])}
         )
+
+
+def _detection(tables: dict[str, pd.DataFrame], threshold: float | None = None) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name, t in tables.items():
+        auroc = np.linspace(0.5, 0.98, len(t))
+        out[name] = pd.DataFrame({"layer": np.arange(len(t)), "cp_auroc": auroc, "probe_auroc": auroc[::-1]})
+        if threshold is not None:
+            out[name].attrs["threshold"] = threshold
+    return out
+
+
+def _flat_levels(ax: Axes) -> list[float]:
+    return sorted(float(ln.get_ydata()[0]) for ln in ax.get_lines() if len(ln.get_ydata()) == 2)
+
+
+def test_layer_profile_names_the_flag_threshold_in_the_detection_legend() -> None:
+    tables = {"GPT-J-6B": _table(28, 1), "Llama-3.1-8B": _table(32, 2)}
+    # Given explicitly: one grey line for both models, named with its value.
+    fig = layer_profile_figure(tables, detection=_detection(tables), threshold=0.9)
+    texts = _texts(_legends(fig)["attnscan:legend:detection"])
+    assert "flag threshold (AUROC 0.90)" in texts and "chance (AUROC 0.50)" in texts
+    assert _flat_levels(fig.axes[1]) == [0.5, 0.9]
+    # From the tables' attrs; two models with different thresholds get a line each and one entry naming both.
+    det = _detection(tables, threshold=0.9)
+    det["Llama-3.1-8B"].attrs["threshold"] = 0.875
+    fig = layer_profile_figure(tables, detection=det)
+    assert "flag thresholds (AUROC 0.875, 0.90)" in _texts(_legends(fig)["attnscan:legend:detection"])
+    assert _flat_levels(fig.axes[1]) == [0.5, 0.875, 0.9]
+    # No threshold anywhere (e.g. a detection.csv read back without attrs): no line and no entry.
+    fig = layer_profile_figure(tables, detection=_detection(tables))
+    texts = _texts(_legends(fig)["attnscan:legend:detection"])
+    assert not any("threshold" in t for t in texts) and "chance (AUROC 0.50)" in texts
+    assert _flat_levels(fig.axes[1]) == [0.5]
+
+
+@pytest.mark.parametrize("dpi", [72, 200])
+def test_layer_profile_stacks_its_legends_beside_the_panels(dpi: int) -> None:
+    tables = {"GPT-J-6B": _table(28, 1), "Llama-3.1-8B": _table(32, 2)}
+    fig = layer_profile_figure(tables, detection=_detection(tables, 0.9), title="Profile", dpi=dpi)
+    _draw(fig)
+    shift_ax, det_ax = fig.axes[:2]
+    legends = _legends(fig)
+    boxes = {label.rsplit(":", 1)[1]: leg.get_window_extent() for label, leg in legends.items()}
+    models, verdicts, detection = boxes["models"], boxes["verdicts"], boxes["detection"]
+    shift_box, det_box = shift_ax.get_window_extent(), det_ax.get_window_extent()
+    inch = fig.dpi
+    # One column right of the panels: every legend starts just right of the axes, at the same x.
+    for box in (models, verdicts, detection):
+        assert shift_box.x1 < box.x0 < shift_box.x1 + 0.3 * inch
+        assert box.x0 == pytest.approx(models.x0)
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1), "legend cut off"
+    # Models level with the top panel's top, verdicts right below it (no overlap, no wide gap), detection level
+    # with the detection panel's top.
+    assert models.y1 == pytest.approx(shift_box.y1, abs=2)
+    assert 0 < models.y0 - verdicts.y1 < 0.3 * inch
+    assert verdicts.y0 > shift_box.y0
+    assert detection.y1 == pytest.approx(det_box.y1, abs=2)
+    # The column is no wider than its widest legend (plus the gap to the axes).
+    assert fig.bbox.x1 - shift_box.x1 < max(b.width for b in (models, verdicts, detection)) + 0.5 * inch

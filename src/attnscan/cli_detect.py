@@ -21,6 +21,10 @@ DetLengthOpt = Annotated[int, typer.Option(help="Most tokens per prompt; longer 
 DetBatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
 DetTruncateOpt = Annotated[str, typer.Option(help="Keep the 'head' or the 'tail' (default) of long prompts.")]
 BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals.")]
+ScoreDtypeOpt = Annotated[
+    str | None,
+    typer.Option(help="auto, float32, bfloat16 or float16 (default: the dtype the detector was trained with)."),
+]
 OtherModelOpt = Annotated[
     bool, typer.Option(help="Score with a model other than the training one (warns instead of refusing).")
 ]
@@ -230,7 +234,7 @@ def register(app: typer.Typer) -> None:
         limit: LimitOpt = None,
         seed: SeedOpt = 0,
         batch_size: DetBatchOpt = 8,
-        dtype: DtypeOpt = "auto",
+        dtype: ScoreDtypeOpt = None,
         device: DeviceOpt = "auto",
         allow_other_model: OtherModelOpt = False,
         trust_remote_code: RemoteOpt = False,
@@ -297,7 +301,7 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         bootstrap: BootstrapOpt = 1000,
         batch_size: DetBatchOpt = 8,
-        dtype: DtypeOpt = "auto",
+        dtype: ScoreDtypeOpt = None,
         device: DeviceOpt = "auto",
         allow_other_model: OtherModelOpt = False,
         trust_remote_code: RemoteOpt = False,

@@ -686,8 +686,14 @@ def metrics(y_true: npt.ArrayLike, score: npt.ArrayLike, threshold: float = 0.5)
     }
 
 
-def _folds(y: IntArray, k: int) -> int:
-    """``k`` reduced to what the smaller class allows (with a warning); errors below two prompts per class."""
+def usable_folds(y: IntArray, k: int) -> int:
+    """The number of stratified cross-validation folds the labels allow: ``k``, reduced (with a warning) to the
+    size of the smaller class when that is below ``k``.
+
+    ``y`` is ``int [N]`` (1 = jailbreak, 0 = benign). Raises :class:`~attnscan.errors.AttnscanError` for ``k < 2``
+    or fewer than two prompts in either class. The warning names the caller's caller (``stacklevel=3``), so a
+    function that calls this for its user gets the user's line.
+    """
     if k < 2:
         raise AttnscanError(f"cross-validation needs k >= 2 folds, got {k}")
     smallest = int(min(y.sum(), y.size - y.sum()))
@@ -734,7 +740,7 @@ def cross_validate(
 
     x = np.asarray(X)
     labels = _labels(y, x.shape[0] if x.ndim else 0)
-    k_used = _folds(labels, int(k))
+    k_used = usable_folds(labels, int(k))
     oof = np.full(labels.shape, np.nan, dtype=np.float64)
     fold = np.full(labels.shape, -1, dtype=np.int64)
     splitter = StratifiedKFold(n_splits=k_used, shuffle=True, random_state=seed)
@@ -743,7 +749,7 @@ def cross_validate(
         oof[test] = detector.predict_proba(x[test])
         fold[test] = i
     out: dict[str, Any] = dict(metrics(labels, oof))
-    auc_ci, tpr_ci = _bootstrap(labels, oof, n_bootstrap, seed)
+    auc_ci, tpr_ci = bootstrap_intervals(labels, oof, n_bootstrap, seed)
     out.update(
         auroc_low=auc_ci[0],
         auroc_high=auc_ci[1],
@@ -758,10 +764,19 @@ def cross_validate(
     return out
 
 
-def _bootstrap(
+def bootstrap_intervals(
     y: IntArray, score: FloatArray, n_bootstrap: int, seed: int, chunk: int = 256
 ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """95 % percentile intervals of AUROC and TPR@5 %FPR over class-stratified resamples of the prompts."""
+    """95 % percentile bootstrap intervals ``((auroc_low, auroc_high), (tpr5_low, tpr5_high))`` of the AUROC and
+    of the TPR at 5 % FPR of the scores ``score`` (``float [N]``) against the labels ``y`` (``int [N]``, 1 =
+    jailbreak).
+
+    Each of the ``n_bootstrap`` resamples draws the jailbreak and the benign prompts with replacement within their
+    class (so the class counts stay fixed), from a generator seeded with ``seed``; ``chunk`` resamples are scored at
+    once, which bounds the memory and does not change the result. ``n_bootstrap <= 0`` gives NaN intervals. These
+    are the intervals of :func:`cross_validate` and of the ``*_low``/``*_high`` columns of
+    :func:`layer_detection_table`.
+    """
     nan = (float("nan"), float("nan"))
     if n_bootstrap <= 0:
         return nan, nan
@@ -781,7 +796,9 @@ def _bootstrap(
 
 # --------------------------------------------------------------------------------------------------- layer table
 
-_METRIC_COLUMNS = (
+#: The per-detector metric names of a detection table, in column order: ``cp_<name>`` and ``probe_<name>`` in
+#: :func:`layer_detection_table`, the same in :func:`attnscan.detect_job.evaluate_detector`.
+METRIC_COLUMNS = (
     "auroc",
     "auroc_low",
     "auroc_high",
@@ -842,14 +859,14 @@ def layer_detection_table(
     if not layer_sets[0]:
         raise AttnscanError("no layers given")
     labels = _labels(y)
-    k_used = _folds(labels, int(k))  # warns once here rather than once per layer and detector
+    k_used = usable_folds(labels, int(k))  # warns once here rather than once per layer and detector
     rows: list[dict[str, Any]] = []
     for layer in layer_sets[0]:
         row: dict[str, Any] = {"layer": layer}
         for name, (features, make) in sources.items():
             res = cross_validate(make, features[layer], labels, k=k_used, seed=seed, n_bootstrap=n_bootstrap)
             row.update(n=int(res["n"]), n_jailbreak=int(res["n_jailbreak"]), k=res["k"])
-            row.update({f"{name}_{m}": res[m] for m in _METRIC_COLUMNS})
+            row.update({f"{name}_{m}": res[m] for m in METRIC_COLUMNS})
         row["flagged"] = bool(row[f"{flag_on}_auroc"] >= threshold)
         rows.append(row)
     table = pd.DataFrame(rows)

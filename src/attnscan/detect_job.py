@@ -31,8 +31,9 @@ Detector directory (``train_detector(out=DIR)``; written atomically: complete or
 - ``detection.csv``: :func:`attnscan.detect.layer_detection_table` — cross-validated (out-of-fold) metrics per
   layer with bootstrap intervals and the ``flagged`` column.
 
-Scoring and evaluation load the model recorded in ``meta["model"]`` unless one is given, and compute the features
-with the recorded settings (only the layers asked for). A model other than the training one is refused (see
+Scoring and evaluation load the model recorded in ``meta["model"]`` unless one is given, in the dtype the training
+features were computed in unless another is asked for (which warns), and compute the features with the recorded
+settings (only the layers asked for). A model other than the training one is refused (see
 :func:`check_model`) unless ``allow_other_model=True``, which warns instead: a detector reads one model's
 internals and its scores mean nothing on another's.
 """
@@ -55,20 +56,20 @@ import pandas as pd
 
 from .accumulate import Align
 from .detect import (
-    _METRIC_COLUMNS,
     META_FILE,
+    METRIC_COLUMNS,
     STATE_FILE,
     CPDetector,
     Detector,
     ProbeDetector,
-    _bootstrap,
-    _folds,
     best_layer,
+    bootstrap_intervals,
     flagged_layers,
     layer_detection_table,
     load_detector,
     metrics,
     save_detector,
+    usable_folds,
 )
 from .errors import AttnscanError
 from .features import DEFAULT_LAST_K, extract_features
@@ -360,19 +361,39 @@ def check_model(trained: Mapping[str, Any], loaded: LoadedModel, *, allow_other_
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def _trained_dtype(meta: Mapping[str, Any]) -> str | None:
+    """The torch dtype (``"float32"``, ``"bfloat16"``, ...) the detector's training features were computed in:
+    ``meta["features"]["dtype"]``, else the training model's ``meta["model"]["dtype"]``; ``None`` if neither is
+    recorded."""
+    for part in ("features", "model"):
+        record = meta.get(part)
+        if isinstance(record, Mapping) and record.get("dtype"):
+            return str(record["dtype"])
+    return None
+
+
 def _get_model(
     model: str | LoadedModel | None,
-    record: Mapping[str, Any],
+    meta: Mapping[str, Any],
     *,
     allow_other_model: bool,
-    dtype: str,
+    dtype: str | None,
     device: str,
     trust_remote_code: bool,
     allow_pickle: bool,
 ) -> LoadedModel:
+    """The model to score with (``model``, else the recorded one), loaded in ``dtype`` (``None``: the training
+    dtype, see :func:`_trained_dtype`), checked against the training model; warns when it runs in another dtype
+    than training, since the features, and so the scores, shift with the precision."""
+    from .models import DTYPES
+
+    record = meta.get("model", {})
+    trained = _trained_dtype(meta)
     if isinstance(model, LoadedModel):
         loaded = model
     else:
+        if dtype is None:
+            dtype = trained if trained is not None and trained in DTYPES else "auto"
         spec = model if model is not None else record.get("load_spec")
         if not spec:
             raise AttnscanError(
@@ -391,6 +412,14 @@ def _get_model(
             allow_pickle=allow_pickle,
         )
     check_model(record, loaded, allow_other_model=allow_other_model)
+    here = str(loaded.dtype).removeprefix("torch.")
+    if trained is not None and here != trained:
+        warnings.warn(
+            f"the detector was trained on {trained} features but the model runs in {here}: scores may differ from "
+            f"training; load it in {trained} (what leaving out dtype / --dtype does)",
+            UserWarning,
+            stacklevel=3,
+        )
     return loaded
 
 
@@ -691,7 +720,7 @@ def train_detector(
     t_features = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    k_used = _folds(y, folds)  # warns once when the smaller set is below ``folds``
+    k_used = usable_folds(y, folds)  # warns once when the smaller set is below ``folds``
     rows: list[pd.DataFrame] = []
     cps: dict[int, CPDetector] = {}
     probes: dict[int, ProbeDetector] = {}
@@ -780,7 +809,7 @@ def score_prompts(
     batch_size: int = 8,
     progress: ProgressFn | None = None,
     allow_other_model: bool = False,
-    dtype: str = "auto",
+    dtype: str | None = None,
     device: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
@@ -788,14 +817,16 @@ def score_prompts(
     """Jailbreak probability of each prompt from a trained detector.
 
     The model recorded in the detector is loaded unless ``model`` (a spec or LoadedModel) is given (see
-    :func:`check_model`); the features are computed with the detector's recorded settings at one ``layer``
-    (default: the detector's best layer) and scored by its ``kind`` detector (default: the primary one, ``cp``
-    unless trained with ``flag_on="probe"``).
+    :func:`check_model`), in ``dtype`` (default ``None``: the dtype of training, ``meta["features"]["dtype"]``; a
+    model running in another dtype gets a warning, since its features and so its scores shift). The features are
+    computed with the detector's recorded settings at one ``layer`` (default: the detector's best layer) and scored
+    by its ``kind`` detector (default: the primary one, ``cp`` unless trained with ``flag_on="probe"``).
 
     Returns one row per prompt, in input order, with columns ``index`` (0-based position in ``prompts``),
     ``preview`` (:func:`preview` of the text), ``n_tokens`` (tokens the model read, chat template included, after
     truncation), ``layer``, ``detector`` (``cp`` or ``probe``), ``prob`` (probability of jailbreak, float in
-    [0, 1]) and ``flagged`` (``prob >= threshold``). ``frame.attrs`` records the detector, model and prompt set.
+    [0, 1]) and ``flagged`` (``prob >= threshold``). ``frame.attrs`` records the detector, the model and its
+    ``dtype``, and the prompt set.
     """
     trained = detector_dir if isinstance(detector_dir, TrainedDetector) else load_trained(detector_dir)
     chosen_kind: Kind = kind or trained.primary
@@ -806,7 +837,7 @@ def score_prompts(
     ps = _as_set(prompts, "prompts")
     loaded = _get_model(
         model,
-        trained.meta.get("model", {}),
+        trained.meta,
         allow_other_model=allow_other_model,
         dtype=dtype,
         device=device,
@@ -835,6 +866,7 @@ def score_prompts(
         kind=chosen_kind,
         threshold=threshold,
         model=loaded.spec,
+        dtype=str(loaded.dtype).removeprefix("torch."),
         prompts=ps.provenance(),
     )
     return frame
@@ -853,7 +885,7 @@ def evaluate_detector(
     batch_size: int = 8,
     progress: ProgressFn | None = None,
     allow_other_model: bool = False,
-    dtype: str = "auto",
+    dtype: str | None = None,
     device: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
@@ -868,6 +900,8 @@ def evaluate_detector(
     definitions of :func:`attnscan.detect.metrics` and :func:`attnscan.detect.cross_validate` (intervals resample
     prompts within each class, ``n_bootstrap`` times with ``seed``) — and, from training, ``cv_cp_auroc``,
     ``cv_probe_auroc`` and ``cv_flagged``. Warns when evaluation prompts were among the training prompts.
+
+    The model is found and loaded as in :func:`score_prompts` (``dtype=None`` means the dtype of training).
     """
     trained = detector_dir if isinstance(detector_dir, TrainedDetector) else load_trained(detector_dir)
     chosen = trained.check_layers(layers)
@@ -889,7 +923,7 @@ def evaluate_detector(
     y = np.asarray([0] * len(sets["benign"]) + [1] * len(sets["jailbreak"]), dtype=np.int64)
     loaded = _get_model(
         model,
-        trained.meta.get("model", {}),
+        trained.meta,
         allow_other_model=allow_other_model,
         dtype=dtype,
         device=device,
@@ -910,9 +944,9 @@ def evaluate_detector(
         for kind_name, x in pairs:
             prob = trained.detector(layer, kind_name).predict_proba(x)
             m = metrics(y, prob, threshold=threshold)
-            (auc_lo, auc_hi), (tpr_lo, tpr_hi) = _bootstrap(y, prob, n_bootstrap, seed)
+            (auc_lo, auc_hi), (tpr_lo, tpr_hi) = bootstrap_intervals(y, prob, n_bootstrap, seed)
             m.update(auroc_low=auc_lo, auroc_high=auc_hi, tpr5_low=tpr_lo, tpr5_high=tpr_hi)
-            row.update({f"{kind_name}_{name}": m[name] for name in _METRIC_COLUMNS})
+            row.update({f"{kind_name}_{name}": m[name] for name in METRIC_COLUMNS})
         for col in ("cp_auroc", "probe_auroc", "flagged"):
             row[f"cv_{col}"] = cv.at[layer, col] if layer in cv.index and col in cv.columns else np.nan
         rows.append(row)
@@ -920,6 +954,7 @@ def evaluate_detector(
     frame.attrs.update(
         detector=str(trained.path) if trained.path else None,
         model=loaded.spec,
+        dtype=str(loaded.dtype).removeprefix("torch."),
         sets=[{**ps.provenance(), "role": name} for name, ps in sets.items()],
         n_bootstrap=n_bootstrap,
         seed=seed,

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from matplotlib.colors import Colormap, Normalize
     from matplotlib.figure import Figure, SubFigure
     from matplotlib.image import AxesImage
+    from matplotlib.legend import Legend
+    from matplotlib.lines import Line2D
     from matplotlib.typing import LineStyleType
 
     from .result import ScanResult
@@ -83,6 +85,10 @@ _FS_TITLE = 13
 _FS_LABEL = 11
 _FS_TICK = 9.5
 _MAX_TICK_INTERVALS = 8
+# Legends of the layer profile: inches between an axes and its legend column, and between stacked legends.
+_LEGEND_PAD = 0.12
+_LEGEND_GAP = 0.15
+_THRESHOLD_COLOR = "#888888"
 
 
 @dataclass
@@ -381,6 +387,11 @@ def layer_profile_figure(
 
     Points are coloured by verdict (:data:`VERDICT_COLORS`; other verdicts dark grey), the interval is a shaded band
     in the model's line colour, and a horizontal line marks zero.
+
+    Legends sit in one column right of the panels: "Model" and, directly below it, "Verdict" beside the top panel,
+    "Detection" beside the detection panel (its line styles, chance, and the flag threshold with its value when one
+    is drawn; models whose tables give different thresholds get one line each). The legends carry the labels
+    ``attnscan:legend:models``, ``attnscan:legend:verdicts`` and ``attnscan:legend:detection``.
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -400,6 +411,7 @@ def layer_profile_figure(
     depths: dict[str, int] = {}
     model_handles = []
     verdicts_seen: list[str] = []
+    levels: list[float] = []  # flag thresholds of the detection panel, each drawn once
     for k, (key, table) in enumerate(tables.items()):
         cols = _columns(key, table, needed)
         order = np.argsort(cols["layer"], kind="stable")
@@ -420,7 +432,9 @@ def layer_profile_figure(
             if v not in verdicts_seen:
                 verdicts_seen.append(v)
         if det_ax is not None and detection is not None and key in detection:
-            _detection_lines(det_ax, key, detection[key], depth, color, marker, threshold)
+            level = _detection_lines(det_ax, key, detection[key], depth, color, marker, threshold)
+            if level is not None and level not in levels:
+                levels.append(level)
         model_handles.append(
             Line2D(
                 [],
@@ -443,15 +457,19 @@ def layer_profile_figure(
         det_ax.tick_params(labelsize=_FS_TICK)
         det_ax.grid(True, color="#e6e6e6", linewidth=0.7, zorder=0)
         det_ax.set_axisbelow(True)
-        det_ax.legend(
-            handles=[
-                Line2D([], [], color="#444444", linestyle="-", label="CP detector (95 % CI band)"),
-                Line2D([], [], color="#444444", linestyle="--", label="hidden-state probe"),
-                Line2D([], [], color="#444444", marker="o", linestyle="", label="flagged layer"),
-            ],
-            loc="lower right",
-            fontsize=_FS_TICK - 1,
-        )
+        det_handles = [
+            Line2D([], [], color="#444444", linestyle="-", label="CP detector (95 % CI band)"),
+            Line2D([], [], color="#444444", linestyle="--", label="hidden-state probe"),
+            Line2D([], [], color="#444444", marker="o", linestyle="", label="flagged layer"),
+            Line2D([], [], color="black", linewidth=0.8, linestyle=":", label="chance (AUROC 0.50)"),
+        ]
+        if levels:
+            for level in levels:
+                det_ax.axhline(level, color=_THRESHOLD_COLOR, linewidth=0.8, zorder=1)
+            values = ", ".join(f"{v:.2f}" if round(v, 2) == v else f"{v:g}" for v in sorted(levels))
+            name = "flag threshold" if len(levels) == 1 else "flag thresholds"
+            det_handles.append(Line2D([], [], color=_THRESHOLD_COLOR, linewidth=0.8, label=f"{name} (AUROC {values})"))
+        _side_legend(fig, det_ax, det_handles, "Detection", "attnscan:legend:detection")
     else:
         ax.set_xlabel("Relative layer depth  (layer / (layers − 1))", fontsize=_FS_LABEL)
     ax.set_ylabel(ylabel if ylabel is not None else _YLABELS.get(value, value), fontsize=_FS_LABEL)
@@ -489,17 +507,39 @@ def layer_profile_figure(
         )
         for v in ordered
     ]
-    leg_models = fig.legend(
-        handles=model_handles, loc="outside right upper", title="Model", fontsize=_FS_TICK, title_fontsize=_FS_LABEL
-    )
-    leg_models.set_label("attnscan:legend:models")
-    leg_verdicts = fig.legend(
-        handles=verdict_handles, loc="outside right lower", title="Verdict", fontsize=_FS_TICK, title_fontsize=_FS_LABEL
-    )
-    leg_verdicts.set_label("attnscan:legend:verdicts")
+    # Both legends in one column right of the top panel, the verdicts directly below the models.
+    leg_models = _side_legend(fig, ax, model_handles, "Model", "attnscan:legend:models")
+    below = leg_models.get_window_extent().height / fig.dpi + _LEGEND_GAP
+    _side_legend(fig, ax, verdict_handles, "Verdict", "attnscan:legend:verdicts", down=below)
     if title:
         fig.suptitle(title, fontsize=_FS_SUPTITLE - 2, fontweight="bold")
     return fig
+
+
+def _side_legend(fig: Figure, ax: Axes, handles: Sequence[Line2D], title: str, label: str, down: float = 0.0) -> Legend:
+    """A legend outside ``ax`` (of ``fig``), its upper left corner just right of the axes' top right corner and
+    ``down`` inches lower; labelled ``label`` so tests can find it. Constrained layout keeps room for it."""
+    from matplotlib.legend import Legend
+    from matplotlib.transforms import ScaledTranslation
+
+    anchor = ax.transAxes + ScaledTranslation(_LEGEND_PAD, -down, fig.dpi_scale_trans)
+    legend = Legend(
+        ax,
+        list(handles),
+        [str(h.get_label()) for h in handles],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        bbox_transform=anchor,
+        borderaxespad=0.0,
+        title=title,
+        fontsize=_FS_TICK - 0.5,
+        title_fontsize=_FS_LABEL - 1,
+        alignment="left",
+    )
+    legend.set_label(label)
+    ax.add_artist(legend)
+    legend.set_clip_on(False)  # add_artist clips to the axes, which would hide it and keep it out of the layout
+    return legend
 
 
 def _detection_lines(
@@ -510,8 +550,9 @@ def _detection_lines(
     color: str,
     marker: str,
     threshold: float | None,
-) -> None:
-    """One model's detection AUROC per layer on ``ax`` (see :func:`layer_profile_figure`)."""
+) -> float | None:
+    """One model's detection AUROC per layer on ``ax`` (see :func:`layer_profile_figure`); returns its flag
+    threshold (``threshold``, else the table's ``attrs["threshold"]``, else ``None``), which the caller draws."""
     if "layer" not in table.columns or not ({"cp_auroc", "probe_auroc"} & set(table.columns)):
         raise AttnscanError(
             f"detection table '{key}' needs a 'layer' column and cp_auroc and/or probe_auroc: give the "
@@ -535,8 +576,7 @@ def _detection_lines(
     if "probe_auroc" in frame.columns:
         ax.plot(x, frame["probe_auroc"].to_numpy(dtype=np.float64), color=color, linestyle="--", linewidth=1.2)
     level = threshold if threshold is not None else table.attrs.get("threshold")
-    if level is not None:
-        ax.axhline(float(level), color="#888888", linewidth=0.8, zorder=1)
+    return None if level is None else float(level)
 
 
 _PICK_COLUMNS = ("layer", "effect", "q_signed", "q_abs", "verdict")
