@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnscan.behave import load_jsonl, wilson_interval
+from attnscan.behave import ClassifierJudge, load_jsonl, wilson_interval
 from attnscan.cli import app
 from attnscan.defend import defend, detector_layers, scan_layer_order, sweep_table
 from attnscan.errors import AttnscanError
@@ -47,9 +47,10 @@ def _behave(model: Path | str, prompts: tuple[Path, Path], out: Path, *extra: st
     return runner.invoke(app, [*args, "--out", str(out), "--max-new-tokens", "4", "--quiet", *extra])
 
 
-def _defend(model: Path | str, prompts: tuple[Path, Path], out: Path, *extra: str) -> Any:
+def _defend(model: Path | str, prompts: tuple[Path, Path], out: Path, *extra: str, width: int | None = None) -> Any:
     args = ["defend", "--model", str(model), "--benign", str(prompts[0]), "--jailbreak", str(prompts[1])]
-    return runner.invoke(app, [*args, "--out", str(out), "--max-new-tokens", "4", "--quiet", *extra])
+    env = {"COLUMNS": str(width)} if width else None  # the summary tables' width
+    return runner.invoke(app, [*args, "--out", str(out), "--max-new-tokens", "4", "--quiet", *extra], env=env)
 
 
 def _ok(res: Any) -> None:
@@ -236,6 +237,47 @@ def test_defend_layers_with_sweep(tiny_model_dir: Path, prompts: tuple[Path, Pat
     assert _leftovers(tmp_path) == []
 
 
+def test_defend_with_judge(tiny_model_dir: Path, judge_dir: Path, prompts: tuple[Path, Path], tmp_path: Path) -> None:
+    out = tmp_path / "def"
+    extra = ["--layers", "2,0", "--sweep", "0,1,2", "--no-perplexity", "--judge", str(judge_dir)]
+    res = _defend(tiny_model_dir, prompts, out, *extra, "--judge-refusal-labels", "refused", width=200)
+    _ok(res)
+    assert res.stdout.count("judge: refused") == res.stdout.count("judge: kept") == 2  # defence and sweep tables
+    # the judge's calls, made here on the responses the run wrote
+    judge = ClassifierJudge(judge_dir, device="cpu")
+    records = load_jsonl(out / "responses.jsonl") + load_jsonl(out / "sweep_responses.jsonl")
+    assert [r["judge_label"] for r in records] == judge.classify([r["response"] for r in records])
+    assert all(r["judge_refusal"] == (r["judge_label"] == "refused") for r in records)
+
+    def judged(recs: list[dict[str, Any]], set_name: str) -> int:
+        return sum(r["judge_label"] == "refused" for r in recs if r["set"] == set_name)
+
+    table = _csv(out / "defence.csv")
+    sweep = _csv(out / "sweep.csv").set_index("k")
+    for variant, row in zip(table["variant"], table.itertuples(), strict=True):
+        recs = [r for r in records if r.get("variant") == variant and "k" not in r]
+        k_jb, k_bn = judged(recs, "jailbreak"), judged(recs, "benign")
+        assert row.jailbreak_judge_refusals == k_jb and row.benign_judge_refusals == k_bn
+        assert row.jailbreak_judge_refusal_rate == pytest.approx(k_jb / 2)
+        assert row.jailbreak_judge_refusal_high == pytest.approx(wilson_interval(k_jb, 2)[1])
+        assert row.benign_judge_retention == pytest.approx(1 - k_bn / 3)
+        assert row.benign_judge_retention_low == pytest.approx(wilson_interval(3 - k_bn, 3)[0])
+    for k in (1, 2):
+        recs = [r for r in records if r.get("k") == k]
+        assert sweep.loc[k, "jailbreak_judge_refusal_rate"] == pytest.approx(judged(recs, "jailbreak") / 2)
+        assert sweep.loc[k, "benign_judge_retention"] == pytest.approx(1 - judged(recs, "benign") / 3)
+    assert sweep.loc[0, "jailbreak_judge_refusal_rate"] == table.loc[0, "jailbreak_judge_refusal_rate"]
+    meta = json.loads((out / "defence.json").read_text())
+    assert meta["judge"]["refusal_labels"] == ["refused"]
+
+    # without refusal labels the judge still labels every response, and its rates are unknown
+    bare = tmp_path / "bare"
+    _ok(_defend(tiny_model_dir, prompts, bare, "--layers", "1", "--no-perplexity", "--judge", str(judge_dir)))
+    table = pd.read_csv(bare / "defence.csv")
+    assert table["jailbreak_judge_refusal_rate"].isna().all() and table["benign_judge_retention"].isna().all()
+    assert all(r["judge_refusal"] is None for r in load_jsonl(bare / "responses.jsonl"))
+
+
 def _layers_csv(bundle: Path, **columns: list[float]) -> None:
     bundle.mkdir()
     (bundle / "manifest.json").write_text(json.dumps({"model": {"spec": "some/other-model"}}))
@@ -308,6 +350,7 @@ def test_defend_from_detector(tiny_model_dir: Path, prompts: tuple[Path, Path], 
         (["--layers", "0", "--ppl-length", "1"], "--ppl-length must be at least 2"),
         (["--from-detector", "empty-det"], "flagged no layer"),
         (["--from-detector", "bare-det"], "is not a detector directory"),
+        (["--layers", "1", "--judge-refusal-labels", "refused"], "--judge-refusal-labels needs --judge"),
     ],
 )
 def test_defend_bad_input(
@@ -390,6 +433,34 @@ def test_defend_with_sweep_shares_runs(llama: LoadedModel) -> None:
     plain = defend(llama, JAILBREAK, BENIGN, [1], max_new_tokens=2, ppl_texts=False)
     assert plain.sweep is None and "sweep" not in plain.info
     assert sweep_table([plain]).loc[0, "layers"] == "1"
+
+
+def test_defend_with_judge_library(llama: LoadedModel, judge_dir: Path) -> None:
+    judge = ClassifierJudge(judge_dir, device="cpu", refusal_labels=["refused"])
+    result = defend(llama, JAILBREAK, BENIGN, [1], max_new_tokens=3, ppl_texts=False, judge=judge, sweep_ks=[0, 1])
+    for arm in (result.baseline, result.bypass, *result.sweep_arms.values()):
+        assert arm.jailbreak_judge_labels == judge.classify(arm.jailbreak_responses)
+        assert arm.benign_judge_labels == judge.classify(arm.benign_responses)
+        assert arm.jailbreak_judge_refusals == [x == "refused" for x in arm.jailbreak_judge_labels]
+        row = arm.metrics()
+        assert row["jailbreak_judge_refusal_rate"] == pytest.approx(sum(arm.jailbreak_judge_refusals) / 2)
+        assert row["benign_judge_retention"] == pytest.approx(1 - sum(arm.benign_judge_refusals) / 3)
+        assert row["jailbreak_refusal_rate"] == sum(arm.jailbreak_refusals) / 2  # the phrase-based rate stays
+    assert result.sweep is not None
+    assert list(result.sweep["jailbreak_judge_refusal_rate"]) == [
+        result.baseline.metrics()["jailbreak_judge_refusal_rate"],
+        result.row()["jailbreak_judge_refusal_rate"],
+    ]
+    assert {r["judge_label"] for r in result.records()} <= {"complied", "refused"}
+    assert result.info["judge"]["refusal_labels"] == ["refused"]
+    # a baseline run without the judge is labelled (on a copy) when a judge comes along
+    plain = defend(llama, JAILBREAK, BENIGN, [1], max_new_tokens=3, ppl_texts=False)
+    assert plain.baseline.jailbreak_judge_labels is None and "jailbreak_judge_refusal_rate" not in plain.row()
+    judged = defend(
+        llama, JAILBREAK, BENIGN, [0], max_new_tokens=3, ppl_texts=False, baseline=plain.baseline, judge=judge
+    )
+    assert judged.baseline.benign_judge_labels == judge.classify(plain.baseline.benign_responses)
+    assert plain.baseline.benign_judge_labels is None
 
 
 def test_scan_layer_order(tmp_path: Path) -> None:

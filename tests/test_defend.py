@@ -253,10 +253,36 @@ def test_sweep_one_row_per_k(llama: LoadedModel) -> None:
     assert table.loc[0, "benign_chrf"] == 1.0 and table.loc[0, "perplexity_ratio"] == 1.0
     assert table.attrs["baseline"]["k"] == 0
     fig = trade_off_figure(table)
-    labels = [t.get_text() for t in fig.axes[0].texts]
-    assert labels == ["k=0", "k=1", "k=3"]
+    points: dict[tuple[float, float], list[str]] = {}
+    for _, row in table.iterrows():
+        points.setdefault((row["benign_retention"], row["jailbreak_refusal_rate"]), []).append(str(row["k"]))
+    assert [t.get_text() for t in fig.axes[0].texts] == ["k=" + ",".join(ks) for ks in points.values()]
     results = sweep_results(llama, [1], [1], jailbreak=jb, benign=bn, max_new_tokens=2, ppl_texts=False)
     assert len(results) == 1 and results[0].layers == (1,)
+
+
+def test_trade_off_labels_merge_coinciding_points_and_keep_apart() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    # k=2 and k=4 coincide; k=6, k=8 and k=10 sit within a label's height of them; k=12 coincides with k=0
+    table = pd.DataFrame(
+        {
+            "k": [0, 1, 2, 4, 6, 8, 10, 12],
+            "benign_retention": [1.0, 0.9, 0.5, 0.5, 0.51, 0.5, 0.49, 1.0],
+            "jailbreak_refusal_rate": [0.2, 0.5, 0.8, 0.8, 0.81, 0.79, 0.8, 0.2],
+        }
+    )
+    fig = trade_off_figure(table)
+    texts = fig.axes[0].texts
+    assert [t.get_text() for t in texts] == ["k=0,12", "k=1", "k=2,4", "k=6", "k=8", "k=10"]
+    assert [t.xy for t in texts] == [(1.0, 0.2), (0.9, 0.5), (0.5, 0.8), (0.51, 0.81), (0.5, 0.79), (0.49, 0.8)]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # lay out and measure as when saving
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    assert len({tuple(b.extents.round(3)) for b in boxes}) == len(texts)
+    for i, a in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
 
 
 def test_sweep_bad_input(llama: LoadedModel) -> None:

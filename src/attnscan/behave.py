@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,30 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
     return found
 
 
+@dataclass(frozen=True)
+class _GenerationOptions:
+    """Greedy decoding options of :func:`generate`, shared by :func:`behave` and :mod:`attnscan.defend`.
+
+    Checked on creation, so a bad value fails before the first prompt runs.
+    """
+
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    chat_template: bool = True
+    system_prompt: str | None = None
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise AttnscanError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise AttnscanError(f"batch size must be at least 1, got {self.batch_size}")
+
+    def info(self) -> dict[str, Any]:
+        """The options as recorded in a result's metadata (``"generation"``)."""
+        return {"decoding": "greedy", **asdict(self)}
+
+
 def generate(
     loaded: LoadedModel,
     texts: Sequence[str] | PromptSet,
@@ -204,34 +228,43 @@ def generate(
     prompts always give the same responses. Generation stops at the model's or the tokenizer's end-of-sequence
     token or after ``max_new_tokens``.
     """
+    options = _GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens)
+    return _generate(loaded, texts, options, progress, progress_label)
+
+
+def _generate(
+    loaded: LoadedModel,
+    texts: Sequence[str] | PromptSet,
+    options: _GenerationOptions,
+    progress: ProgressFn | None = None,
+    progress_label: str = "generate",
+) -> list[str]:
+    """:func:`generate` with its options in one object."""
     from transformers import GenerationConfig
 
     prompt_texts = list(texts.texts if isinstance(texts, PromptSet) else texts)
     if not prompt_texts:
         raise AttnscanError("no prompts to generate from: give at least one prompt")
-    if max_new_tokens < 1:
-        raise AttnscanError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
     enc = encode(
         loaded.tokenizer,
         prompt_texts,
-        max_prompt_tokens,
-        chat_template=chat_template,
-        system_prompt=system_prompt,
+        options.max_prompt_tokens,
+        chat_template=options.chat_template,
+        system_prompt=options.system_prompt,
         truncate="tail",
     )
     model = loaded.model
     pad = pad_token_id(loaded.tokenizer, model)
     eos = _eos_ids(loaded)
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=options.max_new_tokens,
         do_sample=False,
         num_beams=1,
         repetition_penalty=1.0,
         pad_token_id=pad,
         eos_token_id=eos or None,
     )
+    batch_size = options.batch_size
     out: list[str] = [""] * len(enc.ids)
     order = batch_order(list(enc.lengths))
     done = 0
@@ -424,6 +457,14 @@ class ClassifierJudge:
         return None if self.refusal_labels is None else label in self.refusal_labels
 
 
+def _judge_responses(
+    judge: ClassifierJudge, responses: Sequence[str], prompts: Sequence[str]
+) -> tuple[list[str], list[bool | None]]:
+    """The judge's label for each response and whether it counts as a refusal (``None``: no refusal labels)."""
+    labels = judge.classify(responses, prompts)
+    return labels, [judge.is_refusal(label) for label in labels]
+
+
 # --------------------------------------------------------------------------------------------------- statistics
 
 
@@ -445,6 +486,16 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == n else min(1.0, centre + half)
     return (low, high)
+
+
+def _judged_rate(flags: Sequence[bool | None]) -> tuple[float, float, float, float]:
+    """``(count, rate, low, high)`` of the true flags, with the Wilson interval; all NaN when a flag is ``None``
+    (the judge has no refusal labels)."""
+    if any(f is None for f in flags):
+        return (math.nan, math.nan, math.nan, math.nan)
+    k, n = sum(bool(f) for f in flags), len(flags)
+    low, high = wilson_interval(k, n)
+    return (k, k / n if n else math.nan, low, high)
 
 
 def _is_attack(name: str, attack_sets: Collection[str] | None) -> bool:
@@ -485,20 +536,8 @@ def behaviour_table(records: Sequence[Mapping[str, Any]], attack_sets: Collectio
             "asr_high": 1 - low if attack else math.nan,
         }
         if any("judge_label" in r for r in recs):
-            flags = [r.get("judge_refusal") for r in recs]
-            if all(f is not None for f in flags):
-                jk = sum(bool(f) for f in flags)
-                jlow, jhigh = wilson_interval(jk, n)
-                row.update(
-                    judge_refusals=jk, judge_refusal_rate=jk / n, judge_refusal_low=jlow, judge_refusal_high=jhigh
-                )
-            else:
-                row.update(
-                    judge_refusals=math.nan,
-                    judge_refusal_rate=math.nan,
-                    judge_refusal_low=math.nan,
-                    judge_refusal_high=math.nan,
-                )
+            jk, jrate, jlow, jhigh = _judged_rate([r.get("judge_refusal") for r in recs])
+            row.update(judge_refusals=jk, judge_refusal_rate=jrate, judge_refusal_low=jlow, judge_refusal_high=jhigh)
             for r in recs:
                 key = f"judge:{r.get('judge_label')}"
                 row[key] = row.get(key, 0) + 1
@@ -583,6 +622,7 @@ def behave(
     """
     if not sets:
         raise AttnscanError("no prompt sets: give at least one, e.g. {'jailbreak': load_prompts(...)}")
+    options = _GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens)
     matcher = matcher or _DEFAULT_MATCHER
     prompt_sets = {
         name: ps if isinstance(ps, PromptSet) else PromptSet(name, tuple(ps), "<memory>") for name, ps in sets.items()
@@ -596,19 +636,9 @@ def behave(
             if progress is not None:
                 progress(_offset + done, total, label)
 
-        responses = generate(
-            loaded,
-            ps.texts,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            chat_template=chat_template,
-            system_prompt=system_prompt,
-            max_prompt_tokens=max_prompt_tokens,
-            progress=report,
-            progress_label=name,
-        )
+        responses = _generate(loaded, ps.texts, options, report, name)
         offset += len(ps)
-        labels = judge.classify(responses, list(ps.texts)) if judge is not None else None
+        labels, flags = _judge_responses(judge, responses, ps.texts) if judge is not None else (None, None)
         for i, (prompt, response) in enumerate(zip(ps.texts, responses, strict=True)):
             phrase = matcher.match(response)
             rec: dict[str, Any] = {
@@ -619,22 +649,15 @@ def behave(
                 "refusal": phrase is not None,
                 "refusal_phrase": phrase,
             }
-            if judge is not None and labels is not None:
+            if labels is not None and flags is not None:
                 rec["judge_label"] = labels[i]
-                rec["judge_refusal"] = judge.is_refusal(labels[i])
+                rec["judge_refusal"] = flags[i]
             records.append(rec)
     info: dict[str, Any] = {
         "model": {"spec": loaded.spec, **loaded.source},
         "prompt_sets": {name: ps.provenance() for name, ps in prompt_sets.items()},
         "attack_sets": sorted(attack_sets) if attack_sets is not None else None,
-        "generation": {
-            "decoding": "greedy",
-            "max_new_tokens": max_new_tokens,
-            "max_prompt_tokens": max_prompt_tokens,
-            "batch_size": batch_size,
-            "chat_template": chat_template,
-            "system_prompt": system_prompt,
-        },
+        "generation": options.info(),
         "refusal_matcher": {"window": matcher.window, "phrases": len(matcher.phrases)},
         "judge": judge.info() if judge is not None else None,
     }

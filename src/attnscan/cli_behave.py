@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from rich.table import Table
 
-    from .behave import RefusalMatcher
+    from .behave import ClassifierJudge, RefusalMatcher
 
 DEFAULT_SCAN_TOP = 3
 
@@ -51,6 +51,12 @@ PhrasesOpt = Annotated[
 ]
 WindowOpt = Annotated[
     int, typer.Option(help="A refusal phrase must start within the first N characters of a response (0: anywhere).")
+]
+JudgeOpt = Annotated[
+    str | None, typer.Option(help="A sequence-classification model (local dir or hub id) labelling each response.")
+]
+JudgeLabelsOpt = Annotated[
+    str | None, typer.Option(help="Comma-separated judge labels that count as a refusal (e.g. refusal).")
 ]
 
 
@@ -81,12 +87,8 @@ def behave_cmd(
     system_prompt: SystemOpt = None,
     refusal_phrases: PhrasesOpt = None,
     refusal_window: WindowOpt = 160,
-    judge: Annotated[
-        str | None, typer.Option(help="A sequence-classification model (local dir or hub id) labelling each response.")
-    ] = None,
-    judge_refusal_labels: Annotated[
-        str | None, typer.Option(help="Comma-separated judge labels that count as a refusal (e.g. refusal).")
-    ] = None,
+    judge: JudgeOpt = None,
+    judge_refusal_labels: JudgeLabelsOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     revision: RevisionOpt = None,
@@ -102,7 +104,7 @@ def behave_cmd(
     """
     from rich.console import Console
 
-    from .behave import META_FILE, ClassifierJudge, behave
+    from .behave import META_FILE, behave
     from .cli_common import quiet_libraries, user_errors
     from .io import check_output_dir
     from .models import load_model
@@ -124,8 +126,7 @@ def behave_cmd(
             seed=seed,
         )
         matcher = _matcher(refusal_phrases, refusal_window)
-        if judge_refusal_labels is not None and judge is None:
-            raise AttnscanError("--judge-refusal-labels needs --judge SPEC")
+        labels = _judge_labels(judge, judge_refusal_labels)
         quiet_libraries()
         loaded = load_model(
             model,
@@ -135,16 +136,7 @@ def behave_cmd(
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
         )
-        classifier = None
-        if judge is not None:
-            labels = [x.strip() for x in judge_refusal_labels.split(",") if x.strip()] if judge_refusal_labels else None
-            classifier = ClassifierJudge(
-                judge,
-                refusal_labels=labels,
-                device=device,
-                trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle,
-            )
+        classifier = _judge(judge, labels, device, trust_remote_code, allow_pickle)
         with prompt_progress(quiet) as progress:
             result = behave(
                 loaded,
@@ -180,8 +172,7 @@ def behaviour_summary(table: pd.DataFrame, model: str) -> Table:
             _rate(row["asr"], row["asr_low"], row["asr_high"]) if bool(row["attack"]) else "-",
         ]
         if judged:
-            rate = row["judge_refusal_rate"]
-            cells.append("-" if _nan(rate) else _rate(rate, row["judge_refusal_low"], row["judge_refusal_high"]))
+            cells.append(_rate(row["judge_refusal_rate"], row["judge_refusal_low"], row["judge_refusal_high"]))
         out.add_row(*cells)
     return out
 
@@ -226,6 +217,8 @@ def defend_cmd(
     system_prompt: SystemOpt = None,
     refusal_phrases: PhrasesOpt = None,
     refusal_window: WindowOpt = 160,
+    judge: JudgeOpt = None,
+    judge_refusal_labels: JudgeLabelsOpt = None,
     dpi: Annotated[int, typer.Option(help="Resolution of tradeoff.png.")] = 150,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -240,7 +233,8 @@ def defend_cmd(
     The layers come from exactly one of --layers, --from-detector or --from-scan. Writes defence.csv (baseline
     and bypass), responses.jsonl and defence.json; with --sweep also sweep.csv and the trade-off curve
     tradeoff.png (and every sweep setting's answers in sweep_responses.jsonl). Refusals are found by phrase
-    matching, and an empty or garbled answer counts as kept: read a sample of the responses.
+    matching, and an empty or garbled answer counts as kept: read a sample of the responses. With --judge, a
+    classifier labels every response too, and the tables add its refusal rate and retention.
     """
     from rich.console import Console
 
@@ -271,6 +265,7 @@ def defend_cmd(
             seed=seed,
         )
         matcher = _matcher(refusal_phrases, refusal_window)
+        labels = _judge_labels(judge, judge_refusal_labels)
         order, source = _file_order(from_detector, from_scan, by, model)
         quiet_libraries()
         loaded = load_model(
@@ -281,6 +276,7 @@ def defend_cmd(
             trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle,
         )
+        classifier = _judge(judge, labels, device, trust_remote_code, allow_pickle)
         if layers is not None:
             order = ordered_layers(layers, loaded.arch.n_layers)
             source = {"kind": "layers", "layers": layers}
@@ -299,6 +295,7 @@ def defend_cmd(
                 ppl_texts=None if perplexity else False,
                 ppl_length=ppl_length,
                 matcher=matcher,
+                judge=classifier,
                 sweep_ks=ks,
                 sweep_order=order if ks is not None else None,
                 progress=progress,
@@ -315,23 +312,28 @@ def defend_cmd(
 
 
 def defence_summary(table: pd.DataFrame, title: str) -> Table:
-    """A rich table of a defence or sweep table: refusal rate and retention with Wilson 95 % intervals, and the
-    number of empty answers (an empty answer is no refusal, so it counts as "kept")."""
+    """A rich table of a defence or sweep table: refusal rate and retention with Wilson 95 % intervals (and the
+    judge's beside them, when the table has them), and the number of empty answers (an empty answer is no refusal,
+    so it counts as "kept")."""
     from rich.table import Table
 
+    judged = "jailbreak_judge_refusal_rate" in table.columns
+    rates = [("jailbreak refused", "jailbreak_refusal_rate", "jailbreak_refusal")]
+    rates += [("judge: refused", "jailbreak_judge_refusal_rate", "jailbreak_judge_refusal")] if judged else []
+    rates += [("benign kept", "benign_retention", "benign_retention")]
+    rates += [("judge: kept", "benign_judge_retention", "benign_judge_retention")] if judged else []
     out = Table(title=f"{title} (rates with Wilson 95% CI in %)", title_justify="left")
     first = "variant" if "variant" in table.columns else "k"
     out.add_column(first)
     out.add_column("layers", overflow="fold")
-    for col in ("jailbreak refused", "benign kept", "empty jb/bn", "chrF", "tok F1", "ppl"):
+    for col in (*(name for name, _, _ in rates), "empty jb/bn", "chrF", "tok F1", "ppl"):
         out.add_column(col, justify="right")
     for _, row in table.iterrows():
         ppl = row["perplexity"]
         out.add_row(
             str(row[first]),
             str(row["layers"]) if not _nan(row["layers"]) and str(row["layers"]) else "-",
-            _rate(row["jailbreak_refusal_rate"], row["jailbreak_refusal_low"], row["jailbreak_refusal_high"]),
-            _rate(row["benign_retention"], row["benign_retention_low"], row["benign_retention_high"]),
+            *(_rate(row[rate], row[f"{bounds}_low"], row[f"{bounds}_high"]) for _, rate, bounds in rates),
             f"{int(row['jailbreak_empty'])}/{int(row['benign_empty'])}",
             f"{row['benign_chrf']:.3f}",
             f"{row['benign_token_f1']:.3f}",
@@ -377,6 +379,32 @@ def _matcher(phrases: Path | None, window: int) -> RefusalMatcher:
         raise AttnscanError(f"--refusal-window must be 0 (anywhere) or a number of characters, got {window}")
     win = window or None
     return RefusalMatcher.from_file(phrases, window=win) if phrases is not None else RefusalMatcher(window=win)
+
+
+def _judge_labels(judge: str | None, refusal_labels: str | None) -> list[str] | None:
+    """The labels of ``--judge-refusal-labels`` (``None`` when not given), checked before anything loads."""
+    if refusal_labels is None:
+        return None
+    if judge is None:
+        raise AttnscanError("--judge-refusal-labels needs --judge SPEC")
+    return [x.strip() for x in refusal_labels.split(",") if x.strip()] or None
+
+
+def _judge(
+    spec: str | None, refusal_labels: list[str] | None, device: str, trust_remote_code: bool, allow_pickle: bool
+) -> ClassifierJudge | None:
+    """The ``--judge`` classifier (``None`` without one)."""
+    from .behave import ClassifierJudge
+
+    if spec is None:
+        return None
+    return ClassifierJudge(
+        spec,
+        refusal_labels=refusal_labels,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
 
 
 def _check_layer_source(
@@ -464,5 +492,8 @@ def _nan(x: Any) -> bool:
 
 
 def _rate(rate: float, low: float, high: float) -> str:
-    """``33% [10-70]``: a rate and its interval, in percent."""
+    """``33% [10-70]``: a rate and its interval, in percent; ``-`` for a NaN rate (e.g. a judge without refusal
+    labels)."""
+    if _nan(rate):
+        return "-"
     return f"{rate:.0%} [{100 * low:.0f}-{100 * high:.0f}]"

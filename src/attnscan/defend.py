@@ -7,7 +7,8 @@ filled, so generation with a cache behaves exactly like a model without those la
 :func:`defend` compares the unmodified model ("baseline") with the bypassed one ("bypass") on
 
 - **jailbreak refusal rate**: share of jailbreak prompts refused (:class:`attnscan.behave.RefusalMatcher`), with
-  its Wilson 95 % interval; ASR = 1 − refusal rate;
+  its Wilson 95 % interval; ASR = 1 − refusal rate. With a judge (:class:`attnscan.behave.ClassifierJudge`), the
+  judge's refusal rate and benign retention are reported beside the phrase-based ones;
 - **benign retention**: share of benign prompts *not* refused, with its Wilson interval. An empty or garbled
   answer is not a refusal and so counts as kept: read it with ``benign_empty`` / ``jailbreak_empty`` (responses
   that are empty) and the similarity below;
@@ -32,6 +33,8 @@ Where the layers come from: :func:`scan_layer_order` ranks the layers of a scan 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -48,9 +51,13 @@ from torch import nn
 
 from .behave import (
     DEFAULT_MAX_PROMPT_TOKENS,
+    ClassifierJudge,
     RefusalMatcher,
+    _generate,
+    _GenerationOptions,
+    _judge_responses,
+    _judged_rate,
     _write_json,
-    generate,
     save_jsonl,
     wilson_interval,
 )
@@ -62,6 +69,7 @@ from .prompts import PromptSet, encode
 from .runner import _accepts_position_ids, batch_order, make_batch, pad_token_id
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = [
@@ -284,7 +292,12 @@ def token_f1(hypothesis: str, reference: str) -> float:
 
 @dataclass
 class DefenceArm:
-    """One model variant's behaviour: responses, refusal flags (aligned with the prompts) and perplexity."""
+    """One model variant's behaviour: responses, refusal flags (aligned with the prompts) and perplexity.
+
+    With a judge (:class:`attnscan.behave.ClassifierJudge`), ``*_judge_labels`` hold its label for each response
+    and ``*_judge_refusals`` whether that label counts as a refusal (``None`` when the judge has no refusal
+    labels); without one they are ``None``.
+    """
 
     name: str
     layers: tuple[int, ...]
@@ -293,9 +306,18 @@ class DefenceArm:
     benign_responses: list[str]
     benign_refusals: list[bool]
     perplexity: float | None = None
+    jailbreak_judge_labels: list[str] | None = None
+    jailbreak_judge_refusals: list[bool | None] | None = None
+    benign_judge_labels: list[str] | None = None
+    benign_judge_refusals: list[bool | None] | None = None
 
     def metrics(self, reference: DefenceArm | None = None) -> dict[str, Any]:
-        """Rates with Wilson intervals; similarity of benign answers to ``reference``'s (NaN without one)."""
+        """Rates with Wilson intervals; similarity of benign answers to ``reference``'s (NaN without one).
+
+        A judged arm also has ``jailbreak_judge_refusals``, ``jailbreak_judge_refusal_rate`` (``_low``, ``_high``),
+        ``benign_judge_refusals`` and ``benign_judge_retention`` (``_low``, ``_high``): the phrase-based columns'
+        twins with the judge's refusal calls in place of the matcher's (NaN when the judge has no refusal labels).
+        """
         nj, kj = len(self.jailbreak_refusals), sum(self.jailbreak_refusals)
         nb, kb = len(self.benign_refusals), sum(self.benign_refusals)
         jlow, jhigh = wilson_interval(kj, nj)
@@ -306,7 +328,7 @@ class DefenceArm:
             sim_f1 = sum(token_f1(a, b) for a, b in pairs) / len(pairs)
         else:
             sim_chrf = sim_f1 = math.nan
-        return {
+        row: dict[str, Any] = {
             "variant": self.name,
             "k": len(self.layers),
             "layers": ",".join(str(x) for x in self.layers),
@@ -327,6 +349,21 @@ class DefenceArm:
             "benign_token_f1": sim_f1,
             "perplexity": math.nan if self.perplexity is None else self.perplexity,
         }
+        if self.jailbreak_judge_refusals is not None and self.benign_judge_refusals is not None:
+            refused, j_rate, j_low, j_high = _judged_rate(self.jailbreak_judge_refusals)
+            benign_kept = [None if f is None else not f for f in self.benign_judge_refusals]
+            kept, b_rate, b_low, b_high = _judged_rate(benign_kept)
+            row.update(
+                jailbreak_judge_refusals=refused,
+                jailbreak_judge_refusal_rate=j_rate,
+                jailbreak_judge_refusal_low=j_low,
+                jailbreak_judge_refusal_high=j_high,
+                benign_judge_refusals=nb - kept,
+                benign_judge_retention=b_rate,
+                benign_judge_retention_low=b_low,
+                benign_judge_retention_high=b_high,
+            )
+        return row
 
 
 @dataclass
@@ -358,7 +395,8 @@ class DefenceResult:
         return pd.DataFrame([self.baseline.metrics(self.baseline), self.row()])
 
     def records(self) -> list[dict[str, Any]]:
-        """One record per variant, set and prompt: ``{variant, layers, set, index, prompt, response, refusal}``."""
+        """One record per variant, set and prompt: ``{variant, layers, set, index, prompt, response, refusal}``,
+        plus ``judge_label`` and ``judge_refusal`` for a judged arm."""
         return self._arm_records(self.baseline) + self._arm_records(self.bypass)
 
     def sweep_records(self) -> list[dict[str, Any]]:
@@ -367,23 +405,38 @@ class DefenceResult:
 
     def _arm_records(self, arm: DefenceArm, **extra: Any) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for set_name, ps, responses, refusals in (
-            ("jailbreak", self.jailbreak, arm.jailbreak_responses, arm.jailbreak_refusals),
-            ("benign", self.benign, arm.benign_responses, arm.benign_refusals),
+        for set_name, ps, responses, refusals, labels, flags in (
+            (
+                "jailbreak",
+                self.jailbreak,
+                arm.jailbreak_responses,
+                arm.jailbreak_refusals,
+                arm.jailbreak_judge_labels,
+                arm.jailbreak_judge_refusals,
+            ),
+            (
+                "benign",
+                self.benign,
+                arm.benign_responses,
+                arm.benign_refusals,
+                arm.benign_judge_labels,
+                arm.benign_judge_refusals,
+            ),
         ):
             for i, (prompt, response, refused) in enumerate(zip(ps.texts, responses, refusals, strict=True)):
-                out.append(
-                    {
-                        **extra,
-                        "variant": arm.name,
-                        "layers": list(arm.layers),
-                        "set": set_name,
-                        "index": i,
-                        "prompt": prompt,
-                        "response": response,
-                        "refusal": refused,
-                    }
-                )
+                rec = {
+                    **extra,
+                    "variant": arm.name,
+                    "layers": list(arm.layers),
+                    "set": set_name,
+                    "index": i,
+                    "prompt": prompt,
+                    "response": response,
+                    "refusal": refused,
+                }
+                if labels is not None and flags is not None:
+                    rec.update(judge_label=labels[i], judge_refusal=flags[i])
+                out.append(rec)
         return out
 
     def save(self, out: str | os.PathLike[str], *, overwrite: bool = False, dpi: int = 150) -> Path:
@@ -437,14 +490,11 @@ class _Tracker:
 
 @dataclass(frozen=True)
 class _Options:
-    max_new_tokens: int
-    batch_size: int
-    chat_template: bool
-    system_prompt: str | None
-    max_prompt_tokens: int
+    generation: _GenerationOptions
     ppl_texts: tuple[str, ...] | None
     ppl_length: int
     matcher: RefusalMatcher
+    judge: ClassifierJudge | None
 
     def arm_items(self, jailbreak: PromptSet, benign: PromptSet) -> int:
         return len(jailbreak) + len(benign) + (len(self.ppl_texts) if self.ppl_texts else 0)
@@ -459,27 +509,21 @@ def _run_arm(
     opts: _Options,
     tracker: _Tracker,
 ) -> DefenceArm:
-    gen: dict[str, Any] = {
-        "max_new_tokens": opts.max_new_tokens,
-        "batch_size": opts.batch_size,
-        "chat_template": opts.chat_template,
-        "system_prompt": opts.system_prompt,
-        "max_prompt_tokens": opts.max_prompt_tokens,
-    }
+    gen = opts.generation
     with bypass_layers(loaded.model, layers):
-        jb = generate(loaded, jailbreak.texts, progress=tracker.stage(f"{name} jailbreak"), **gen)
-        bn = generate(loaded, benign.texts, progress=tracker.stage(f"{name} benign"), **gen)
+        jb = _generate(loaded, jailbreak.texts, gen, tracker.stage(f"{name} jailbreak"))
+        bn = _generate(loaded, benign.texts, gen, tracker.stage(f"{name} benign"))
         ppl = None
         if opts.ppl_texts:
             total, count = nll_sum(
                 loaded,
                 opts.ppl_texts,
                 length=opts.ppl_length,
-                batch_size=opts.batch_size,
+                batch_size=gen.batch_size,
                 progress=tracker.add(f"{name} perplexity"),
             )
             ppl = math.exp(total / count) if count else math.nan
-    return DefenceArm(
+    arm = DefenceArm(
         name=name,
         layers=layers,
         jailbreak_responses=jb,
@@ -487,6 +531,20 @@ def _run_arm(
         benign_responses=bn,
         benign_refusals=[opts.matcher.is_refusal(r) for r in bn],
         perplexity=ppl,
+    )
+    return _judge_arm(arm, jailbreak, benign, opts.judge) if opts.judge is not None else arm
+
+
+def _judge_arm(arm: DefenceArm, jailbreak: PromptSet, benign: PromptSet, judge: ClassifierJudge) -> DefenceArm:
+    """A copy of ``arm`` with the judge's labels and refusal calls on its responses."""
+    jb_labels, jb_flags = _judge_responses(judge, arm.jailbreak_responses, jailbreak.texts)
+    bn_labels, bn_flags = _judge_responses(judge, arm.benign_responses, benign.texts)
+    return dataclasses.replace(
+        arm,
+        jailbreak_judge_labels=jb_labels,
+        jailbreak_judge_refusals=jb_flags,
+        benign_judge_labels=bn_labels,
+        benign_judge_refusals=bn_flags,
     )
 
 
@@ -496,20 +554,13 @@ def _as_set(prompts: PromptSet | Sequence[str], name: str) -> PromptSet:
 
 def _options(
     benign: PromptSet,
+    generation: _GenerationOptions,
     *,
-    max_new_tokens: int,
-    batch_size: int,
-    chat_template: bool,
-    system_prompt: str | None,
-    max_prompt_tokens: int,
     ppl_texts: Sequence[str] | PromptSet | bool | None,
     ppl_length: int,
     matcher: RefusalMatcher | None,
+    judge: ClassifierJudge | None,
 ) -> _Options:
-    if max_new_tokens < 1:
-        raise AttnscanError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
     if ppl_texts is None or ppl_texts is True:
         texts: tuple[str, ...] | None = benign.texts
     elif ppl_texts is False:
@@ -519,14 +570,11 @@ def _options(
         if not texts:
             raise AttnscanError("ppl_texts is empty: give texts, None (the benign prompts) or False (no perplexity)")
     return _Options(
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        chat_template=chat_template,
-        system_prompt=system_prompt,
-        max_prompt_tokens=max_prompt_tokens,
+        generation=generation,
         ppl_texts=texts,
         ppl_length=ppl_length,
         matcher=matcher or RefusalMatcher(),
+        judge=judge,
     )
 
 
@@ -534,14 +582,7 @@ def _info(loaded: LoadedModel, jailbreak: PromptSet, benign: PromptSet, opts: _O
     return {
         "model": {"spec": loaded.spec, **loaded.source},
         "prompt_sets": {"jailbreak": jailbreak.provenance(), "benign": benign.provenance()},
-        "generation": {
-            "decoding": "greedy",
-            "max_new_tokens": opts.max_new_tokens,
-            "max_prompt_tokens": opts.max_prompt_tokens,
-            "batch_size": opts.batch_size,
-            "chat_template": opts.chat_template,
-            "system_prompt": opts.system_prompt,
-        },
+        "generation": opts.generation.info(),
         "perplexity": {
             "texts": len(opts.ppl_texts) if opts.ppl_texts else 0,
             "length": opts.ppl_length,
@@ -549,6 +590,7 @@ def _info(loaded: LoadedModel, jailbreak: PromptSet, benign: PromptSet, opts: _O
         },
         "similarity": "benign_chrf: chrF (n=1..6, beta=1); benign_token_f1: bag-of-words F1; bypass vs baseline",
         "refusal_matcher": {"window": opts.matcher.window, "phrases": len(opts.matcher.phrases)},
+        "judge": opts.judge.info() if opts.judge is not None else None,
     }
 
 
@@ -566,6 +608,7 @@ def defend(
     ppl_texts: Sequence[str] | PromptSet | bool | None = None,
     ppl_length: int = DEFAULT_PPL_LENGTH,
     matcher: RefusalMatcher | None = None,
+    judge: ClassifierJudge | None = None,
     baseline: DefenceArm | None = None,
     sweep_ks: Sequence[int] | None = None,
     sweep_order: Sequence[int] | None = None,
@@ -574,9 +617,11 @@ def defend(
     """Bypass ``layers`` and compare with the unmodified model: the library twin of ``attnscan defend``.
 
     Measures (module docstring) the jailbreak refusal rate, benign retention and similarity, and perplexity on
-    ``ppl_texts`` (default the benign prompts' texts; ``False`` skips it). ``baseline`` reuses an unmodified run
-    made with the same prompts and options (as :func:`sweep_results` does). Generation options are those of
-    :func:`attnscan.behave.generate`.
+    ``ppl_texts`` (default the benign prompts' texts; ``False`` skips it). ``judge`` (a
+    :class:`attnscan.behave.ClassifierJudge`) also labels every response, and each arm then reports the judge's
+    refusal rate and retention beside the phrase-based ones (:meth:`DefenceArm.metrics`). ``baseline`` reuses an
+    unmodified run made with the same prompts and options (as :func:`sweep_results` does; a baseline without judge
+    labels is labelled by ``judge``). Generation options are those of :func:`attnscan.behave.generate`.
 
     ``sweep_ks`` also runs a sweep: for each ``k``, bypass the first ``k`` layers of ``sweep_order`` (default:
     ``layers`` in the order given), tabulated by :func:`sweep_table` into the result's :attr:`~DefenceResult.sweep`
@@ -588,14 +633,11 @@ def defend(
     jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
     opts = _options(
         bn,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        chat_template=chat_template,
-        system_prompt=system_prompt,
-        max_prompt_tokens=max_prompt_tokens,
+        _GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens),
         ppl_texts=ppl_texts,
         ppl_length=ppl_length,
         matcher=matcher,
+        judge=judge,
     )
     chosen = _resolve_bypass(decoder_layers(loaded.model), layers)
     if baseline is not None and (
@@ -615,6 +657,8 @@ def defend(
     tracker = _Tracker(progress, opts.arm_items(jb, bn) * (len(to_run) + (1 if baseline is None else 0)))
     if baseline is None:
         baseline = _run_arm(loaded, "baseline", (), jb, bn, opts, tracker)
+    elif judge is not None and baseline.jailbreak_judge_labels is None:
+        baseline = _judge_arm(baseline, jb, bn, judge)
     arms = {s: _run_arm(loaded, "bypass", s, jb, bn, opts, tracker) for s in to_run}
     arms[()] = _copy_arm(baseline, "bypass")
     result = DefenceResult(baseline=baseline, bypass=arms[chosen], jailbreak=jb, benign=bn, info=info)
@@ -626,15 +670,7 @@ def defend(
 
 
 def _copy_arm(arm: DefenceArm, name: str) -> DefenceArm:
-    return DefenceArm(
-        name=name,
-        layers=(),
-        jailbreak_responses=list(arm.jailbreak_responses),
-        jailbreak_refusals=list(arm.jailbreak_refusals),
-        benign_responses=list(arm.benign_responses),
-        benign_refusals=list(arm.benign_refusals),
-        perplexity=arm.perplexity,
-    )
+    return dataclasses.replace(copy.deepcopy(arm), name=name, layers=())
 
 
 def _check_sweep(loaded: LoadedModel, order: Sequence[int], ks: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -672,21 +708,22 @@ def sweep_results(
     ppl_texts: Sequence[str] | PromptSet | bool | None = None,
     ppl_length: int = DEFAULT_PPL_LENGTH,
     matcher: RefusalMatcher | None = None,
+    judge: ClassifierJudge | None = None,
     progress: ProgressFn | None = None,
 ) -> list[DefenceResult]:
-    """One :class:`DefenceResult` per ``k`` in ``ks``: bypass ``order[:k]``. The baseline runs once and is shared."""
+    """One :class:`DefenceResult` per ``k`` in ``ks``: bypass ``order[:k]``. The baseline runs once and is shared.
+
+    The other options are those of :func:`defend`.
+    """
     chosen, k_values = _check_sweep(loaded, order, ks)
     jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
     opts = _options(
         bn,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        chat_template=chat_template,
-        system_prompt=system_prompt,
-        max_prompt_tokens=max_prompt_tokens,
+        _GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens),
         ppl_texts=ppl_texts,
         ppl_length=ppl_length,
         matcher=matcher,
+        judge=judge,
     )
     runs = 1 + sum(1 for k in k_values if k > 0)
     tracker = _Tracker(progress, opts.arm_items(jb, bn) * runs)
@@ -729,6 +766,7 @@ def sweep(
     ppl_texts: Sequence[str] | PromptSet | bool | None = None,
     ppl_length: int = DEFAULT_PPL_LENGTH,
     matcher: RefusalMatcher | None = None,
+    judge: ClassifierJudge | None = None,
     progress: ProgressFn | None = None,
 ) -> pd.DataFrame:
     """Bypass the first ``k`` layers of ``order`` for each ``k`` in ``ks``: one row per ``k`` (:func:`sweep_table`).
@@ -751,6 +789,7 @@ def sweep(
             ppl_texts=ppl_texts,
             ppl_length=ppl_length,
             matcher=matcher,
+            judge=judge,
             progress=progress,
         )
     )
@@ -853,6 +892,8 @@ def trade_off_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure
 
     ``table`` is :func:`sweep`'s output (columns ``k``, ``jailbreak_refusal_rate``, ``benign_retention`` and,
     when present, their ``_low``/``_high`` Wilson bounds, drawn as error bars). Up and to the right is better.
+    Rows at the same point share one label (``k=2,4``); each label goes to the first of a few spots around its
+    point that keeps it clear of the other labels and points (:func:`_place_labels`).
     """
     from matplotlib.figure import Figure
 
@@ -872,12 +913,60 @@ def trade_off_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure
     ks = table["k"].to_numpy()
     ax.plot(x, y, color="0.6", linewidth=1, zorder=2)
     ax.scatter(x, y, c=["tab:gray" if k == 0 else "tab:red" for k in ks], zorder=3)
-    for xi, yi, k in zip(x, y, ks, strict=True):
-        ax.annotate(f"k={int(k)}", (xi, yi), textcoords="offset points", xytext=(5, 5), fontsize=9)
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("benign retention (share of benign prompts answered)")
     ax.set_ylabel("refusal rate on jailbreak prompts")
     ax.set_title(title or "Layer bypass: safety vs. helpfulness")
     ax.grid(True, alpha=0.3)
+    groups: dict[tuple[float, float], list[int]] = {}
+    for xi, yi, k in zip(x, y, ks, strict=True):
+        groups.setdefault((float(xi), float(yi)), []).append(int(k))
+    _place_labels(fig, ax, [(xy, "k=" + ",".join(map(str, members))) for xy, members in groups.items()])
     return fig
+
+
+# Spots for a label, as (x, y) offsets in points from its point, tried in this order: right above, left above,
+# right below, left below, then the same one and two lines further up or down.
+_LABEL_SPOTS = tuple((dx, dy) for dy in (4, -13, 15, -24, 26, -35) for dx in (5, -5))
+_MARKER_RADIUS = 4.0  # points: the scatter markers' default size (36 pt²) is a disc of diameter 6
+
+
+def _place_labels(
+    fig: Figure, ax: Axes, labels: Sequence[tuple[tuple[float, float], str]], fontsize: float = 9
+) -> None:
+    """Annotate each ``((x, y), text)`` at the first spot of :data:`_LABEL_SPOTS` where its box overlaps no label
+    placed before it and no point (else at the spot with the least overlap).
+
+    Boxes are measured on the laid-out figure; offsets and font sizes are in points, so the arrangement holds at
+    any resolution the figure is saved at.
+    """
+    fig.draw_without_rendering()  # run the layout so that data → display coordinates are final
+    scale = fig.dpi / 72.0  # display units per point
+    r = _MARKER_RADIUS * scale
+    taken: list[Sequence[float]] = []  # boxes (x0, y0, x1, y1) in display units
+    for xy, _ in labels:
+        cx, cy = ax.transData.transform(xy)
+        taken.append((cx - r, cy - r, cx + r, cy + r))
+    for xy, text in labels:
+        ann = ax.annotate(text, xy, textcoords="offset points", xytext=_LABEL_SPOTS[0], fontsize=fontsize)
+        best, best_overlap = _LABEL_SPOTS[0], math.inf
+        for spot in _LABEL_SPOTS:
+            ann.set_position(spot)
+            ann.set_horizontalalignment("left" if spot[0] > 0 else "right")
+            box = ann.get_window_extent().padded(scale).extents
+            overlap = sum(_overlap_area(box, other) for other in taken)
+            if overlap < best_overlap:
+                best, best_overlap = spot, overlap
+            if overlap == 0:
+                break
+        ann.set_position(best)
+        ann.set_horizontalalignment("left" if best[0] > 0 else "right")
+        taken.append(ann.get_window_extent().extents)
+
+
+def _overlap_area(a: Sequence[float], b: Sequence[float]) -> float:
+    """Area shared by two boxes ``(x0, y0, x1, y1)``."""
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    return max(width, 0.0) * max(height, 0.0)
