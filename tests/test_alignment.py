@@ -115,3 +115,51 @@ def test_chat_template_on_the_embedded_tokenizer() -> None:
     assert "Answer briefly." in tok.decode(list(sys_prompt.ids[0]))
     assert not plain.chat_template and "<|im_start|>" not in tok.decode(list(plain.ids[0]))
     assert templ.lengths[0] > plain.lengths[0] + 10
+
+
+def _per_prompt_reference(
+    col: GridCollector, weights: torch.Tensor, starts: list[int], lengths: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One prompt at a time, from its own n x n map: sink (mean attention on its first token), entropy (mean row
+    entropy over its own keys) and the grid it puts into the sums (documented alignment, cell by cell)."""
+    head_mean = weights.double().mean(1)
+    sink, entropy, grids = [], [], []
+    for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+        own = head_mean[b, s : s + n, s : s + n]
+        sink.append(own[:, 0].mean())
+        entropy.append(-(own * torch.log(own.clamp_min(1e-30))).sum(-1).mean())
+        if col.align == "absolute":
+            grid = torch.zeros(T, T, dtype=torch.float64)
+            grid[:n, :n] = own
+        else:
+            grid, _ = _stretched(own, n)
+        grids.append(grid)
+    return torch.stack(sink), torch.stack(entropy), torch.stack(grids).sum(0)
+
+
+@pytest.mark.parametrize("align", ["absolute", "relative"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_reduction_equals_a_prompt_by_prompt_one(align: str, side: str) -> None:
+    """The collector reduces a whole batch at once; each prompt's summaries and its share of the sums must equal
+    those of its own map taken alone. Padding rows hold NaN and padding columns hold junk, so that any leak from
+    them shows."""
+    lengths = [8, 5, 3, 7] if align == "absolute" else [8, 5, 3, 11]  # 11 > T: the dense relative branch
+    width = max(lengths)
+    starts = [0] * len(lengths) if side == "right" else [width - n for n in lengths]
+    torch.manual_seed(3)
+    weights = torch.full((len(lengths), 3, width, width), 0.3)  # junk on padding keys (a real map has 0 there)
+    for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        weights[b, :, s : s + n, s : s + n] = torch.softmax(torch.randn(3, n, n).masked_fill(~causal, -torch.inf), -1)
+        weights[b, :, :s] = float("nan")  # rows of padding tokens
+        weights[b, :, s + n :] = float("nan")
+    col = GridCollector("s", (0,), len(lengths), T, n_blocks=4, align=align)  # type: ignore[arg-type]
+    col.begin(list(range(len(lengths))), starts, lengths)
+    col.add(0, weights)
+    col.end()
+    acc = col.result()
+    sink, entropy, sums = _per_prompt_reference(col, weights, starts, lengths)
+    assert torch.allclose(acc.sink[:, 0].double(), sink, atol=1e-6)
+    assert torch.allclose(acc.entropy[:, 0].double(), entropy, atol=1e-5)
+    assert not acc.blocks.isnan().all(-1).all(-1).any()  # every prompt reaches some block
+    assert torch.allclose(acc.sums[0], sums, atol=1e-5)

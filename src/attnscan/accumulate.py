@@ -173,7 +173,10 @@ class GridCollector:
 
     Call :meth:`begin` with the batch's prompt ids and where each prompt sits in the padded batch, then
     :meth:`add` once per captured layer, then :meth:`end`. Only the reduced ``[B, T, T]`` head mean of the current
-    layer is alive at any time.
+    layer is alive at any time. A layer is reduced for the whole batch with a fixed number of tensor operations
+    (gathers that move each prompt onto the grid, masks prepared in :meth:`begin`), not a loop over prompts, and the
+    batch's per-prompt summaries stay on ``device`` until :meth:`end`: on a GPU, :meth:`add` queues work without
+    waiting for it, so the forward pass of the next layer is not held up.
 
     ``buffered`` (default: on accelerators only) keeps each batch's per-layer sums in a float32 ``[layers, T, T]``
     buffer on ``device`` and adds it to the float64 CPU sums at the end of the batch: one device-to-host copy per
@@ -226,28 +229,53 @@ class GridCollector:
         self._pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
 
     def begin(self, prompt_ids: list[int], starts: list[int], lengths: list[int]) -> None:
-        """Start a batch: row ``b`` holds prompt ``prompt_ids[b]`` at positions ``starts[b] : starts[b]+lengths[b]``."""
+        """Start a batch: row ``b`` holds prompt ``prompt_ids[b]`` at positions ``starts[b] : starts[b]+lengths[b]``.
+
+        Everything that depends only on where the prompts sit is prepared here once, so that :meth:`add` reduces a
+        layer with a fixed number of tensor operations whatever the batch size (no loop over prompts)."""
         if any(n <= 0 for n in lengths) or (self.align == "absolute" and any(n > self.length for n in lengths)):
             raise ValueError("every prompt must have 1..length tokens after truncation")
         idx = torch.tensor(prompt_ids, dtype=torch.int64)
-        ar = torch.arange(self.padded, device=self.device)
+        dev, t = self.device, self.length
+        ar = torch.arange(self.padded, device=dev)
+        n = torch.tensor(lengths, device=dev)
+        st = torch.tensor(starts, device=dev)
+        width = max(s + k for s, k in zip(starts, lengths, strict=True))  # the padded batch length P
+        pos = torch.arange(width, device=dev)
+        # Where prompt b's i-th token sits in the batch (clamped past its end), which of its rows are its own, and
+        # which batch columns hold its keys.
+        self._rows = (st[:, None] + pos[None, :]).clamp_max(width - 1)  # [B, P]
+        self._own_rows = pos[None, :] < n[:, None]  # [B, P] bool
+        self._own_keys = ((pos[None, :] >= st[:, None]) & (pos[None, :] < (st + n)[:, None])).to(torch.float32)
+        self._starts = st
+        self._lengths = n
+        self._shifted = any(starts)
+        self._gather: tuple[torch.Tensor, ...] | None = None
         if self.align == "absolute":
-            n = torch.tensor(lengths, device=self.device)
-            rows = ar[None, :, None] < n[:, None, None]
-            self._valid = rows & (ar[None, None, :] <= ar[None, :, None])  # [B, P, P] bool
+            self._valid = (ar[None, :, None] < n[:, None, None]) & (ar[None, None, :] <= ar[None, :, None])
             self._source = None
         else:
             # Relative: grid row g of a prompt with n tokens shows its query token floor(g * n / T); grid column c
             # covers [c n / T, (c + 1) n / T) of its key axis (see the module docstring).
-            t = self.length
-            src = torch.stack([(ar * n) // t for n in lengths])  # [B, P]
+            src = torch.stack([(ar * k) // t for k in lengths])  # [B, padded]
             inside = (ar < t)[None, :]
             # Column c reaches key k <= q when c n / T < q + 1, i.e. c n < (q + 1) T.
-            starts_of_columns = ar[None, None, :] * torch.tensor(lengths, device=self.device)[:, None, None]
+            starts_of_columns = ar[None, None, :] * n[:, None, None]
             self._valid = (starts_of_columns < (src[:, :, None] + 1) * t) & inside[:, :, None] & inside[:, None, :]
-            self._source = src.clamp_max(torch.tensor(lengths, device=self.device)[:, None] - 1)
-            self._spread = [_key_spread(n, t, self.padded, self.device) for n in lengths]
-            self._pairs = [_key_pairs(n, t, self.padded, self.device) if n <= t else None for n in lengths]
+            self._source = src.clamp_max(n[:, None] - 1)
+            if all(k <= t for k in lengths):  # at most two keys meet in a column: gather them
+                pairs = [_key_pairs(k, t, self.padded, dev) for k in lengths]
+                k0, w0, k1, w1 = (torch.stack(parts) for parts in zip(*pairs, strict=True))  # each [B, padded]
+                self._gather = (st[:, None] + self._source, st[:, None] + k0, w0, st[:, None] + k1, w1)
+            else:  # a prompt longer than the grid: its columns gather several keys (dense product per prompt)
+                self._spread = [_key_spread(k, t, self.padded, dev) for k in lengths]
+        self._invalid = ~self._valid  # [B, padded, padded] bool
+        # The batch's per-prompt summaries stay on the device until end(): no device-to-host copy (and so no wait
+        # for the device) per layer.
+        nl, nb = len(self.layers), self.n_blocks
+        self._batch_blocks = torch.full((len(lengths), nl, nb, nb), float("nan"), device=dev)
+        self._batch_sink = torch.full((len(lengths), nl), float("nan"), device=dev)
+        self._batch_entropy = torch.full((len(lengths), nl), float("nan"), device=dev)
         bs, nb = self.bs, self.n_blocks
         self._block_count = self._valid.view(-1, nb, bs, nb, bs).sum((2, 4)).to(torch.float32)
         self._batch = (idx, list(starts), list(lengths))
@@ -256,29 +284,42 @@ class GridCollector:
         """Reduce one layer's weights ``[B, heads, P, P]`` (P = padded batch length) into the accumulators."""
         if self._batch is None:
             raise RuntimeError("GridCollector.add called outside begin()/end()")
-        idx, starts, lengths = self._batch
+        _, starts, lengths = self._batch
         li = self._pos[layer]
         head_mean = weights.mean(dim=1, dtype=torch.float32).to(self.device)  # [B, P, P]; layers may sit elsewhere
-        batch = len(lengths)
-        aligned = head_mean.new_zeros(batch, self.padded, self.padded)
-        sink = head_mean.new_empty(batch)
-        entropy = head_mean.new_empty(batch)
-        for b, (s, n) in enumerate(zip(starts, lengths, strict=True)):
-            own = head_mean[b, s : s + n, s : s + n]  # this prompt's own n x n map
-            sink[b] = own[:, 0].mean()
-            entropy[b] = -(own * torch.log(own.clamp_min(1e-30))).sum(-1).mean()
-            if self._source is None:
-                aligned[b, :n, :n] = own
+        batch, width = head_mean.shape[0], head_mean.shape[-1]
+        if batch != len(lengths) or width != self._rows.shape[1]:
+            raise ValueError(f"weights of shape {tuple(weights.shape)} do not fit the batch begun")
+        b = torch.arange(batch, device=self.device)
+        # Per-prompt summaries from each prompt's own n x n map (its rows, its keys), whatever the alignment.
+        # torch.where, not a product, drops the rows of padding tokens: they may hold NaN.
+        own_rows, n = self._own_rows, self._lengths
+        sink = torch.where(own_rows, head_mean[b[:, None], self._rows, self._starts[:, None]], 0.0).sum(1) / n
+        plogp = head_mean * torch.log(head_mean.clamp_min(1e-30))
+        row_entropy = -torch.bmm(plogp, self._own_keys[:, :, None]).squeeze(-1)  # [B, P], over the prompt's keys
+        del plogp
+        entropy = torch.where(own_rows, row_entropy.gather(1, self._rows), 0.0).sum(1) / n
+        if self._source is None:  # absolute: the prompt's token i on grid row and column i
+            aligned = head_mean.new_zeros(batch, self.padded, self.padded)
+            if self._shifted:  # left padding: move each prompt to the top-left corner
+                rows = self._rows[:, :, None].expand(batch, width, width)
+                aligned[:, :width, :width] = head_mean.gather(1, rows).gather(2, rows.transpose(1, 2))
             else:
-                rows = own[self._source[b]]  # [P, n]: the query token each grid row shows
-                pairs = self._pairs[b]
-                if pairs is None:  # more tokens than columns: a column gathers several keys
-                    aligned[b] = rows @ self._spread[b].T
-                else:  # at most two keys meet in a column: gather them instead of a dense product
-                    k0, w0, k1, w1 = pairs
-                    aligned[b] = rows[:, k0] * w0 + rows[:, k1] * w1
+                aligned[:, :width, :width] = head_mean
+        elif self._gather is not None:  # relative, each grid cell gathers at most two keys of the row's query
+            rows, k0, w0, k1, w1 = self._gather
+            shown = head_mean.gather(1, rows[:, :, None].expand(batch, self.padded, width))  # [B, padded, P]
+            cols = (batch, self.padded, self.padded)
+            aligned = shown.gather(2, k0[:, None, :].expand(cols)).mul_(w0[:, None, :])
+            aligned.addcmul_(shown.gather(2, k1[:, None, :].expand(cols)), w1[:, None, :])
+            del shown
+        else:  # relative with a prompt longer than the grid
+            aligned = head_mean.new_zeros(batch, self.padded, self.padded)
+            for i, (s, k) in enumerate(zip(starts, lengths, strict=True)):
+                own_map = head_mean[i, s : s + k, s : s + k]
+                aligned[i] = own_map[self._source[i]] @ self._spread[i].T
         del head_mean
-        aligned.mul_(self._valid)
+        aligned.masked_fill_(self._invalid, 0.0)
         t = self.length
         if self._buf is None:
             self.sums[li] += aligned[:, :t, :t].sum(0, dtype=torch.float64).cpu()  # .cpu(): no copy on the CPU
@@ -289,9 +330,9 @@ class GridCollector:
         nb, bs = self.n_blocks, self.bs
         blocks = logp.view(-1, nb, bs, nb, bs).sum((2, 4)) / self._block_count
         del logp
-        self.blocks[idx, li] = blocks.cpu()
-        self.sink[idx, li] = sink.cpu()
-        self.entropy[idx, li] = entropy.cpu()
+        self._batch_blocks[:, li] = blocks
+        self._batch_sink[:, li] = sink
+        self._batch_entropy[:, li] = entropy
 
     def end(self) -> None:
         """Finish a batch: counts and the float64 sums are updated."""
@@ -305,6 +346,9 @@ class GridCollector:
             self._buf.zero_()
         self._added = False
         self.lengths[idx] = torch.tensor(lengths, dtype=torch.int64)
+        self.blocks[idx] = self._batch_blocks.cpu()
+        self.sink[idx] = self._batch_sink.cpu()
+        self.entropy[idx] = self._batch_entropy.cpu()
         self.seen[idx] = True
         self._batch = None
 
