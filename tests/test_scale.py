@@ -32,6 +32,24 @@ def _prompt_file(path: Path, n: int, seed: int, lo: int = 6, hi: int = 14) -> Pa
     return path
 
 
+def _backoff_steps(model: torch.nn.Module, seqs: list[list[int]], col: GridCollector) -> list[tuple[int, int]]:
+    """Run with back-off from batch size 8; return the (old, new) batch sizes it went through (the last new one
+    is the size it ended with)."""
+    seen: list[tuple[int, int]] = []
+    final = run_collect(
+        model,
+        seqs,
+        col,
+        route="interface",
+        pad_id=0,
+        batch_size=8,
+        backoff=True,
+        on_backoff=lambda a, b: seen.append((a, b)),
+    )
+    assert final == (seen[-1][1] if seen else 8)
+    return seen
+
+
 def test_out_of_memory_backs_off_and_keeps_results_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     model = build_model("llama")
     seqs = random_prompts((5, 9, 12, 7, 3, 11, 8), seed=21)
@@ -46,19 +64,8 @@ def test_out_of_memory_backs_off_and_keeps_results_exact(monkeypatch: pytest.Mon
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(base, "forward", forward)
-    seen: list[tuple[int, int]] = []
     col = GridCollector("s", (0, 2), len(seqs), 12)
-    final = run_collect(
-        model,
-        seqs,
-        col,
-        route="interface",
-        pad_id=0,
-        batch_size=8,
-        backoff=True,
-        on_backoff=lambda a, b: seen.append((a, b)),
-    )
-    assert seen == [(8, 4), (4, 2)] and final == 2
+    assert _backoff_steps(model, seqs, col) == [(8, 4), (4, 2)]
     a, b = ref.result(), col.result()
     assert torch.equal(a.count, b.count)
     assert torch.allclose(a.sums, b.sums, atol=1e-6)
@@ -131,18 +138,7 @@ def test_with_the_buffer_an_out_of_memory_error_after_a_layer_is_retried_cleanly
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated after a layer was added)")
 
     col = FailsOnBigBatches("s", (0, 2), len(seqs), 12, buffered=True)
-    seen: list[tuple[int, int]] = []
-    final = run_collect(
-        model,
-        seqs,
-        col,
-        route="interface",
-        pad_id=0,
-        batch_size=8,
-        backoff=True,
-        on_backoff=lambda a, b: seen.append((a, b)),
-    )
-    assert seen == [(8, 4), (4, 2)] and final == 2
+    assert _backoff_steps(model, seqs, col) == [(8, 4), (4, 2)]
     a, b = ref.result(), col.result()
     assert torch.equal(a.count, b.count) and torch.equal(a.lengths, b.lengths)
     assert torch.allclose(a.sums, b.sums, atol=1e-6)
