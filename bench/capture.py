@@ -376,6 +376,7 @@ def _measure(job: dict[str, Any], row: dict[str, Any]) -> None:
     non_embedding = _non_embedding_params(base_model(model))
     row.update(
         arch=arch.as_dict(),
+        attention=str(model.config._attn_implementation),
         device=str(device),
         device_name=_device_name(device),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -594,6 +595,12 @@ def _model_title(spec: str, rows: list[dict[str, Any]]) -> str:
         f"{arch['n_kv_heads']} kv heads, head dim {arch['head_dim']}, "
         f"{first['non_embedding_params'] / 1e6:.1f} M non-embedding parameters; {first['device']} "
         f"({first['device_name']}), {first['dtype']}"
+        + (
+            f"; NOTE: this transformers gives {arch['config_class']} no SDPA, so the plain forward (the 'x sdpa' "
+            f"baseline) uses {first['attention']} attention"
+            if first.get("attention", "sdpa") != "sdpa"
+            else ""
+        )
     )
 
 

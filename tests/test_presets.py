@@ -241,7 +241,9 @@ def test_scaled_model_capture_matches_eager(name: str, batch_size: int) -> None:
     assert (mean - ref).abs().nan_to_num(0.0).max().item() < TOL
     if name == "mistral-7b-v0.1":
         assert (ref[LENGTH - 1, : LENGTH - 6].nan_to_num(0.0) == 0).all()  # outside the window: no attention
-    assert model.config._attn_implementation == "sdpa"
+    # SDPA, except for GPT-J under a transformers that gives it none (it got SDPA during the 5.x series).
+    gptj_eager = name == "gpt-j-6b" and not getattr(type(model), "_supports_sdpa", False)
+    assert model.config._attn_implementation == ("eager" if gptj_eager else "sdpa")
 
 
 def test_build_random_model_seed_is_reproducible_and_local() -> None:

@@ -313,11 +313,15 @@ def build_random_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     *,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     seed: int | None = None,
     **overrides: Any,
 ) -> Any:
     """A causal LM of preset ``preset`` (or of a config object) with random weights, in eval mode on ``device``.
+
+    ``attn_implementation`` defaults to ``"sdpa"`` where the installed transformers gives the model class SDPA
+    attention and to ``"eager"`` where it does not (GPT-J before transformers moved it onto the attention
+    interface), as :func:`attnscan.load_model` does.
 
     The model is allocated and initialised directly on ``device`` in ``dtype`` (no meta tensors, nothing
     downloaded). A full-size preset needs its whole size in memory (e.g. about 16 GB in bfloat16 for
@@ -332,6 +336,9 @@ def build_random_model(
         raise AttnscanError("overrides apply to a preset name; set them on the config object instead")
     else:
         config = preset
+    if attn_implementation is None:
+        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+        attn_implementation = "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
     dev = torch.device(device)
     devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
