@@ -184,7 +184,7 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
 
 
 @dataclass(frozen=True)
-class _GenerationOptions:
+class GenerationOptions:
     """Greedy decoding options of :func:`generate`, shared by :func:`behave` and :mod:`attnscan.defend`.
 
     Checked on creation, so a bad value fails before the first prompt runs.
@@ -228,14 +228,14 @@ def generate(
     prompts always give the same responses. Generation stops at the model's or the tokenizer's end-of-sequence
     token or after ``max_new_tokens``.
     """
-    options = _GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens)
-    return _generate(loaded, texts, options, progress, progress_label)
+    options = GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens)
+    return generate_with(loaded, texts, options, progress, progress_label)
 
 
-def _generate(
+def generate_with(
     loaded: LoadedModel,
     texts: Sequence[str] | PromptSet,
-    options: _GenerationOptions,
+    options: GenerationOptions,
     progress: ProgressFn | None = None,
     progress_label: str = "generate",
 ) -> list[str]:
@@ -382,7 +382,7 @@ class ClassifierJudge:
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .models import _refuse_pickle
+        from .models import refuse_pickle
 
         self.spec = str(spec)
         self.label_map = {str(k): str(v) for k, v in (label_map or {}).items()}
@@ -397,7 +397,7 @@ class ClassifierJudge:
         if revision:
             common["revision"] = revision
         if path.is_dir() and not allow_pickle:
-            _refuse_pickle(path)
+            refuse_pickle(path)
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 self.spec, use_safetensors=None if allow_pickle else True, **common
@@ -457,7 +457,7 @@ class ClassifierJudge:
         return None if self.refusal_labels is None else label in self.refusal_labels
 
 
-def _judge_responses(
+def judge_responses(
     judge: ClassifierJudge, responses: Sequence[str], prompts: Sequence[str]
 ) -> tuple[list[str], list[bool | None]]:
     """The judge's label for each response and whether it counts as a refusal (``None``: no refusal labels)."""
@@ -488,7 +488,7 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return (low, high)
 
 
-def _judged_rate(flags: Sequence[bool | None]) -> tuple[float, float, float, float]:
+def judged_rate(flags: Sequence[bool | None]) -> tuple[float, float, float, float]:
     """``(count, rate, low, high)`` of the true flags, with the Wilson interval; all NaN when a flag is ``None``
     (the judge has no refusal labels)."""
     if any(f is None for f in flags):
@@ -536,7 +536,7 @@ def behaviour_table(records: Sequence[Mapping[str, Any]], attack_sets: Collectio
             "asr_high": 1 - low if attack else math.nan,
         }
         if any("judge_label" in r for r in recs):
-            jk, jrate, jlow, jhigh = _judged_rate([r.get("judge_refusal") for r in recs])
+            jk, jrate, jlow, jhigh = judged_rate([r.get("judge_refusal") for r in recs])
             row.update(judge_refusals=jk, judge_refusal_rate=jrate, judge_refusal_low=jlow, judge_refusal_high=jhigh)
             for r in recs:
                 key = f"judge:{r.get('judge_label')}"
@@ -586,7 +586,7 @@ class BehaviourResult:
         with atomic_dir(final, overwrite, marker=META_FILE, what="behaviour results") as tmp:
             save_jsonl(tmp / RESPONSES_FILE, self.records)
             self.table().to_csv(tmp / SUMMARY_FILE, index=False)
-            _write_json(tmp / META_FILE, {"format": FORMAT, **self.info})
+            write_json(tmp / META_FILE, {"format": FORMAT, **self.info})
         return final
 
     @classmethod
@@ -622,7 +622,7 @@ def behave(
     """
     if not sets:
         raise AttnscanError("no prompt sets: give at least one, e.g. {'jailbreak': load_prompts(...)}")
-    options = _GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens)
+    options = GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens)
     matcher = matcher or _DEFAULT_MATCHER
     prompt_sets = {
         name: ps if isinstance(ps, PromptSet) else PromptSet(name, tuple(ps), "<memory>") for name, ps in sets.items()
@@ -636,9 +636,9 @@ def behave(
             if progress is not None:
                 progress(_offset + done, total, label)
 
-        responses = _generate(loaded, ps.texts, options, report, name)
+        responses = generate_with(loaded, ps.texts, options, report, name)
         offset += len(ps)
-        labels, flags = _judge_responses(judge, responses, ps.texts) if judge is not None else (None, None)
+        labels, flags = judge_responses(judge, responses, ps.texts) if judge is not None else (None, None)
         for i, (prompt, response) in enumerate(zip(ps.texts, responses, strict=True)):
             phrase = matcher.match(response)
             rec: dict[str, Any] = {
@@ -693,5 +693,5 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")

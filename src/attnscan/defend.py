@@ -52,21 +52,21 @@ from torch import nn
 from .behave import (
     DEFAULT_MAX_PROMPT_TOKENS,
     ClassifierJudge,
+    GenerationOptions,
     RefusalMatcher,
-    _generate,
-    _GenerationOptions,
-    _judge_responses,
-    _judged_rate,
-    _write_json,
+    generate_with,
+    judge_responses,
+    judged_rate,
     save_jsonl,
     wilson_interval,
+    write_json,
 )
 from .capture import base_model, decoder_layers
 from .errors import AttnscanError
 from .io import atomic_dir
 from .models import LoadedModel
 from .prompts import PromptSet, encode
-from .runner import _accepts_position_ids, batch_order, make_batch, pad_token_id
+from .runner import accepts_position_ids, batch_order, make_batch, pad_token_id
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -193,7 +193,7 @@ def nll_sum(
     base = base_model(model)
     project = _lm_head(model)
     pad = pad_token_id(loaded.tokenizer, model)
-    pass_positions = _accepts_position_ids(base)
+    pass_positions = accepts_position_ids(base)
     order = batch_order(list(enc.lengths))
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -350,9 +350,9 @@ class DefenceArm:
             "perplexity": math.nan if self.perplexity is None else self.perplexity,
         }
         if self.jailbreak_judge_refusals is not None and self.benign_judge_refusals is not None:
-            refused, j_rate, j_low, j_high = _judged_rate(self.jailbreak_judge_refusals)
+            refused, j_rate, j_low, j_high = judged_rate(self.jailbreak_judge_refusals)
             benign_kept = [None if f is None else not f for f in self.benign_judge_refusals]
-            kept, b_rate, b_low, b_high = _judged_rate(benign_kept)
+            kept, b_rate, b_low, b_high = judged_rate(benign_kept)
             row.update(
                 jailbreak_judge_refusals=refused,
                 jailbreak_judge_refusal_rate=j_rate,
@@ -456,7 +456,7 @@ class DefenceResult:
                 self.sweep.to_csv(tmp / SWEEP_FILE, index=False)
                 save_jsonl(tmp / SWEEP_RESPONSES_FILE, self.sweep_records())
                 save_figure(trade_off_figure(self.sweep), tmp / FIGURE_FILE, dpi=dpi)
-            _write_json(tmp / META_FILE, {"format": FORMAT, **self.info})
+            write_json(tmp / META_FILE, {"format": FORMAT, **self.info})
         return final
 
 
@@ -490,7 +490,7 @@ class _Tracker:
 
 @dataclass(frozen=True)
 class _Options:
-    generation: _GenerationOptions
+    generation: GenerationOptions
     ppl_texts: tuple[str, ...] | None
     ppl_length: int
     matcher: RefusalMatcher
@@ -511,8 +511,8 @@ def _run_arm(
 ) -> DefenceArm:
     gen = opts.generation
     with bypass_layers(loaded.model, layers):
-        jb = _generate(loaded, jailbreak.texts, gen, tracker.stage(f"{name} jailbreak"))
-        bn = _generate(loaded, benign.texts, gen, tracker.stage(f"{name} benign"))
+        jb = generate_with(loaded, jailbreak.texts, gen, tracker.stage(f"{name} jailbreak"))
+        bn = generate_with(loaded, benign.texts, gen, tracker.stage(f"{name} benign"))
         ppl = None
         if opts.ppl_texts:
             total, count = nll_sum(
@@ -537,8 +537,8 @@ def _run_arm(
 
 def _judge_arm(arm: DefenceArm, jailbreak: PromptSet, benign: PromptSet, judge: ClassifierJudge) -> DefenceArm:
     """A copy of ``arm`` with the judge's labels and refusal calls on its responses."""
-    jb_labels, jb_flags = _judge_responses(judge, arm.jailbreak_responses, jailbreak.texts)
-    bn_labels, bn_flags = _judge_responses(judge, arm.benign_responses, benign.texts)
+    jb_labels, jb_flags = judge_responses(judge, arm.jailbreak_responses, jailbreak.texts)
+    bn_labels, bn_flags = judge_responses(judge, arm.benign_responses, benign.texts)
     return dataclasses.replace(
         arm,
         jailbreak_judge_labels=jb_labels,
@@ -554,7 +554,7 @@ def _as_set(prompts: PromptSet | Sequence[str], name: str) -> PromptSet:
 
 def _options(
     benign: PromptSet,
-    generation: _GenerationOptions,
+    generation: GenerationOptions,
     *,
     ppl_texts: Sequence[str] | PromptSet | bool | None,
     ppl_length: int,
@@ -633,7 +633,7 @@ def defend(
     jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
     opts = _options(
         bn,
-        _GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens),
+        GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens),
         ppl_texts=ppl_texts,
         ppl_length=ppl_length,
         matcher=matcher,
@@ -719,7 +719,7 @@ def sweep_results(
     jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
     opts = _options(
         bn,
-        _GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens),
+        GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens),
         ppl_texts=ppl_texts,
         ppl_length=ppl_length,
         matcher=matcher,

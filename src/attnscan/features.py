@@ -43,7 +43,7 @@ from .errors import AttnscanError
 from .io import atomic_dir
 from .models import LoadedModel
 from .prompts import PromptSet, Truncate, encode, warn_truncated
-from .runner import _accepts_position_ids, batch_order, make_batch, pad_token_id
+from .runner import accepts_position_ids, batch_order, make_batch, pad_token_id
 
 __all__ = [
     "Features",
@@ -424,7 +424,7 @@ def _run(
     base = base_model(model)
     pad = pad_token_id(loaded.tokenizer, model)
     device = loaded.device
-    pass_positions = _accepts_position_ids(base)
+    pass_positions = accepts_position_ids(base)
     order = batch_order([len(s) for s in seqs])
     state: dict[str, Any] = {}
 

@@ -281,7 +281,7 @@ def _resolve_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     return "hub", key, {}
 
 
-def _refuse_pickle(directory: Path) -> None:
+def refuse_pickle(directory: Path) -> None:
     names = [p.name for p in directory.iterdir()]
     has_safe = any(n.endswith(".safetensors") for n in names)
     pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
@@ -325,7 +325,7 @@ def load_model(
         source["converted_dir"] = target
         revision = None
     if kind != "hub" and not allow_pickle:
-        _refuse_pickle(Path(target))
+        refuse_pickle(Path(target))
 
     dev = resolve_device(device) if device_map is None else _first_accelerator()
     torch_dtype = resolve_dtype(dtype, dev)

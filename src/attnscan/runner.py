@@ -44,7 +44,7 @@ def batch_order(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
-def _accepts_position_ids(module: nn.Module) -> bool:
+def accepts_position_ids(module: nn.Module) -> bool:
     try:
         return "position_ids" in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
@@ -99,7 +99,7 @@ def run_collect(
     param: torch.Tensor = next(model.parameters())
     device = param.device
     base = base_model(model)
-    pass_positions = _accepts_position_ids(base)
+    pass_positions = accepts_position_ids(base)
     order = batch_order([len(s) for s in seqs])
     size = batch_size
     with torch.inference_mode(), capture_attention(model, collector.layers, collector, route):
