@@ -150,3 +150,39 @@ def test_progress_bar_gives_each_stage_its_own_line_and_unit(
     assert "jailbreak" in err and "fitting" in err
     with prompt_progress(quiet=True) as quiet:
         assert quiet is None
+
+
+def test_summary_table_fits_an_80_column_terminal() -> None:
+    """The run's terminal summary: one table a model, nothing cut short on an 80-column terminal."""
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from attnscan.cli import summary_table
+
+    frame = pd.DataFrame(
+        {
+            "layer": [3, 7, 1],
+            "rank": [2.0, 1.0, float("nan")],
+            "verdict": ["no significant shift", "vulnerable", "resilient"],
+            "signed_shift": [0.1234, 0.6543, -0.2],
+            "ci_low": [0.05, 0.5612, -0.3],
+            "ci_high": [0.2, 0.7277, -0.1],
+            "effect": [1.5, 3.29, -2.0],
+            "q_signed": [0.2, 0.000999, 0.01],
+            "q_abs": [0.3, 0.002, 0.02],
+            "frac_pos": [0.5, 0.82, 0.1],
+            "frac_neg": [0.4, 0.16, 0.85],
+        }
+    )
+    buf = io.StringIO()
+    Console(file=buf, width=80, color_system=None).print(summary_table({"a-model-with-a-long-name-7b": frame}))
+    text = buf.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    lines = [line for line in text.splitlines() if "│" in line]
+    assert "Top layers of a-model-with-a-long-name-7b" in text
+    # Ranked layers first (rank 1, then 2), then unranked ones; block shift with its interval, q to two digits.
+    assert [line.split("│")[1].strip() for line in lines] == ["7", "3", "1"]
+    assert "+0.65 [+0.56, +0.73]" in lines[0] and "0.001" in lines[0] and "82%" in lines[0]
+    assert "n.s." in lines[1] and "n.s.: no significant shift" in text

@@ -71,7 +71,8 @@ def test_run_with_two_models_writes_everything(two_models: tuple[Path, Path], tm
     assert manifest["kind"] == "attnscan-run" and set(manifest["models"]) == {"tiny-llama", "tiny-gpt2"}
     assert [r[0] for r in manifest["rows"]] == ["tiny-llama", "tiny-gpt2"]  # most significant layer of each model
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Top layers" in res.stdout and "Strongest shift per model" in res.stdout
+    assert "Top layers of tiny-llama" in res.stdout and "Top layers of tiny-gpt2" in res.stdout
+    assert "Strongest shift per model" in res.stdout
     assert "proxy" in (out / "observations.md").read_text()
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "tiny-llama" in page and "tiny-gpt2" in page

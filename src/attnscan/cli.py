@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from .cli_common import (
@@ -262,29 +262,36 @@ def run_cmd(
     )
 
 
-def summary_table(tables: dict[str, Any], top: int = 5) -> Table:
-    """A rich table of each model's top layers: significant ones by rank, else the largest shifts."""
-    table = Table(title="Top layers (jailbreak vs benign)", title_justify="left")
-    for col, justify in (("model", "left"), ("layer", "right"), ("verdict", "left"), ("shift [95% CI]", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for col in ("effect", "q", "cells +", "cells -"):
-        table.add_column(col, justify="right")
+_SHORT_VERDICTS = {"no significant shift": "n.s."}
+
+
+def summary_table(tables: dict[str, Any], top: int = 5) -> Group:
+    """Rich tables of each model's top layers (one table a model): significant ones by rank, else the largest shifts.
+
+    Sized for an 80-column terminal: the shift is the block shift in nats with its bootstrap 95 % interval, and
+    ``%+`` / ``%-`` are the shares of cells where jailbreak attention is higher / lower."""
     styles = {"vulnerable": "red", "resilient": "blue", "mixed": "magenta", "no significant shift": "dim"}
+    out = []
     for label, frame in tables.items():
+        table = Table(title=f"Top layers of {label} (jailbreak vs benign)", title_justify="left")
+        for col in ("layer", "verdict", "shift [95% CI]", "effect", "q", "%+", "%-"):
+            table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
         order = frame.assign(_k=frame["rank"].fillna(1e9), _e=-frame["signed_shift"].abs()).sort_values(["_k", "_e"])
         for _, row in order.head(top).iterrows():
             q = min(row["q_signed"], row["q_abs"])
             table.add_row(
-                label,
                 str(int(row["layer"])),
-                f"[{styles.get(row['verdict'], '')}]{row['verdict']}",
-                f"{row['signed_shift']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]",
+                f"[{styles.get(row['verdict'], '')}]{_SHORT_VERDICTS.get(row['verdict'], row['verdict'])}",
+                f"{row['signed_shift']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]",
                 f"{row['effect']:+.2f}",
-                f"{q:.3g}",
+                f"{q:.2g}",
                 f"{row['frac_pos']:.0%}",
                 f"{row['frac_neg']:.0%}",
             )
-    return table
+        if (order.head(top)["verdict"] == "no significant shift").any():
+            table.caption, table.caption_justify = "n.s.: no significant shift", "left"
+        out.append(table)
+    return Group(*out)
 
 
 @app.command("figure")
