@@ -312,33 +312,44 @@ def defend_cmd(
 
 
 def defence_summary(table: pd.DataFrame, title: str) -> Table:
-    """A rich table of a defence or sweep table: refusal rate and retention with Wilson 95 % intervals (and the
-    judge's beside them, when the table has them), and the number of empty answers (an empty answer is no refusal,
-    so it counts as "kept")."""
+    """A rich table of a defence or sweep table: refusal rate and retention with Wilson 95 % intervals, and the
+    number of empty answers (an empty answer is no refusal, so it counts as "kept"), benign chrF against the
+    unmodified model's answers and perplexity (token F1 is in the CSV). With a judge, each row is
+    followed by a "(judge)" row holding the judge's rates in the same columns, which keeps the table within 80
+    columns."""
     from rich.table import Table
 
     judged = "jailbreak_judge_refusal_rate" in table.columns
-    rates = [("jailbreak refused", "jailbreak_refusal_rate", "jailbreak_refusal")]
-    rates += [("judge: refused", "jailbreak_judge_refusal_rate", "jailbreak_judge_refusal")] if judged else []
-    rates += [("benign kept", "benign_retention", "benign_retention")]
-    rates += [("judge: kept", "benign_judge_retention", "benign_judge_retention")] if judged else []
     out = Table(title=f"{title} (rates with Wilson 95% CI in %)", title_justify="left")
     first = "variant" if "variant" in table.columns else "k"
-    out.add_column(first)
+    out.add_column(first, no_wrap=True)
     out.add_column("layers", overflow="fold")
-    for col in (*(name for name, _, _ in rates), "empty jb/bn", "chrF", "tok F1", "ppl"):
-        out.add_column(col, justify="right")
+    for col in ("jailbreak\nrefused", "benign\nkept", "empty\njb/bn", "chrF", "ppl"):
+        out.add_column(col, justify="right", no_wrap=True)
     for _, row in table.iterrows():
         ppl = row["perplexity"]
         out.add_row(
             str(row[first]),
             str(row["layers"]) if not _nan(row["layers"]) and str(row["layers"]) else "-",
-            *(_rate(row[rate], row[f"{bounds}_low"], row[f"{bounds}_high"]) for _, rate, bounds in rates),
+            _rate(row["jailbreak_refusal_rate"], row["jailbreak_refusal_low"], row["jailbreak_refusal_high"]),
+            _rate(row["benign_retention"], row["benign_retention_low"], row["benign_retention_high"]),
             f"{int(row['jailbreak_empty'])}/{int(row['benign_empty'])}",
             f"{row['benign_chrf']:.3f}",
-            f"{row['benign_token_f1']:.3f}",
-            "-" if _nan(ppl) else f"{ppl:.1f}",
+            "-" if _nan(ppl) else f"{ppl:.0f}" if ppl >= 100 else f"{ppl:.1f}",
         )
+        if judged:
+            refused = ("jailbreak_judge_refusal_rate", "jailbreak_judge_refusal_low", "jailbreak_judge_refusal_high")
+            kept = ("benign_judge_retention", "benign_judge_retention_low", "benign_judge_retention_high")
+            out.add_row(
+                "(judge)",
+                "",
+                _rate(*(row[c] for c in refused)),
+                _rate(*(row[c] for c in kept)),
+                "",
+                "",
+                "",
+                style="dim",
+            )
     return out
 
 
