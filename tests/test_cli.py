@@ -186,3 +186,28 @@ def test_summary_table_fits_an_80_column_terminal() -> None:
     assert [line.split("│")[1].strip() for line in lines] == ["7", "3", "1"]
     assert "+0.65 [+0.56, +0.73]" in lines[0] and "0.001" in lines[0] and "82%" in lines[0]
     assert "n.s." in lines[1] and "n.s.: no significant shift" in text
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_detection_table_fits_an_80_column_terminal(extra: bool) -> None:
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from attnscan.cli_detect import layer_rich_table
+
+    frame = pd.DataFrame({"layer": [0, 1, 2], "cp_auroc": [0.5, 0.9991, 0.75], "probe_auroc": [0.6, 1.0, 0.7]})
+    for key in ("cp_auroc", "probe_auroc"):
+        frame[f"{key}_low"], frame[f"{key}_high"] = frame[key] - 0.0037, (frame[key] + 0.01).clip(upper=1.0)
+    frame["cp_tpr5"], frame["cp_f1"] = [0.1, 0.95, 0.4], [0.5, 0.99, 0.7]
+    frame["flagged"] = frame["cv_flagged"] = [False, True, False]
+    frame["cv_cp_auroc"] = [0.55, 0.998, float("nan")]
+    buf = io.StringIO()
+    Console(file=buf, width=80, color_system=None).print(layer_rich_table(frame, "t", top=3, extra=extra))
+    text = buf.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["1", "2", "0"]  # by CP AUROC, descending
+    assert "0.999 [0.995-1.000]" in rows[0] and rows[0].rstrip("│ ").endswith("yes")
+    assert ("0.998" in rows[0]) is extra  # the cross-validated AUROC of training, in the evaluation table only

@@ -54,31 +54,34 @@ def lazy_progress(quiet: bool, unit: str = "prompts") -> Iterator[Callable[[int,
 def _fmt_ci(value: float, low: float, high: float) -> str:
     if low != low or high != high:  # NaN: no bootstrap
         return f"{value:.3f}"
-    return f"{value:.3f} [{low:.2f}-{high:.2f}]"
+    return f"{value:.3f} [{low:.3f}-{high:.3f}]"
 
 
 def layer_rich_table(frame: Any, title: str, top: int, by: str = "cp_auroc", extra: bool = False) -> Table:
-    """The ``top`` layers of a detection or evaluation table by ``by`` (descending), as a rich table."""
+    """The ``top`` layers of a detection or evaluation table by ``by`` (descending), as a rich table that fits an
+    80-column terminal (two-line headers; the evaluation table, ``extra``, shows the cross-validated AUROC of
+    training in place of F1)."""
     table = Table(title=title, title_justify="left")
-    for col in ("layer", "CP AUROC [95% CI]", "CP TPR@5%", "CP F1", "probe AUROC [95% CI]"):
-        table.add_column(col, justify="left" if "CI" in col else "right", no_wrap=True)
-    if extra:
-        table.add_column("CV CP AUROC", justify="right")
-    table.add_column("CV flag" if extra else "flagged", justify="left")
+    columns = ["layer", "CP AUROC\n[95% CI]", "CP\nTPR@5%"]
+    columns += ["probe AUROC\n[95% CI]", "CV CP\nAUROC", "CV\nflag"] if extra else ["CP\nF1", "probe AUROC\n[95% CI]"]
+    columns += [] if extra else ["flag"]
+    for col in columns:
+        table.add_column(col, justify="left" if "CI" in col or "flag" in col else "right", no_wrap=True)
     flag_col = "cv_flagged" if extra else "flagged"
     order = frame.assign(_by=frame[by].fillna(-1.0), _l=frame["layer"]).sort_values(
         ["_by", "_l"], ascending=[False, True]
     )
     for _, row in order.head(top).iterrows():
+        probe = _fmt_ci(row["probe_auroc"], row["probe_auroc_low"], row["probe_auroc_high"])
         cells = [
             str(int(row["layer"])),
             _fmt_ci(row["cp_auroc"], row["cp_auroc_low"], row["cp_auroc_high"]),
             f"{row['cp_tpr5']:.2f}",
-            f"{row['cp_f1']:.2f}",
-            _fmt_ci(row["probe_auroc"], row["probe_auroc_low"], row["probe_auroc_high"]),
         ]
         if extra:
-            cells.append(f"{row['cv_cp_auroc']:.3f}" if row["cv_cp_auroc"] == row["cv_cp_auroc"] else "-")
+            cells += [probe, f"{row['cv_cp_auroc']:.3f}" if row["cv_cp_auroc"] == row["cv_cp_auroc"] else "-"]
+        else:
+            cells += [f"{row['cp_f1']:.2f}", probe]
         flagged = row.get(flag_col)
         cells.append("[red]yes" if flagged is True or flagged == 1 else "no")
         table.add_row(*cells)
