@@ -62,3 +62,15 @@ def test_capture_benchmark_smoke_run_on_a_scaled_preset(tmp_path: Path) -> None:
     # Ratios are to the SDPA forward of the same B and T.
     assert next(r for r in rows if r["variant"] == "sdpa")["time_ratio"] == 1.0
     assert "preset:llama-3.1-8b scaled" in proc.stdout
+
+
+def test_collector_benchmark_compares_two_revisions(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _module("collector")
+    argv = ["--base", "HEAD", "--batch-sizes", "1,3", "--lengths", "32", "--repeats", "1", "--spread", "5"]
+    assert bench.main([*argv, "--align", "relative", "--padding", "left"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("1", "32"), ("3", "32")]
+    assert all(float(r[5]) <= 1e-6 for r in rows)  # both versions give the same sums
+    with pytest.raises(SystemExit, match=r"cannot read accumulate\.py"):
+        bench.main(["--base", "no-such-revision"])
