@@ -7,7 +7,7 @@
 # machine needs torch, transformers, accelerate, safetensors, tokenizers, numpy, pandas and pytest, nothing else.
 # Each step writes its own JSON and log into OUTDIR as soon as it ends, so a run cut short keeps what finished.
 # Order: the correctness checks, then the capture benchmark of the 8B architecture (the 40 % target), then the
-# other two reference architectures.
+# other two reference architectures, then (where git history is there) the collector's A/B.
 set -u -o pipefail
 out=${1:?usage: bash bench/gpu_session.sh OUTDIR}
 mkdir -p "$out"
@@ -22,4 +22,9 @@ for preset in llama-3.1-8b mistral-7b-v0.1 gpt-j-6b; do
     "$py" bench/capture.py --presets "$preset" --batch-sizes 1,4 --json "$out/bench-$preset.json" 2>&1 \
         | tee "$out/bench-$preset.log" || status=1
 done
+# The collector before and after it lost its loop over prompts (needs the git history, which may not travel).
+if git rev-parse -q --verify "b92625b~1^{commit}" >/dev/null 2>&1; then
+    "$py" bench/collector.py --base b92625b~1 --device cuda --batch-sizes 1,16,64 --lengths 448 --layers 8 \
+        --spread 4 --padding left 2>&1 | tee "$out/collector.log" || status=1
+fi
 exit $status
