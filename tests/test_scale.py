@@ -290,3 +290,18 @@ def test_capture_under_an_accelerate_device_map(tiny_model_dir: Path) -> None:
     assert torch.allclose(results[0].sums, results[1].sums, atol=1e-9)
     assert torch.equal(results[0].count, results[1].count)
     assert from_model(build_model("llama"), None).arch.route == "interface"
+
+
+def test_automatic_batch_size_estimate() -> None:
+    """The first batch size on CUDA: prompts whose estimated peak fits 70 % of the free memory, within 1..128.
+    Llama-3.1-8B dimensions (32 heads, hidden 4096, MLP 14336; its config.json), bfloat16, 64 GB free."""
+    from attnscan.runner import AUTO_BATCH_CAP, estimate_batch_size
+
+    llama = {"heads": 32, "hidden": 4096, "intermediate": 14336, "dtype_bytes": 2}
+    # T = 2048: 32 * 2048^2 * (3 * 2 + 4) + 8 * 2048^2 * 4 + 2048 * (4 * 4096 + 3 * 14336) * 2 = 1_719_664_640 bytes
+    # per prompt, and 0.7 * 64e9 / 1_719_664_640 = 26.05.
+    assert estimate_batch_size(**llama, length=2048, free_bytes=64 * 10**9) == 26
+    # T = 448: 123_863_040 bytes per prompt, room for 361: the cap applies.
+    assert estimate_batch_size(**llama, length=448, free_bytes=64 * 10**9) == AUTO_BATCH_CAP == 128
+    assert estimate_batch_size(**llama, length=2048, free_bytes=10**9) == 1  # never below one
+    assert estimate_batch_size(**llama, length=1024, free_bytes=64 * 10**9) > 26  # shorter prompts, more of them

@@ -65,6 +65,35 @@ def pad_token_id(tokenizer: object, model: nn.Module) -> int:
     return 0
 
 
+AUTO_BATCH_CAP = 128  # larger batches gain little throughput and waste more padding between unequal prompts
+
+
+def estimate_batch_size(
+    *,
+    heads: int,
+    hidden: int,
+    intermediate: int,
+    length: int,
+    dtype_bytes: int,
+    free_bytes: int,
+    headroom: float = 0.7,
+    cap: int = AUTO_BATCH_CAP,
+) -> int:
+    """A first batch size for ``--batch-size auto`` on an accelerator: how many prompts of ``length`` tokens fit
+    ``headroom`` of ``free_bytes`` (the device's free memory with the model loaded), capped at ``cap``; at least 1.
+
+    Per prompt, during a captured layer: the eager attention scores, the masked scores and the probabilities in
+    the model's dtype plus the float32 softmax (``heads * T^2 * (3 * dtype_bytes + 4)``), the collector's float32
+    ``T x T`` maps (about eight), and the layer's activations (``T * (4 * hidden + 3 * intermediate)`` values). It
+    is an estimate: back-off on out-of-memory still has the last word.
+    """
+    t2 = length * length
+    per_prompt = (
+        heads * t2 * (3 * dtype_bytes + 4) + 8 * t2 * 4 + length * (4 * hidden + 3 * intermediate) * dtype_bytes
+    )
+    return max(1, min(cap, int(headroom * free_bytes) // per_prompt))
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an accelerator out-of-memory error (CUDA, MPS or XPU)."""
     if isinstance(exc, torch.OutOfMemoryError):

@@ -30,7 +30,7 @@ from .prompts import (
     warn_truncated,
 )
 from .result import ScanResult
-from .runner import PaddingSide, pad_token_id, run_collect
+from .runner import PaddingSide, estimate_batch_size, pad_token_id, run_collect
 
 PromptSource = str | Path | Sequence[str] | PromptSet
 ProgressFn = Callable[[int, int, str], None]
@@ -42,6 +42,30 @@ DEFAULT_FLOOR = -10.0
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _auto_batch_size(loaded: LoadedModel, length: int) -> int:
+    """The first batch size of ``--batch-size auto``: 8 on the CPU; on CUDA as many prompts as
+    :func:`attnscan.runner.estimate_batch_size` expects to fit the free memory (at most
+    :data:`~attnscan.runner.AUTO_BATCH_CAP`); 64 on other accelerators. Back-off corrects it either way."""
+    device = loaded.device
+    if device.type == "cpu":
+        return 8
+    if device.type != "cuda":
+        return 64
+    free, _ = torch.cuda.mem_get_info(device)
+    config, arch = loaded.model.config, loaded.arch
+    intermediate = (
+        getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * arch.hidden_size
+    )
+    return estimate_batch_size(
+        heads=arch.n_heads,
+        hidden=arch.hidden_size,
+        intermediate=int(intermediate),
+        length=length,
+        dtype_bytes=loaded.dtype.itemsize,
+        free_bytes=int(free),
+    )
 
 
 def scan(
@@ -80,8 +104,9 @@ def scan(
     ``model`` is a spec for :func:`attnscan.load_model` or an already loaded model. Prompt sources are anything
     :func:`attnscan.load_prompts` reads. Returns a :class:`ScanResult` whose manifest records how it was made.
 
-    ``batch_size=None`` picks it automatically: 8 on the CPU; on an accelerator it starts at 64 and halves after
-    an out-of-memory error (``on_notice`` is told). With ``checkpoint`` (a directory) the accumulators are saved
+    ``batch_size=None`` picks it automatically: 8 on the CPU; on CUDA it starts at the estimate of what fits the
+    free memory (:func:`attnscan.runner.estimate_batch_size`, at most 128; 64 on other accelerators) and halves
+    after an out-of-memory error (``on_notice`` is told). With ``checkpoint`` (a directory) the accumulators are saved
     atomically every ``checkpoint_every`` batches and when SIGTERM or SIGINT arrives (the scan then stops with
     :class:`attnscan.checkpoint.Interrupted`); ``resume=True`` continues from that checkpoint, refusing one made
     with other settings. Under ``torchrun`` (``WORLD_SIZE > 1``) each process scans a shard of every set and the
@@ -171,7 +196,7 @@ def scan(
         )
         for name, enc in encoded.items()
     }
-    size = batch_size if batch_size is not None else (8 if loaded.device.type == "cpu" else 64)
+    size = batch_size if batch_size is not None else _auto_batch_size(loaded, length)
     settings = {
         "model": loaded.spec,
         "weights": loaded.source.get("gguf_sha256")
