@@ -19,14 +19,16 @@ What it checks, on ``--device`` (default ``cuda``):
    Llama-3.1-8B's attention structure scaled to 8 layers and random word prompts.
 4. **A full-size 8B scan** (CUDA): Llama-3.1-8B with random weights in bfloat16, all 32 layers at T = 448, the
    automatic batch size: where the batch size settled, prompts/s, peak memory.
+5. **nccl** (gloo on the CPU): a collector's state all-reduced in a group of one comes back unchanged (the
+   tensors and dtypes that torchrun's data-parallel scans reduce; a group of two needs two GPUs).
 
 Each check prints one line (PASS/FAIL and its numbers); the exit status is 1 if any failed. ``--json`` also writes
-the numbers. With ``--device cpu`` the script runs checks 1 and 3 on the CPU (checks 2 and 4 need CUDA); the test
+the numbers. With ``--device cpu`` the script runs checks 1, 3 and 5 on the CPU (checks 2 and 4 need CUDA); the test
 suite runs it that way so that it cannot rot unnoticed. On a lent GPU machine (packages there, none installed from
 the project) run it from the repository root as ``PYTHONPATH=src python3 bench/gpu_check.py``.
 
-nccl (the backend torchrun picks on CUDA) needs two GPUs: nccl refuses two ranks on one device. On a multi-GPU
-machine run ``torchrun --nproc-per-node 2 -m attnscan scan ...`` against a single-process scan by hand.
+A data-parallel scan over nccl needs two GPUs (nccl refuses two ranks on one device): on a multi-GPU machine run
+``torchrun --nproc-per-node 2 -m attnscan scan ...`` against a single-process scan by hand.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -240,6 +243,36 @@ def check_full_size(device: torch.device, n: int) -> list[dict[str, Any]]:
     return [row | {"ok": seen and len(result.layers) == 32}]
 
 
+def check_reduction(device: torch.device, tmp: Path) -> list[dict[str, Any]]:
+    """Check 5: the cross-rank reduction of a collector's state over nccl (gloo on the CPU), in a group of one (nccl
+    refuses two ranks on one GPU): every tensor comes back unchanged, dtypes included."""
+    import torch.distributed as dist
+
+    from attnscan.distributed import all_reduce_state
+
+    model = build_model("llama", seed=9).to(device)
+    seqs = random_prompts((5, 9, 12), seed=41)
+    col = GridCollector("s", (0, 1), len(seqs), LENGTH, device=device)
+    run_collect(model, seqs, col, route="interface", pad_id=0, batch_size=2)
+    before = {key: value.clone() for key, value in col.state().items()}
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{tmp / 'group'}", rank=0, world_size=1)
+    try:
+        all_reduce_state(col)
+    finally:
+        dist.destroy_process_group()
+    after = col.state()
+    same = [
+        key
+        for key, value in before.items()
+        if after[key].dtype == value.dtype and torch.equal(after[key].nan_to_num(), value.nan_to_num())
+    ]
+    row = {"check": "reduction", "backend": backend, "world_size": 1, "unchanged": same}
+    return [row | {"ok": len(same) == len(before) and bool(after["seen"].all())}]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--device", default="cuda")
@@ -262,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += check_end_to_end(device, args.prompts, args.length, args.stand_in)
     if device.type == "cuda":
         rows += check_full_size(device, args.full_size_prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += check_reduction(device, Path(tmp))
     for row in rows:
         print(("PASS " if row["ok"] else "FAIL ") + json.dumps({k: v for k, v in row.items() if k != "ok"}))
     if args.json is not None:

@@ -32,13 +32,14 @@ def test_gpu_check_passes_on_the_cpu(tmp_path: Path, capsys: pytest.CaptureFixtu
     status = check.main([*argv, "--json", str(out)])
     rows = json.loads(out.read_text())
     assert status == 0, capsys.readouterr().out
-    assert [r["check"] for r in rows] == ["capture"] * 8 + ["end-to-end"]
+    assert [r["check"] for r in rows] == ["capture"] * 8 + ["end-to-end", "reduction"]
     assert all(r["ok"] for r in rows)
     assert {(r["arch"], r["dtype"], r["padding"]) for r in rows[:8]} == {
         (a, d, p) for a in ("llama", "gptj") for d in ("float32", "bfloat16") for p in ("right", "left")
     }
-    assert rows[-1]["model"] == "scaled:llama-3.1-8b" and rows[-1]["layers"] == 8
-    assert capsys.readouterr().out.count("PASS ") == 9
+    assert rows[-2]["model"] == "scaled:llama-3.1-8b" and rows[-2]["layers"] == 8
+    assert rows[-1]["backend"] == "gloo" and len(rows[-1]["unchanged"]) == 7
+    assert capsys.readouterr().out.count("PASS ") == 10
 
 
 def test_gpu_check_fails_when_capture_disagrees_with_the_reference() -> None:

@@ -305,3 +305,27 @@ def test_automatic_batch_size_estimate() -> None:
     assert estimate_batch_size(**llama, length=448, free_bytes=64 * 10**9) == AUTO_BATCH_CAP == 128
     assert estimate_batch_size(**llama, length=2048, free_bytes=10**9) == 1  # never below one
     assert estimate_batch_size(**llama, length=1024, free_bytes=64 * 10**9) > 26  # shorter prompts, more of them
+
+
+def test_state_reduction_in_a_group_of_one_leaves_the_state_as_it_is(tmp_path: Path) -> None:
+    """The all-reduce of a collector's state in a one-process group (gloo here; bench/gpu_check.py runs the same on
+    nccl): sums, counts, per-prompt summaries and the seen flags come back unchanged, dtypes included."""
+    import torch.distributed as dist
+
+    from attnscan.distributed import all_reduce_state
+
+    model = build_model("llama")
+    seqs = random_prompts((5, 9, 12), seed=41)
+    col = GridCollector("s", (0, 1), 3, 12)
+    run_collect(model, seqs, col, route="interface", pad_id=0, batch_size=2)
+    before = {key: value.clone() for key, value in col.state().items()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        all_reduce_state(col)
+    finally:
+        dist.destroy_process_group()
+    after = col.state()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype, key
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert int(after["seen"].sum()) == 3 and after["sums"].abs().sum() > 0

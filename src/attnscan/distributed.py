@@ -51,6 +51,15 @@ def reduce_collector(collector: GridCollector) -> None:
     """Sum a collector's state across ranks in place; afterwards every rank holds the whole set's accumulators."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    all_reduce_state(collector)
+
+
+def all_reduce_state(collector: GridCollector) -> None:
+    """The reduction of :func:`reduce_collector` in the initialised process group, whatever its size (a group of
+    one leaves the state as it is: how the nccl path is checked on a single GPU, see ``bench/gpu_check.py``).
+
+    nccl reduces CUDA tensors only, so its state travels through the current CUDA device; booleans travel as int64.
+    """
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     mine = collector.seen.clone()
     state = collector.state()
