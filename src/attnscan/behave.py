@@ -198,9 +198,9 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise AttnscanError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise AttnscanError(f"--max-new-tokens must be at least 1 (max_new_tokens={self.max_new_tokens})")
         if self.batch_size < 1:
-            raise AttnscanError(f"batch size must be at least 1, got {self.batch_size}")
+            raise AttnscanError(f"--batch-size must be at least 1 (batch_size={self.batch_size})")
 
     def info(self) -> dict[str, Any]:
         """The options as recorded in a result's metadata (``"generation"``)."""

@@ -117,7 +117,7 @@ def scan_cmd(
     with user_errors():
         check_output_dir(out, overwrite)
         size = batch_size_option(batch_size)
-        check_numbers(length, size or 1, limit)
+        check_numbers(length, size or 1)
         if checkpoint_every < 0:
             raise AttnscanError(f"--checkpoint-every must be 0 or more, got {checkpoint_every}")
         sets = prompt_sets(
@@ -223,7 +223,7 @@ def run_cmd(
     console = Console(stderr=True, quiet=quiet)
     with user_errors():
         size = batch_size_option(batch_size)
-        check_numbers(length, size or 1, limit)
+        check_numbers(length, size or 1)
         if permutations < 100:
             raise AttnscanError(f"--permutations must be at least 100, got {permutations}")
         quiet_libraries()

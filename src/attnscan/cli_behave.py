@@ -104,7 +104,7 @@ def behave_cmd(
     """
     from rich.console import Console
 
-    from .behave import META_FILE, behave
+    from .behave import META_FILE, GenerationOptions, behave
     from .cli_common import quiet_libraries, user_errors
     from .io import check_output_dir
     from .models import load_model
@@ -112,7 +112,7 @@ def behave_cmd(
     from .prompts import prompt_sets
 
     with user_errors():
-        _check_generation(max_new_tokens, batch_size, limit)
+        GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before the model loads
         check_output_dir(out, overwrite, marker=META_FILE, what="behaviour results")
         sets = prompt_sets(
             benign,
@@ -238,6 +238,7 @@ def defend_cmd(
     """
     from rich.console import Console
 
+    from .behave import GenerationOptions
     from .cli_common import quiet_libraries, user_errors
     from .defend import META_FILE, defend
     from .io import check_output_dir
@@ -246,7 +247,7 @@ def defend_cmd(
     from .prompts import prompt_sets
 
     with user_errors():
-        _check_generation(max_new_tokens, batch_size, limit)
+        GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before the model loads
         if ppl_length < 2:
             raise AttnscanError(f"--ppl-length must be at least 2 tokens, got {ppl_length}")
         if dpi <= 0:
@@ -372,15 +373,6 @@ def ordered_layers(text: str, n_layers: int) -> list[int]:
             if layer not in out:
                 out.append(layer)
     return out
-
-
-def _check_generation(max_new_tokens: int, batch_size: int, limit: int | None) -> None:
-    if max_new_tokens < 1:
-        raise AttnscanError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise AttnscanError(f"--limit must be at least 1, got {limit}")
 
 
 def _matcher(phrases: Path | None, window: int) -> RefusalMatcher:

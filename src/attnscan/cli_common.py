@@ -88,10 +88,10 @@ def batch_size_option(text: str) -> int | None:
         raise AttnscanError(f"--batch-size must be a number or 'auto', got '{text}'") from None
 
 
-def check_numbers(length: int, batch_size: int, limit: int | None) -> None:
+def check_numbers(length: int, batch_size: int) -> None:
+    """Fail before any model loads on a grid length or batch size that cannot work (``--limit`` is checked where
+    prompts are subsampled, :func:`attnscan.prompts.subsample`)."""
     if length <= 0:
         raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
     if batch_size < 1:
         raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise AttnscanError(f"--limit must be at least 1, got {limit}")

@@ -169,8 +169,6 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             check_detector_dir(out, overwrite)
-            if limit is not None and limit < 1:
-                raise AttnscanError(f"--limit must be at least 1, got {limit}")
             sets = prompt_sets(
                 benign,
                 jailbreak,
@@ -321,8 +319,6 @@ def register(app: typer.Typer) -> None:
         with user_errors():
             if out is not None:
                 check_output_file(out, overwrite)
-            if limit is not None and limit < 1:
-                raise AttnscanError(f"--limit must be at least 1, got {limit}")
             trained = load_trained(detector)
             sets = prompt_sets(
                 benign,

@@ -116,11 +116,12 @@ def _builtin(key: str, name: str | None) -> PromptSet:
 
 
 def subsample(prompts: PromptSet, limit: int | None, seed: int = 0) -> PromptSet:
-    """A deterministic subsample of at most ``limit`` prompts (kept in their original order)."""
+    """A deterministic subsample of at most ``limit`` prompts (kept in their original order); the one place that
+    checks ``--limit``."""
+    if limit is not None and limit < 1:
+        raise AttnscanError(f"--limit must be at least 1, got {limit}")
     if limit is None or limit >= len(prompts):
         return prompts
-    if limit < 1:
-        raise AttnscanError(f"--limit must be at least 1, got {limit}")
     picked = sorted(random.Random(seed).sample(range(len(prompts)), limit))
     details = {**prompts.details, "limit": limit, "seed": seed, "of": len(prompts)}
     return PromptSet(prompts.name, tuple(prompts.texts[i] for i in picked), prompts.source, details)
