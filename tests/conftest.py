@@ -261,3 +261,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A save_pretrained directory holding a tiny random sequence classifier (labels complied / refused) and the
+    tiny tokenizer: a refusal judge for ``--judge``."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+        id2label={0: "complied", 1: "refused"},
+        label2id={"complied": 0, "refused": 1},
+        pad_token_id=1,
+    )
+    path = tmp_path_factory.mktemp("judge")
+    LlamaForSequenceClassification(cfg).eval().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -207,29 +207,6 @@ def test_behaviour_table_with_judge_labels() -> None:
 # --------------------------------------------------------------------------------------------------- judge
 
 
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=2,
-        id2label={0: "complied", 1: "refused"},
-        label2id={"complied": 0, "refused": 1},
-        pad_token_id=1,
-    )
-    path = tmp_path_factory.mktemp("judge")
-    LlamaForSequenceClassification(cfg).eval().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_classifier_judge(judge_dir: Path) -> None:
     judge = ClassifierJudge(judge_dir, device="cpu", batch_size=2)
     labels = judge.classify(TEXTS)

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from attnscan.behave import ClassifierJudge, load_jsonl, wilson_interval
@@ -124,29 +123,6 @@ def test_behave_writes_results_and_counts_refusals(
     assert table.loc["jailbreak", "asr_high"] == pytest.approx(1 - wilson_interval(k, 2)[0])
     assert json.loads((out / "behaviour.json").read_text())["refusal_matcher"] == {"window": None, "phrases": 1}
     assert _leftovers(tmp_path) == []
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=2,
-        id2label={0: "complied", 1: "refused"},
-        label2id={"complied": 0, "refused": 1},
-        pad_token_id=1,
-    )
-    path = tmp_path_factory.mktemp("judge")
-    LlamaForSequenceClassification(cfg).eval().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_behave_with_judge(tiny_model_dir: Path, judge_dir: Path, prompts: tuple[Path, Path], tmp_path: Path) -> None:
