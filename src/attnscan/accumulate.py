@@ -226,7 +226,6 @@ class GridCollector:
         self._batch: tuple[torch.Tensor, list[int], list[int]] | None = None
         self._source: torch.Tensor | None = None
         self._spread: list[torch.Tensor] = []
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
 
     def begin(self, prompt_ids: list[int], starts: list[int], lengths: list[int]) -> None:
         """Start a batch: row ``b`` holds prompt ``prompt_ids[b]`` at positions ``starts[b] : starts[b]+lengths[b]``.
@@ -249,6 +248,7 @@ class GridCollector:
         self._own_keys = ((pos[None, :] >= st[:, None]) & (pos[None, :] < (st + n)[:, None])).to(torch.float32)
         self._starts = st
         self._lengths = n
+        self._prompt_index = torch.arange(len(lengths), device=dev)
         self._shifted = any(starts)
         self._gather: tuple[torch.Tensor, ...] | None = None
         if self.align == "absolute":
@@ -290,7 +290,7 @@ class GridCollector:
         batch, width = head_mean.shape[0], head_mean.shape[-1]
         if batch != len(lengths) or width != self._rows.shape[1]:
             raise ValueError(f"weights of shape {tuple(weights.shape)} do not fit the batch begun")
-        b = torch.arange(batch, device=self.device)
+        b = self._prompt_index
         # Per-prompt summaries from each prompt's own n x n map (its rows, its keys), whatever the alignment.
         # torch.where, not a product, drops the rows of padding tokens: they may hold NaN.
         own_rows, n = self._own_rows, self._lengths
