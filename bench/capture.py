@@ -75,10 +75,10 @@ Models:
   ``--model`` takes any spec ``attnscan.load_model`` reads, or ``preset:NAME`` for a random-weight model of an
   architecture preset.
 - ``--presets all`` (or a comma list of ``gpt-j-6b``, ``llama-3.1-8b``, ``mistral-7b-v0.1``) runs the reference
-  architectures of ``attnscan.presets`` one after the other, with random weights (seed 0), at full size; with
+  architectures of ``attnscan.testing.presets`` one after the other, with random weights (seed 0), at full size; with
   ``--presets`` the defaults become T = 448 and bfloat16. Full size needs about 12-16 GB per process in bf16, so
   on the CPU the script refuses a full-size preset unless ``--no-memory-guard`` is given; ``--scale-layers``,
-  ``--scale-hidden``, ``--scale-heads`` and ``--scale-vocab`` build ``attnscan.presets.scaled_config`` instead
+  ``--scale-hidden``, ``--scale-heads`` and ``--scale-vocab`` build ``attnscan.testing.presets.scaled_config`` instead
   (same attention structure, smaller; unset ones take ``scaled_config``'s defaults) to smoke-test the code path.
 
 Commands:
@@ -265,11 +265,11 @@ def _load(spec: str, dtype: str, device: str, scale: dict[str, int] | None) -> A
     import torch
 
     import attnscan
-    from attnscan.models import from_model, resolve_device, resolve_dtype
+    from attnscan.models.loading import from_model, resolve_device, resolve_dtype
 
     torch.set_grad_enabled(False)
     if spec.startswith("preset:"):
-        from attnscan.presets import build_random_model, preset_config, scaled_config
+        from attnscan.testing.presets import build_random_model, preset_config, scaled_config
 
         name = spec.split(":", 1)[1]
         config = scaled_config(name, **scale) if scale else preset_config(name)
@@ -281,7 +281,7 @@ def _load(spec: str, dtype: str, device: str, scale: dict[str, int] | None) -> A
 
 def _is_oom(exc: BaseException) -> bool:
     """An accelerator out-of-memory error, or a failed CPU allocation that PyTorch turned into an exception."""
-    from attnscan.runner import is_out_of_memory
+    from attnscan.engine.batching import is_out_of_memory
 
     return is_out_of_memory(exc) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc).lower())
 
@@ -311,9 +311,9 @@ def _calls(loaded: Any, variant: str, layer: int, ids: Any, mask: Any) -> Callab
     """A no-argument function running one call of ``variant``; it returns facts about what it held."""
     import torch
 
-    from attnscan.accumulate import GridCollector
-    from attnscan.capture import base_model
-    from attnscan.runner import run_collect
+    from attnscan.engine.accumulate import GridCollector
+    from attnscan.engine.batching import run_collect
+    from attnscan.engine.capture import base_model
 
     model, arch = loaded.model, loaded.arch
     base = base_model(model)
@@ -367,8 +367,8 @@ def _measure(job: dict[str, Any], row: dict[str, Any]) -> None:
     """Load, warm up and time one (model, B, T, variant), filling ``row`` as it goes (``stage`` says how far)."""
     import torch
 
-    from attnscan.capture import base_model
-    from attnscan.models import parse_layers
+    from attnscan.engine.capture import base_model
+    from attnscan.models.loading import parse_layers
 
     loaded = _load(job["model"], job["dtype"], job["device"], job.get("scale"))
     model, arch, device = loaded.model, loaded.arch, loaded.device
@@ -583,7 +583,7 @@ def _model_title(spec: str, rows: list[dict[str, Any]]) -> str:
     done = [r for r in rows if r.get("arch")]
     scale = rows[0].get("scale")
     title = spec + (
-        " scaled (" + ", ".join(f"{k}={v}" for k, v in scale.items()) + "; attnscan.presets.scaled_config)"
+        " scaled (" + ", ".join(f"{k}={v}" for k, v in scale.items()) + "; attnscan.testing.presets.scaled_config)"
         if scale
         else ""
     )
@@ -753,8 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--presets",
         default=None,
-        help="'all' or a comma list of attnscan.presets names: random-weight reference architectures, one after the "
-        "other (defaults then T=448 and bfloat16)",
+        help="'all' or a comma list of attnscan.testing.presets names: random-weight reference architectures, one "
+        "after the other (defaults then T=448 and bfloat16)",
     )
     parser.add_argument(
         "--lengths", default=None, help="comma-separated grid lengths T (default 448,1024,2048; 448 with --presets)"
@@ -805,8 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from attnscan.errors import AttnscanError
-    from attnscan.models import resolve_device, resolve_dtype
-    from attnscan.presets import PRESETS, get_preset, param_count, scaled_config
+    from attnscan.models.loading import resolve_device, resolve_dtype
+    from attnscan.testing.presets import PRESETS, get_preset, param_count, scaled_config
 
     if args.presets is not None and args.model is not None:
         parser.error("give --model or --presets, not both")

@@ -29,13 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _base_collector(rev: str) -> Any:
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:src/attnscan/accumulate.py"], capture_output=True, text=True
-    )
+    source = None
+    for where in ("src/attnscan/engine/accumulate.py", "src/attnscan/accumulate.py"):  # after / before the restructure
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{where}"], capture_output=True, text=True)
+        if source.returncode == 0:
+            break
+    assert source is not None
     if source.returncode != 0:
-        raise SystemExit(f"cannot read accumulate.py at {rev}: {source.stderr.strip()}")
+        raise SystemExit(f"cannot read the collector's module at {rev}: {source.stderr.strip()}")
     path = Path(tempfile.mkdtemp()) / "accumulate_base.py"
-    path.write_text(source.stdout.replace("from .errors import", "from attnscan.errors import"))
+    path.write_text(
+        source.stdout.replace("from ..errors import", "from attnscan.errors import").replace(
+            "from .errors import", "from attnscan.errors import"
+        )
+    )
     spec = importlib.util.spec_from_file_location("accumulate_base", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
-    from attnscan.accumulate import GridCollector
+    from attnscan.engine.accumulate import GridCollector
 
     base_cls = _base_collector(args.base)
     device = torch.device(args.device)

@@ -48,13 +48,13 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model builders and the eager reference of the test suite
+sys.path.insert(0, str(ROOT / "src"))  # the GPU machine runs attnscan from the source tree, not installed
 
-from attnscan.accumulate import GridCollector  # noqa: E402
+from attnscan.engine.accumulate import GridCollector  # noqa: E402
+from attnscan.engine.batching import run_collect  # noqa: E402
 from attnscan.errors import AttnscanError  # noqa: E402
-from attnscan.models import from_model  # noqa: E402
-from attnscan.runner import run_collect  # noqa: E402
-from conftest import BUILDERS, build_model, eager_reference, random_prompts, tiny_tokenizer  # noqa: E402
+from attnscan.models.loading import from_model  # noqa: E402
+from attnscan.testing.tiny import BUILDERS, build_model, eager_reference, random_prompts, tiny_tokenizer  # noqa: E402
 
 LENGTH = 12
 LENGTHS = (3, 7, 12, 15, 9, 20, 5)
@@ -149,8 +149,8 @@ def _word_prompts(n: int, words: int, seed: int) -> list[str]:
 def _stand_in(device: torch.device, dtype: torch.dtype) -> Any:
     """A random-weight model with Llama-3.1-8B's attention structure (GQA 32/8, llama3 RoPE) scaled to 8 layers of
     width 1024, and the test suite's word-level tokenizer (the embedded model's GGUF file is not installed)."""
-    from attnscan.models import from_model
-    from attnscan.presets import build_random_model, scaled_config
+    from attnscan.models.loading import from_model
+    from attnscan.testing.presets import build_random_model, scaled_config
 
     config = scaled_config("llama-3.1-8b", layers=8, hidden_size=1024, heads=32, vocab_size=128)
     return from_model(build_random_model(config, dtype, device, seed=7), tiny_tokenizer(), spec="scaled:llama-3.1-8b")
@@ -162,7 +162,7 @@ def check_end_to_end(device: torch.device, n: int, length: int, stand_in: bool) 
     The model is the embedded SmolLM2-135M-Instruct when its package is installed (as in the project's own set-up),
     else a scaled random-weight stand-in (see :func:`_stand_in`)."""
     from attnscan import load_prompts, scan
-    from attnscan.models import EMBEDDED_NAME, embedded_gguf_path
+    from attnscan.models.loading import EMBEDDED_NAME, embedded_gguf_path
 
     try:
         if stand_in:
@@ -217,8 +217,8 @@ def check_full_size(device: torch.device, n: int) -> list[dict[str, Any]]:
     """Check 4 (CUDA): a full-size Llama-3.1-8B of random weights in bfloat16, all 32 layers captured at T = 448 with
     the automatic batch size; reports where the batch size settled, prompts/s and the peak device memory."""
     from attnscan import load_prompts, scan
-    from attnscan.models import from_model
-    from attnscan.presets import build_random_model
+    from attnscan.models.loading import from_model
+    from attnscan.testing.presets import build_random_model
 
     torch.cuda.empty_cache()
     loaded = from_model(build_random_model("llama-3.1-8b", torch.bfloat16, device, seed=8), tiny_tokenizer())
@@ -248,7 +248,7 @@ def check_reduction(device: torch.device, tmp: Path) -> list[dict[str, Any]]:
     refuses two ranks on one GPU): every tensor comes back unchanged, dtypes included."""
     import torch.distributed as dist
 
-    from attnscan.distributed import all_reduce_state
+    from attnscan.engine.distributed import all_reduce_state
 
     model = build_model("llama", seed=9).to(device)
     seqs = random_prompts((5, 9, 12), seed=41)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import attnscan
-from conftest import build_model, tiny_tokenizer
+from attnscan.testing.tiny import build_model, tiny_tokenizer
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 WRITE = os.environ.get("ATTNSCAN_WRITE_GOLDEN") == "1"

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .accumulate import GridCollector, SetAccumulator
-from .arch import ArchEntry, ArchFacts, arch_facts, register_arch
-from .capture import capture_attention
-from .detect import CPDetector, ProbeDetector, layer_detection_table
-from .detect_job import TrainedDetector, evaluate_detector, load_trained, score_prompts, train_detector
+from ._version import __version__
+from .analysis.result import ScanResult
+from .analysis.scan import scan
+from .analysis.statistics import VerdictThresholds, effects_table, layer_table, observations
+from .detect.detectors import CPDetector, ProbeDetector, layer_detection_table
+from .detect.jobs import TrainedDetector, evaluate_detector, load_trained, score_prompts, train_detector
+from .engine.accumulate import GridCollector, SetAccumulator
+from .engine.capture import capture_attention
 from .errors import AttnscanError
-from .models import EMBEDDED_NAME, LoadedModel, from_model, load_model
-from .plot import FigureRow, grid_figure, layer_profile_figure
-from .prompts import PromptSet, encode, load_prompts
-from .result import ScanResult
-from .run import RunOutput, make_report, run
-from .scan import scan
-from .stats import VerdictThresholds, effects_table, layer_table, observations
+from .models.arch import ArchEntry, ArchFacts, arch_facts, register_arch
+from .models.loading import EMBEDDED_NAME, LoadedModel, from_model, load_model
+from .pipeline import RunOutput, make_report, run
+from .prompts.sets import PromptSet, encode, load_prompts
+from .views.figures import FigureRow, grid_figure, layer_profile_figure
 
 __all__ = [
     "EMBEDDED_NAME",

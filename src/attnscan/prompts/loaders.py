@@ -1,0 +1,230 @@
+"""Readers for prompt files and public benchmark layouts.
+
+Every reader returns a list of prompt texts. Which field holds the prompt is decided in this order:
+
+1. ``field=`` given by the user (``--field``): that column / key, or an error listing the available ones;
+2. a recognised public layout, by its columns:
+
+   =====================================  ==========================================  ===========================
+   layout                                  recognised by                               prompt taken from
+   =====================================  ==========================================  ===========================
+   JailbreakBench JBB-Behaviors            ``Goal``, ``Behavior``, ``Category``        ``Goal``
+   AdvBench ``harmful_behaviors.csv``      ``goal``, ``target``                        ``goal``
+   HarmBench behaviour CSVs                ``Behavior``, ``FunctionalCategory``,       ``Behavior``, after its
+                                           ``SemanticCategory``                        ``ContextString`` if any
+   in-the-wild jailbreak JSON              a list of strings, or objects with          the string / ``prompt``
+                                           ``prompt``
+   =====================================  ==========================================  ===========================
+
+3. a single column named like a prompt (``prompt``, ``text``, ``goal``, ``behavior``, ``question``,
+   ``instruction``, ``query``, ``input``, ``request``, ``content``, ``template``; case-insensitive).
+
+DAN-style template collections carry placeholders such as ``{generator.name}``; they are filled from
+``assistant_name`` (``--assistant-name``, default ``ChatGPT``, the assistant those templates address). A template's
+``{request}`` slot is left for composition.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttnscanError
+
+PROMPT_FIELDS = (
+    "prompt",
+    "text",
+    "template",
+    "goal",
+    "behavior",
+    "question",
+    "instruction",
+    "query",
+    "input",
+    "request",
+    "content",
+)
+HARMBENCH_CONTEXT_SEPARATOR = "\n\n---\n\n"
+_PLACEHOLDER = re.compile(r"\{(generator\.name|generator_name|model_name|assistant_name)\}")
+
+
+def fill_placeholders(text: str, assistant_name: str) -> str:
+    """Replace DAN-style name placeholders (``{generator.name}`` and kin) with ``assistant_name``."""
+    return _PLACEHOLDER.sub(assistant_name, text)
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise AttnscanError(f"{where} line {line} is not valid UTF-8: re-save the file as UTF-8") from None
+
+
+def _pick_column(columns: Sequence[str], field: str | None, where: str) -> tuple[str, str | None]:
+    """Return (prompt column, optional context column) for a table with ``columns``."""
+    cols = list(columns)
+    shown = ", ".join(cols) if cols else "none"
+    if field is not None:
+        if field not in cols:
+            raise AttnscanError(f"{where} has no column '{field}': available columns are {shown}")
+        return field, None
+    present = set(cols)
+    if {"Goal", "Behavior", "Category"} <= present:  # JailbreakBench JBB-Behaviors
+        return "Goal", None
+    if {"goal", "target"} <= present:  # AdvBench
+        return "goal", None
+    if {"Behavior", "FunctionalCategory", "SemanticCategory"} <= present:  # HarmBench
+        return "Behavior", ("ContextString" if "ContextString" in present else None)
+    lowered = {c.lower(): c for c in cols}
+    matches = [lowered[name] for name in PROMPT_FIELDS if name in lowered]
+    if matches:
+        return matches[0], None
+    raise AttnscanError(
+        f"cannot tell which column of {where} holds the prompts: pass --field NAME (available columns: {shown})"
+    )
+
+
+def _rows_to_texts(rows: Iterable[dict[str, Any]], columns: Sequence[str], field: str | None, where: str) -> list[str]:
+    column, context = _pick_column(columns, field, where)
+    texts = []
+    for row in rows:
+        value = row.get(column)
+        if value is None or (isinstance(value, float) and value != value):  # None or NaN
+            continue
+        text = str(value)
+        ctx = row.get(context) if context else None
+        if isinstance(ctx, str) and ctx.strip():
+            text = ctx.strip() + HARMBENCH_CONTEXT_SEPARATOR + text
+        texts.append(text)
+    return texts
+
+
+def read_txt(path: Path, multiline: bool = False) -> list[str]:
+    """One prompt per line (blank lines skipped), or blank-line-separated blocks with ``multiline``."""
+    body = _decode(path.read_bytes(), str(path))
+    if multiline:
+        blocks = re.split(r"\n\s*\n", body.replace("\r\n", "\n"))
+        return [b.strip() for b in blocks if b.strip()]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def _records_to_texts(items: list[Any], field: str | None, where: str) -> list[str]:
+    if all(isinstance(x, str) for x in items):
+        if field is not None:
+            raise AttnscanError(f"{where} is a list of strings: it has no field '{field}'; drop --field")
+        return [str(x) for x in items]
+    if not all(isinstance(x, dict) for x in items):
+        raise AttnscanError(f"{where} mixes strings and objects: give a list of strings or a list of objects")
+    columns: list[str] = []
+    for item in items:
+        columns.extend(k for k in item if k not in columns)
+    return _rows_to_texts(items, columns, field, where)
+
+
+def read_json(path: Path, field: str | None = None) -> list[str]:
+    """A JSON list of strings or of objects, or an object holding such a list under one key."""
+    try:
+        data = json.loads(_decode(path.read_bytes(), str(path)))
+    except json.JSONDecodeError as exc:
+        raise AttnscanError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}): fix the file") from None
+    if isinstance(data, dict):
+        lists = {k: v for k, v in data.items() if isinstance(v, list)}
+        if len(lists) != 1:
+            raise AttnscanError(
+                f"{path} is a JSON object; expected a list of prompts (or an object with exactly one list in it)"
+            )
+        data = next(iter(lists.values()))
+    if not isinstance(data, list):
+        raise AttnscanError(f"{path} holds a JSON {type(data).__name__}: give a list of strings or objects")
+    return _records_to_texts(data, field, str(path))
+
+
+def read_jsonl(path: Path, field: str | None = None) -> list[str]:
+    """One JSON string or object per line."""
+    items = []
+    for number, line in enumerate(_decode(path.read_bytes(), str(path)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise AttnscanError(f"{path} line {number} is not valid JSON ({exc.msg}): fix the line") from None
+    return _records_to_texts(items, field, str(path)) if items else []
+
+
+def read_table(path: Path, field: str | None = None, delimiter: str | None = None) -> list[str]:
+    """CSV or TSV with a header row."""
+    body = _decode(path.read_bytes(), str(path))
+    delim = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    reader = csv.DictReader(io.StringIO(body, newline=""), delimiter=delim)
+    columns = list(reader.fieldnames or [])
+    if not columns:
+        return []
+    return _rows_to_texts(reader, columns, field, str(path))
+
+
+def read_parquet(path: Path, field: str | None = None) -> list[str]:
+    try:
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+    except ImportError:
+        raise AttnscanError("reading .parquet needs pyarrow: pip install pyarrow") from None
+    return _rows_to_texts(frame.to_dict("records"), [str(c) for c in frame.columns], field, str(path))
+
+
+def read_hf(spec: str) -> tuple[list[str], str]:
+    """``hf:DATASET[:CONFIG]:SPLIT:COLUMN`` through the ``datasets`` library (hub id or local dataset folder)."""
+    parts = spec.split(":")[1:]
+    if len(parts) == 3:
+        dataset, config, split, column = parts[0], None, parts[1], parts[2]
+    elif len(parts) == 4:
+        dataset, config, split, column = parts
+    else:
+        raise AttnscanError(
+            f"cannot read '{spec}': write hf:DATASET[:CONFIG]:SPLIT:COLUMN, e.g. hf:org/set:train:prompt"
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise AttnscanError("hf: sources need the 'datasets' package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as exc:  # datasets raises many types for missing data, splits and network failures
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AttnscanError(f"cannot load dataset '{dataset}' split '{split}': {first}") from None
+    if column not in ds.column_names:
+        raise AttnscanError(
+            f"dataset '{dataset}' has no column '{column}': available columns are {', '.join(ds.column_names)}"
+        )
+    return [str(x) for x in ds[column] if x is not None], dataset
+
+
+READERS = {".txt": "txt", ".json": "json", ".jsonl": "jsonl", ".csv": "table", ".tsv": "table", ".parquet": "parquet"}
+
+
+def read_file(path: Path, field: str | None = None, multiline: bool = False) -> list[str]:
+    """Read prompts from a file, choosing the reader by extension."""
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise AttnscanError(
+            f"cannot read {path}: unsupported extension '{path.suffix}'; "
+            "use .txt, .json, .jsonl, .csv, .tsv or .parquet"
+        )
+    if kind == "txt":
+        if field is not None:
+            raise AttnscanError(f"{path} is plain text: it has no field '{field}'; drop --field")
+        return read_txt(path, multiline)
+    if kind == "json":
+        return read_json(path, field)
+    if kind == "jsonl":
+        return read_jsonl(path, field)
+    if kind == "parquet":
+        return read_parquet(path, field)
+    return read_table(path, field)

@@ -1,0 +1,322 @@
+"""Prompt sets, their sources, composition from templates, and their encoding onto the token grid.
+
+A :class:`PromptSet` is a name, the texts, and where they came from (source string, count, sha256 of the texts),
+so every result can say exactly which prompts produced it.
+
+Sources (``SRC`` on the command line):
+
+- ``builtin:NAME``: sets shipped with attnscan, written by its authors (``src/attnscan/data/sets/README.md``):
+  ``benign``, ``harmful``, ``templates`` (jailbreak wrappers with a ``{request}`` slot), the composed
+  ``jailbreak`` (templates x harmful) and ``control`` (templates x benign: same wrappers, benign requests), and
+  the small ``demo-benign`` / ``demo-jailbreak``;
+- a file: ``.txt`` (one prompt per line, or blank-line-separated blocks with ``multiline``), ``.json``,
+  ``.jsonl``, ``.csv``, ``.tsv``, ``.parquet``, with public benchmark layouts recognised by their columns
+  (:mod:`attnscan.loaders`) and ``field`` to pick a column;
+- ``hf:DATASET[:CONFIG]:SPLIT:COLUMN`` through the ``datasets`` library (hub id or a local dataset folder).
+
+``limit`` with ``seed`` takes a deterministic subsample (the same seed gives the same prompts in the same order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import AttnscanError
+from . import loaders
+
+Truncate = Literal["head", "tail"]
+REQUEST_SLOT = "{request}"
+MIN_STAT_PROMPTS = 10
+SHORT_PROMPT_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """An ordered, immutable set of prompt texts with provenance."""
+
+    name: str
+    texts: tuple[str, ...]
+    source: str
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise AttnscanError(f"prompt set '{self.name}' from {self.source} is empty: give at least one prompt")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the texts (JSON list, UTF-8): equal sets give equal hashes whatever file they came from."""
+        return hashlib.sha256(json.dumps(list(self.texts), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "count": len(self.texts),
+            "sha256": self.sha256,
+            **self.details,
+        }
+
+
+def _data_root() -> Any:
+    return resources.files("attnscan.prompts") / "data"
+
+
+def _read_builtin_jsonl(name: str) -> list[dict[str, Any]]:
+    body = (_data_root() / "sets" / f"{name}.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+BUILTIN_COMPOSED = {"jailbreak": "harmful", "control": "benign"}
+
+
+def builtin_names() -> list[str]:
+    """Names accepted after ``builtin:``."""
+    names = {p.name[: -len(".txt")] for p in _data_root().iterdir() if p.name.endswith(".txt")}
+    sets = _data_root() / "sets"
+    if sets.is_dir():
+        names |= {p.name[: -len(".jsonl")] for p in sets.iterdir() if p.name.endswith(".jsonl")}
+        names |= set(BUILTIN_COMPOSED)
+    return sorted(names)
+
+
+def builtin_records(name: str) -> list[dict[str, Any]]:
+    """The records of a built-in JSONL set (``benign``, ``harmful`` or ``templates``), with their categories."""
+    if name not in ("benign", "harmful", "templates"):
+        raise AttnscanError(f"'{name}' is not a built-in record set: use benign, harmful or templates")
+    return _read_builtin_jsonl(name)
+
+
+def _builtin(key: str, name: str | None) -> PromptSet:
+    available = builtin_names()
+    if key not in available:
+        raise AttnscanError(f"unknown built-in set '{key}': choose one of {', '.join(available)}")
+    if key in BUILTIN_COMPOSED:
+        templates = [r["template"] for r in _read_builtin_jsonl("templates")]
+        requests = [r["text"] for r in _read_builtin_jsonl(BUILTIN_COMPOSED[key])]
+        return compose(templates, requests, name=name or key, source=f"builtin:{key}")
+    if key in ("benign", "harmful", "templates"):
+        field_name = "template" if key == "templates" else "text"
+        texts = [r[field_name] for r in _read_builtin_jsonl(key)]
+    else:
+        body = (_data_root() / f"{key}.txt").read_text(encoding="utf-8")
+        texts = [line.strip() for line in body.splitlines() if line.strip()]
+    return PromptSet(name or key, tuple(texts), f"builtin:{key}")
+
+
+def subsample(prompts: PromptSet, limit: int | None, seed: int = 0) -> PromptSet:
+    """A deterministic subsample of at most ``limit`` prompts (kept in their original order); the one place that
+    checks ``--limit``."""
+    if limit is not None and limit < 1:
+        raise AttnscanError(f"--limit must be at least 1, got {limit}")
+    if limit is None or limit >= len(prompts):
+        return prompts
+    picked = sorted(random.Random(seed).sample(range(len(prompts)), limit))
+    details = {**prompts.details, "limit": limit, "seed": seed, "of": len(prompts)}
+    return PromptSet(prompts.name, tuple(prompts.texts[i] for i in picked), prompts.source, details)
+
+
+def compose(
+    templates: Sequence[str] | PromptSet,
+    requests: Sequence[str] | PromptSet,
+    name: str = "jailbreak",
+    source: str | None = None,
+) -> PromptSet:
+    """Every template with every request in its ``{request}`` slot (template-major order)."""
+    tpl = list(templates.texts if isinstance(templates, PromptSet) else templates)
+    req = list(requests.texts if isinstance(requests, PromptSet) else requests)
+    missing = [i for i, t in enumerate(tpl) if REQUEST_SLOT not in t]
+    if missing:
+        raise AttnscanError(
+            f"template {missing[0] + 1} has no {REQUEST_SLOT} slot: every jailbreak template needs exactly one"
+        )
+    texts = tuple(t.replace(REQUEST_SLOT, r) for t in tpl for r in req)
+    src = source or f"compose({len(tpl)} templates x {len(req)} requests)"
+    return PromptSet(name, texts, src, {"templates": len(tpl), "requests": len(req)})
+
+
+def load_prompts(
+    src: str | Path | Sequence[str] | PromptSet,
+    name: str | None = None,
+    *,
+    field: str | None = None,
+    multiline: bool = False,
+    assistant_name: str = "ChatGPT",
+    limit: int | None = None,
+    seed: int = 0,
+) -> PromptSet:
+    """Load a prompt set from a source (see the module docstring), a list of texts, or pass a PromptSet through.
+
+    Warns when the set holds duplicates (with their count); raises :class:`AttnscanError` when it is empty or
+    cannot be read.
+    """
+    if isinstance(src, PromptSet):
+        ps = src
+    elif not isinstance(src, (str, Path)):
+        ps = PromptSet(name or "prompts", tuple(str(t) for t in src), "<memory>")
+    else:
+        ps = _load_source(str(src), name, field=field, multiline=multiline, assistant_name=assistant_name)
+    ps = subsample(ps, limit, seed)
+    duplicates = len(ps.texts) - len(set(ps.texts))
+    if duplicates:
+        warnings.warn(f"set '{ps.name}' from {ps.source} holds {duplicates} duplicate prompts", stacklevel=2)
+    return ps
+
+
+def _load_source(src: str, name: str | None, *, field: str | None, multiline: bool, assistant_name: str) -> PromptSet:
+    if src.startswith("builtin:"):
+        return _builtin(src.split(":", 1)[1], name)
+    if src.startswith("hf:"):
+        texts, dataset = loaders.read_hf(src)
+        stem = dataset.rstrip("/").split("/")[-1]
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise AttnscanError(f"prompt file not found: {src}: check the path")
+        if path.is_dir():
+            raise AttnscanError(f"{src} is a directory: give a prompt file (.txt, .json, .jsonl, .csv, .tsv, .parquet)")
+        texts = loaders.read_file(path, field=field, multiline=multiline)
+        stem = path.stem
+        src = str(path)
+    texts = [loaders.fill_placeholders(t, assistant_name).strip() for t in texts]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise AttnscanError(f"{src} holds no prompts: check the file, or pick the right column with --field")
+    return PromptSet(name or stem, tuple(texts), src)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one prompt set after the chat template and truncation to the grid length."""
+
+    ids: tuple[tuple[int, ...], ...]
+    full_lengths: tuple[int, ...]  # token counts before truncation
+    chat_template: bool
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(len(x) for x in self.ids)
+
+    @property
+    def truncated(self) -> int:
+        return sum(1 for ids, full in zip(self.ids, self.full_lengths, strict=True) if len(ids) < full)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def warn_truncated(enc: Encoded, length: int, truncate: Truncate, what: str = "prompts", stacklevel: int = 3) -> None:
+    """Warn with counts when ``encode`` cut prompts to the grid length (``what`` names them, e.g. "benign prompts")."""
+    if enc.truncated:
+        warnings.warn(
+            f"{enc.truncated} of {len(enc.ids)} {what} are longer than {length} tokens and were cut to their "
+            f"{'first' if truncate == 'head' else 'last'} {length}",
+            stacklevel=stacklevel,
+        )
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The token ids every sequence of ``seqs`` starts with (e.g. a chat template's system turn); [] if none."""
+    if not seqs:
+        return []
+    first = list(seqs[0])
+    n = len(first)
+    for ids in seqs[1:]:
+        n = min(n, len(ids))
+        for i in range(n):
+            if ids[i] != first[i]:
+                n = i
+                break
+    return first[:n]
+
+
+def encode(
+    tokenizer: Any,
+    texts: Sequence[str],
+    length: int,
+    *,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+    truncate: Truncate = "head",
+) -> Encoded:
+    """Tokenise prompts for the grid of ``length`` tokens.
+
+    With ``chat_template`` (and a tokenizer that has one) each prompt becomes one user turn followed by the
+    generation prompt, after an optional system turn. Otherwise the text is tokenised as is, with the tokenizer's
+    usual special tokens. Prompts longer than ``length`` keep their first tokens (``truncate="head"``) or their
+    last (``"tail"``).
+    """
+    if length <= 0:
+        raise AttnscanError(f"length must be a positive number of tokens, got {length}")
+    use_template = chat_template and has_chat_template(tokenizer)
+    out: list[tuple[int, ...]] = []
+    full: list[int] = []
+    for text in texts:
+        if use_template:
+            messages = [{"role": "user", "content": text}]
+            if system_prompt:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise AttnscanError(f"a prompt encodes to no tokens: {text[:40]!r}; remove empty prompts")
+        full.append(len(ids))
+        kept = ids[:length] if truncate == "head" else ids[-length:]
+        out.append(tuple(kept))
+    return Encoded(ids=tuple(out), full_lengths=tuple(full), chat_template=use_template)
+
+
+def prompt_sets(
+    benign: str | Path | Sequence[str] | PromptSet | None,
+    jailbreak: str | Path | Sequence[str] | PromptSet | None = None,
+    control: str | Path | Sequence[str] | PromptSet | None = None,
+    *,
+    jailbreak_templates: str | Path | None = None,
+    requests: str | Path | None = None,
+    field: str | None = None,
+    multiline: bool = False,
+    assistant_name: str = "ChatGPT",
+    limit: int | None = None,
+    seed: int = 0,
+) -> dict[str, PromptSet]:
+    """The named sets of a scan: ``benign``, ``jailbreak`` and optionally ``control``.
+
+    ``jailbreak`` may instead be composed from ``jailbreak_templates`` x ``requests`` (default
+    ``builtin:harmful``). ``limit``/``seed`` subsample each set deterministically.
+    """
+    opts: dict[str, Any] = {"field": field, "multiline": multiline, "assistant_name": assistant_name}
+    if benign is None:
+        raise AttnscanError("no benign prompts: pass --benign SRC (e.g. builtin:benign or a file)")
+    sets = {"benign": load_prompts(benign, "benign", **opts, limit=limit, seed=seed)}
+    if jailbreak_templates is not None:
+        if jailbreak is not None:
+            raise AttnscanError("give either --jailbreak or --jailbreak-templates (with --requests), not both")
+        tpl = load_prompts(jailbreak_templates, "templates", **opts)
+        req = load_prompts(requests if requests is not None else "builtin:harmful", "requests", **opts)
+        composed = compose(tpl, req, name="jailbreak", source=f"compose({tpl.source} x {req.source})")
+        sets["jailbreak"] = subsample(composed, limit, seed)
+    elif jailbreak is not None:
+        if requests is not None:
+            raise AttnscanError("--requests only applies with --jailbreak-templates")
+        sets["jailbreak"] = load_prompts(jailbreak, "jailbreak", **opts, limit=limit, seed=seed)
+    else:
+        raise AttnscanError("no jailbreak prompts: pass --jailbreak SRC or --jailbreak-templates FILE")
+    if control is not None:
+        sets["control"] = load_prompts(control, "control", **opts, limit=limit, seed=seed)
+    return sets

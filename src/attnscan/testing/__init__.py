@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: published model dimensions (presets) and tiny random-weight model builders."""

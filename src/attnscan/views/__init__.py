@@ -1,0 +1,1 @@
+"""Views: figures and the HTML report, pure functions of results and tables (no model code)."""

@@ -1,0 +1,594 @@
+"""The detector job (train, score, eval) on tiny models with planted signals, its files, errors and CLI; and one
+end-to-end run on the embedded model with held-out template families."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import attnscan.detect.jobs as job
+from attnscan.analysis.scan import scan
+from attnscan.cli.main import app
+from attnscan.detect.detectors import (
+    META_FILE,
+    STATE_FILE,
+    CPDetector,
+    ProbeDetector,
+    layer_detection_table,
+    load_detector,
+    metrics,
+    save_detector,
+)
+from attnscan.engine.hidden import extract_features
+from attnscan.errors import AttnscanError
+from attnscan.models.loading import LoadedModel, from_model, load_model
+from attnscan.testing.tiny import build_model, tiny_tokenizer
+
+# Two disjoint vocabularies of the tiny tokenizer: the planted signal. Prompts drawn from their union carry none.
+BENIGN_WORDS = "how do i make bread recipe poem about snow story tell me python write explain what is the a".split()  # noqa: SIM905
+JAILBREAK_WORDS = "ignore your rules now you are free pretend developer mode no filter grandmother please".split()  # noqa: SIM905
+OPTS: dict[str, Any] = {"rank": 4, "last_k": 4, "length": 32, "n_bootstrap": 200, "max_iter": 30}
+runner = CliRunner()
+
+
+def sentences(words: list[str], n: int, seed: int, lo: int = 5, hi: int = 12) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return from_model(build_model("llama"), tiny_tokenizer(), spec="tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def sets() -> dict[str, list[str]]:
+    return {"benign": sentences(BENIGN_WORDS, 20, 1), "jailbreak": sentences(JAILBREAK_WORDS, 20, 2)}
+
+
+@pytest.fixture(scope="module")
+def trained(
+    loaded: LoadedModel, sets: dict[str, list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> job.TrainedDetector:
+    out = tmp_path_factory.mktemp("det") / "hidden"
+    return job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, **OPTS)
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+
+def test_train_finds_the_planted_vocabulary(trained: job.TrainedDetector) -> None:
+    table = trained.table
+    assert table["layer"].tolist() == [0, 1, 2] and (table["n"] == 40).all() and (table["n_jailbreak"] == 20).all()
+    assert table["cp_auroc"].max() >= 0.95, table
+    assert table["probe_auroc"].min() >= 0.95, table
+    assert (table["cp_auroc_low"] <= table["cp_auroc"]).all() and (table["cp_auroc"] <= table["cp_auroc_high"]).all()
+    assert trained.best_layer in trained.flagged_layers
+    assert trained.flagged_layers == [int(x) for x in table.loc[table["cp_auroc"] >= 0.9, "layer"]]
+    assert set(trained.detectors) == set(trained.probes) == {0, 1, 2}
+
+
+def test_null_labels_are_not_flagged(loaded: LoadedModel, tmp_path: Path) -> None:
+    """Both sets from the same mixed vocabulary: no layer may look separable (so the test above can fail)."""
+    mixed = sentences(BENIGN_WORDS + JAILBREAK_WORDS, 40, 3)
+    null = job.train_detector(loaded, mixed[:20], mixed[20:], out=tmp_path / "null", **OPTS)
+    assert null.table["cp_auroc"].max() < 0.8 and null.table["probe_auroc"].max() < 0.8, null.table
+    assert null.flagged_layers == []
+
+
+def test_detector_directory_contents(trained: job.TrainedDetector, sets: dict[str, list[str]]) -> None:
+    root = trained.path
+    assert root is not None
+    assert sorted(p.name for p in root.iterdir()) == ["detection.csv", META_FILE, STATE_FILE, "probe"]
+    cps, meta = load_detector(root)
+    probes, probe_meta = load_detector(root / "probe")
+    assert all(isinstance(d, CPDetector) for d in cps.values()) and sorted(cps) == [0, 1, 2]
+    assert all(isinstance(d, ProbeDetector) for d in probes.values()) and sorted(probes) == [0, 1, 2]
+    assert meta["detector"] == "cp" and probe_meta["detector"] == "probe"
+    assert meta["model"]["spec"] == "tiny-llama" and meta["model"]["n_layers"] == 3
+    assert meta["model"]["hidden_size"] == 64
+    feats = meta["features"]
+    assert feats["kind"] == "hidden" and feats["last_k"] == 4 and feats["length"] == 32 and feats["layers"] == [0, 1, 2]
+    assert feats["chat_template"] is True and feats["chat_template_applied"] is True and feats["truncate"] == "tail"
+    assert [s["role"] for s in meta["sets"]] == ["benign", "jailbreak"] and meta["sets"][1]["count"] == 20
+    assert meta["training"]["folds_used"] == 5 and meta["training"]["rank"] == 4 and meta["training"]["seed"] == 0
+    assert meta["best_layer"] == trained.best_layer and meta["flagged_layers"] == trained.flagged_layers
+    assert len(meta["train_prompt_hashes"]) == len(set(sets["benign"] + sets["jailbreak"]))
+    csv = pd.read_csv(root / "detection.csv")
+    np.testing.assert_allclose(csv["cp_auroc"], trained.table["cp_auroc"], rtol=1e-5)
+    assert csv["flagged"].tolist() == trained.table["flagged"].tolist()
+    loaded_back = job.load_trained(root)
+    assert loaded_back.best_layer == trained.best_layer and loaded_back.layers == (0, 1, 2)
+
+
+def test_training_reuses_the_library(
+    trained: job.TrainedDetector, loaded: LoadedModel, sets: dict[str, list[str]]
+) -> None:
+    """The saved table and detectors are exactly those of the array-level API on the same features."""
+    feats = extract_features(loaded, sets["benign"] + sets["jailbreak"], last_k=4, length=32)
+    y = np.repeat([0, 1], 20)
+    table = layer_detection_table(feats.tensors, feats.pooled, y, rank=4, n_bootstrap=200, max_iter=30)
+    pd.testing.assert_frame_equal(table, trained.table, check_like=True)
+    x = feats.tensors[1]
+    np.testing.assert_allclose(
+        trained.detectors[1].predict_proba(x),
+        CPDetector(rank=4, max_iter=30).fit(x, y).predict_proba(x),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- score / eval
+
+
+def test_score_round_trip(trained: job.TrainedDetector, loaded: LoadedModel) -> None:
+    assert trained.path is not None
+    new = sentences(JAILBREAK_WORDS, 4, 10) + sentences(BENIGN_WORDS, 4, 11)
+    frame = job.score_prompts(trained.path, new, model=loaded)
+    assert list(frame.columns) == ["index", "preview", "n_tokens", "layer", "detector", "prob", "flagged"]
+    best = trained.best_layer
+    feats = extract_features(loaded, new, layers=[best], last_k=4, length=32)
+    saved, _ = load_detector(trained.path)
+    np.testing.assert_array_equal(frame["prob"].to_numpy(), saved[best].predict_proba(feats.tensors[best]))
+    assert frame["index"].tolist() == list(range(8)) and (frame["layer"] == best).all()
+    assert frame["n_tokens"].tolist() == feats.lengths.tolist()
+    assert frame["preview"].tolist() == [job.preview(t) for t in new]
+    assert frame["flagged"].tolist() == (frame["prob"] >= 0.5).tolist()
+    assert frame["prob"][:4].min() > frame["prob"][4:].max(), frame  # new prompts, same vocabularies
+    probe = job.score_prompts(trained.path, new, model=loaded, layer=2, kind="probe")
+    probes, _ = load_detector(trained.path / "probe")
+    feats2 = extract_features(loaded, new, layers=[2], last_k=4, length=32)
+    np.testing.assert_array_equal(probe["prob"].to_numpy(), probes[2].predict_proba(feats2.pooled[2]))
+    assert (probe["detector"] == "probe").all()
+
+
+def test_evaluate_on_new_prompts(trained: job.TrainedDetector, loaded: LoadedModel) -> None:
+    assert trained.path is not None
+    benign, jail = sentences(BENIGN_WORDS, 12, 20), sentences(JAILBREAK_WORDS, 10, 21)
+    frame = job.evaluate_detector(trained.path, benign, jail, model=loaded, n_bootstrap=300)
+    assert frame["layer"].tolist() == [0, 1, 2] and (frame["n"] == 22).all() and (frame["n_jailbreak"] == 10).all()
+    for p in ("cp", "probe"):
+        assert (frame[f"{p}_auroc_low"] <= frame[f"{p}_auroc"]).all()
+        assert (frame[f"{p}_auroc"] <= frame[f"{p}_auroc_high"]).all()
+        assert {f"{p}_f1", f"{p}_accuracy", f"{p}_tpr1", f"{p}_tpr5", f"{p}_tpr5_low"} <= set(frame.columns)
+    best = frame.set_index("layer").loc[trained.best_layer]
+    assert best["cp_auroc"] >= 0.9 and best["probe_auroc"] >= 0.9, frame
+    np.testing.assert_allclose(frame["cv_cp_auroc"], trained.table["cp_auroc"])
+    # the saved detector, not a refit: metrics equal those of its own probabilities
+    feats = extract_features(loaded, benign + jail, layers=[0], last_k=4, length=32)
+    prob = trained.detectors[0].predict_proba(feats.tensors[0])
+    m = metrics(np.repeat([0, 1], [12, 10]), prob)
+    row = frame.iloc[0]
+    assert row["cp_auroc"] == pytest.approx(m["auroc"]) and row["cp_tpr5"] == pytest.approx(m["tpr5"])
+    assert row["cp_f1"] == pytest.approx(m["f1"])
+
+
+def test_evaluating_on_training_prompts_warns(
+    trained: job.TrainedDetector, loaded: LoadedModel, sets: dict[str, list[str]]
+) -> None:
+    assert trained.path is not None
+    with pytest.warns(UserWarning, match="40 of the 40 evaluation prompts were used in training"):
+        job.evaluate_detector(trained.path, sets["benign"], sets["jailbreak"], model=loaded, n_bootstrap=0)
+
+
+# --------------------------------------------------------------------------------------------------- attention
+
+
+@pytest.mark.filterwarnings("ignore:set '.*' has only")
+def test_attention_blocks_equal_the_scan_summaries(loaded: LoadedModel) -> None:
+    texts = sentences(BENIGN_WORDS, 5, 30, 3, 20)
+    other = sentences(JAILBREAK_WORDS, 3, 31)
+    got = job.attention_blocks(loaded, texts, layers=[0, 2], length=24, blocks=4, batch_size=2)
+    result = scan(
+        loaded,
+        texts,
+        other,
+        layers=[0, 2],
+        length=24,
+        summary_blocks=4,
+        align="relative",
+        truncate="tail",
+        batch_size=3,
+    )
+    ref = result.sets["benign"].blocks.numpy()
+    assert got.blocks[0].shape == (5, 4, 4)
+    np.testing.assert_allclose(got.blocks[0], ref[:, 0], rtol=0, atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(got.blocks[2], ref[:, 1], rtol=0, atol=1e-6, equal_nan=True)
+    assert got.lengths.tolist() == result.sets["benign"].lengths.tolist()
+    assert np.isnan(got.blocks[0][:, 0, 3]).all()  # above the causal diagonal: nothing to average
+
+
+def test_attention_detector_on_planted_length(loaded: LoadedModel, tmp_path: Path) -> None:
+    """Attention is spread thinner over long prompts: short benign vs long jailbreak prompts separate."""
+    benign = sentences(BENIGN_WORDS, 16, 40, 3, 6)
+    jail = sentences(BENIGN_WORDS + JAILBREAK_WORDS, 16, 41, 25, 40)
+    out = tmp_path / "attn"
+    det = job.train_detector(
+        loaded,
+        benign,
+        jail,
+        out=out,
+        features="attention",
+        blocks=8,
+        length=64,
+        rank=4,
+        folds=4,
+        n_bootstrap=100,
+        max_iter=30,
+    )
+    assert det.table["cp_auroc"].min() >= 0.9 and det.table["probe_auroc"].min() >= 0.95, det.table
+    assert det.meta["features"]["kind"] == "attention" and det.meta["features"]["fill"] == -10.0
+    assert det.meta["features"]["align"] == "relative" and det.meta["training"]["folds_used"] == 4
+    cp = det.detectors[0]
+    assert cp.token_factors_ is not None and cp.token_factors_.shape == (8, 4)
+    assert cp.feature_factors_ is not None and cp.feature_factors_.shape == (8, 4)
+    new = sentences(BENIGN_WORDS, 3, 42, 3, 6) + sentences(JAILBREAK_WORDS, 3, 43, 25, 40)
+    frame = job.score_prompts(out, new, model=loaded, layer=1)
+    blocks = job.attention_blocks(loaded, new, layers=[1], length=64, blocks=8).blocks[1]
+    filled = np.where(np.isnan(blocks), -10.0, blocks)
+    np.testing.assert_allclose(frame["prob"], det.detectors[1].predict_proba(filled), rtol=0, atol=1e-12)
+    probe = job.score_prompts(out, new, model=loaded, layer=1, kind="probe")
+    np.testing.assert_allclose(probe["prob"], det.probes[1].predict_proba(filled.reshape(6, 64)), atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+def test_output_directory_is_atomic(
+    loaded: LoadedModel, sets: dict[str, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "nested" / "det"
+    with pytest.raises(AttnscanError, match="layer 7 out of range"):
+        job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, layers="0,7", **OPTS)
+    assert not (tmp_path / "nested").exists()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(job, "save_detector", broken)
+    with pytest.raises(OSError, match="disk full"):
+        job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, layers="0", **OPTS)
+    assert not out.exists() and not (tmp_path / "nested").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_existing_directories(loaded: LoadedModel, sets: dict[str, list[str]], tmp_path: Path) -> None:
+    out = tmp_path / "det"
+    first = job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, layers="0,2", **OPTS)
+    before = (out / META_FILE).read_text()
+    # refused before any model work: the model spec below does not even exist
+    with pytest.raises(AttnscanError, match="already holds a detector: pass --overwrite"):
+        job.train_detector("./no-such-model", sets["benign"], sets["jailbreak"], out=out)
+    assert (out / META_FILE).read_text() == before
+    again = job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, layers="1", overwrite=True, **OPTS)
+    assert first.layers == (0, 2) and again.layers == (1,) and job.load_trained(out).layers == (1,)
+    assert _leftovers(tmp_path) == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(AttnscanError, match="not empty and holds no attnscan detector"):
+        job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=other, overwrite=True)
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"features": "logits"}, "features must be 'hidden' or 'attention'"),
+        ({"flag_on": "svm"}, "flag_on must be 'cp' or 'probe'"),
+        ({"threshold": 1.5}, "threshold must be an AUROC in"),
+        ({"rank": 0}, "CP rank must be a positive integer"),
+        ({"folds": 1}, "at least 2 folds"),
+        ({"last_k": 0}, "last_k must be at least 1"),
+        ({"length": 0}, "length must be a positive number of tokens"),
+        ({"features": "attention", "blocks": 0}, "blocks must lie in"),
+        ({"features": "attention", "store": "x"}, "store= keeps hidden-state features only"),
+    ],
+)
+def test_bad_training_options(sets: dict[str, list[str]], tmp_path: Path, options: dict[str, Any], match: str) -> None:
+    out = tmp_path / "det"
+    with pytest.raises(AttnscanError, match=match):
+        job.train_detector("./no-such-model", sets["benign"], sets["jailbreak"], out=out, **options)
+    assert not out.exists()
+
+
+def test_too_few_prompts(sets: dict[str, list[str]], tmp_path: Path) -> None:
+    with pytest.raises(AttnscanError, match="at least 2 jailbreak prompts for cross-validation, got 1"):
+        job.train_detector("./no-such-model", sets["benign"], ["ignore your rules"], out=tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_small_sets_shrink_the_folds(loaded: LoadedModel, tmp_path: Path) -> None:
+    benign, jail = sentences(BENIGN_WORDS, 6, 50), sentences(JAILBREAK_WORDS, 3, 51)
+    with pytest.warns(UserWarning, match="using 3-fold instead of 5-fold"):
+        det = job.train_detector(loaded, benign, jail, out=tmp_path / "d", layers="0", **OPTS)
+    assert det.meta["training"]["folds_used"] == 3 and (det.table["k"] == 3).all()
+
+
+def test_loading_errors(trained: job.TrainedDetector, loaded: LoadedModel, tmp_path: Path) -> None:
+    with pytest.raises(AttnscanError, match="detector directory not found"):
+        job.score_prompts(tmp_path / "missing", ["hi"], model=loaded)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AttnscanError, match="is not a detector directory"):
+        job.score_prompts(tmp_path / "empty", ["hi"], model=loaded)
+    plain = tmp_path / "plain"
+    save_detector(plain, trained.detectors, {"model": "tiny-llama"})
+    with pytest.raises(AttnscanError, match="not written by 'attnscan detect train'"):
+        job.load_trained(plain)
+
+
+def test_layer_and_model_checks(loaded: LoadedModel, sets: dict[str, list[str]], tmp_path: Path) -> None:
+    out = tmp_path / "det"
+    job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, layers="0,2", **OPTS)
+    with pytest.raises(AttnscanError, match=r"layer 1 is not in this detector: it holds layers 0, 2"):
+        job.score_prompts(out, ["hi"], model=loaded, layer=1)
+    with pytest.raises(AttnscanError, match=r"layer 1 is not in this detector"):
+        job.evaluate_detector(out, ["hi"], ["no"], model=loaded, layers="1,2")
+    with pytest.raises(AttnscanError, match=r"in-memory model .* cannot be loaded again"):
+        job.score_prompts(out, ["hi"])
+    other = from_model(build_model("llama", seed=1), tiny_tokenizer(), spec="another-llama")
+    with pytest.raises(AttnscanError, match="trained on 'tiny-llama' but the model given is 'another-llama'"):
+        job.score_prompts(out, ["hi"], model=other)
+    with pytest.warns(UserWarning, match="trained on 'tiny-llama'"):
+        frame = job.score_prompts(out, ["how do i make bread"], model=other, allow_other_model=True)
+    assert len(frame) == 1
+    smaller = from_model(build_model("gpt_neo"), tiny_tokenizer(), spec="tiny-llama")  # 2 layers
+    with pytest.raises(AttnscanError, match="3 layers"):
+        job.score_prompts(out, ["hi"], model=smaller, allow_other_model=True)
+
+
+def test_preview_is_one_safe_line() -> None:
+    assert job.preview("  how\tdo\n\ni  ") == "how do i"
+    assert job.preview("bell\x07 and \u202e") == "bell\\u0007 and \\u202e"
+    assert job.preview("=HYPERLINK(x)") == "'=HYPERLINK(x)"
+    long = job.preview("a" * 100, width=10)
+    assert long == "a" * 9 + "…"
+
+
+def test_write_table_is_atomic_and_refuses_existing(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"a": [1, 2]})
+    path = job.write_table(frame, tmp_path / "sub" / "t.csv")
+    assert path.read_text().splitlines() == ["a", "1", "2"]
+    with pytest.raises(AttnscanError, match="already exists: pass --overwrite"):
+        job.write_table(pd.DataFrame({"b": [3]}), path)
+    job.write_table(pd.DataFrame({"b": [3]}), path, overwrite=True)
+    assert path.read_text().splitlines() == ["b", "3"]
+    with pytest.raises(AttnscanError, match="is a directory"):
+        job.write_table(frame, tmp_path)
+    assert _leftovers(tmp_path / "sub") == []
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def prompt_files(tmp_path: Path) -> dict[str, Path]:
+    files = {
+        "benign": sentences(BENIGN_WORDS, 12, 60),
+        "jail": sentences(JAILBREAK_WORDS, 12, 61),
+        "new_benign": sentences(BENIGN_WORDS, 6, 62),
+        "new_jail": sentences(JAILBREAK_WORDS, 6, 63),
+    }
+    paths = {}
+    for name, texts in files.items():
+        paths[name] = tmp_path / f"{name}.txt"
+        paths[name].write_text("\n".join(texts) + "\n")
+    return paths
+
+
+def _one_line_error(res: Any, match: str) -> None:
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert match in err, err
+
+
+def _train_args(model: Path | str, files: dict[str, Path], out: Path) -> list[str]:
+    args = ["detect", "train", "--model", str(model), "--benign", str(files["benign"])]
+    return [
+        *args,
+        "--jailbreak",
+        str(files["jail"]),
+        "--out",
+        str(out),
+        "--rank",
+        "4",
+        "--last-k",
+        "4",
+        "--max-iter",
+        "30",
+    ]
+
+
+def test_cli_train_score_eval(tiny_model_dir: Path, prompt_files: dict[str, Path], tmp_path: Path) -> None:
+    det = tmp_path / "det"
+    res = runner.invoke(app, [*_train_args(tiny_model_dir, prompt_files, det), "--bootstrap", "100", "--quiet"])
+    assert res.exit_code == 0, res.stderr
+    assert "CP AUROC" in res.stdout and re.search(r"best layer \d", res.stdout) and f"wrote {det}" in res.stdout
+    assert res.stderr == ""  # --quiet: no progress bar, and no warnings
+    meta = json.loads((det / META_FILE).read_text())["meta"]
+    assert meta["model"]["kind"] == "local" and meta["model"]["load_spec"] == str(tiny_model_dir.resolve())
+    assert meta["sets"][0]["source"] == str(prompt_files["benign"]) and meta["training"]["n_bootstrap"] == 100
+
+    scores = tmp_path / "scores.csv"
+    res = runner.invoke(
+        app, ["detect", "score", str(det), "--prompts", str(prompt_files["new_jail"]), "--out", str(scores)]
+    )
+    assert res.exit_code == 0, res.stderr
+    assert "scored 6 prompts" in res.stdout and "features" in res.stderr  # progress bar without --quiet
+    frame = pd.read_csv(scores)
+    texts = prompt_files["new_jail"].read_text().splitlines()
+    lib = job.score_prompts(det, texts)  # loads the recorded model, like the CLI
+    np.testing.assert_allclose(frame["prob"], lib["prob"], rtol=1e-12)
+    assert frame["preview"].tolist() == [job.preview(t) for t in texts] and frame["flagged"].mean() >= 0.5
+
+    metrics_csv = tmp_path / "metrics.csv"
+    args = ["detect", "eval", str(det), "--benign", str(prompt_files["new_benign"])]
+    args += ["--jailbreak", str(prompt_files["new_jail"]), "--out", str(metrics_csv), "--bootstrap", "100", "--quiet"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.stderr
+    assert "Saved detectors on 6 benign + 6 jailbreak prompts" in res.stdout and "training's best layer" in res.stdout
+    table = pd.read_csv(metrics_csv)
+    assert table["layer"].tolist() == [0, 1, 2] and table["cp_auroc"].max() >= 0.9
+
+    # a second score to the same file is refused; nothing is rewritten
+    before = scores.read_text()
+    res = runner.invoke(
+        app, ["detect", "score", str(det), "--prompts", str(prompt_files["new_jail"]), "--out", str(scores)]
+    )
+    _one_line_error(res, "already exists: pass --overwrite")
+    assert scores.read_text() == before
+
+
+def test_cli_errors(tiny_model_dir: Path, prompt_files: dict[str, Path], tmp_path: Path) -> None:
+    det = tmp_path / "det"
+    res = runner.invoke(app, [*_train_args(tiny_model_dir, prompt_files, det), "--features", "logits", "--quiet"])
+    _one_line_error(res, "features must be 'hidden' or 'attention'")
+    res = runner.invoke(app, [*_train_args(tiny_model_dir, prompt_files, det), "--limit", "1", "--quiet"])
+    _one_line_error(res, "at least 2 benign prompts")
+    res = runner.invoke(app, [*_train_args(tiny_model_dir, prompt_files, det), "--layers", "5", "--quiet"])
+    _one_line_error(res, "layer 5 out of range: model has 3 layers (0-2)")
+    assert not det.exists() and _leftovers(tmp_path) == []
+
+    out = tmp_path / "s.csv"
+    res = runner.invoke(
+        app, ["detect", "score", str(tmp_path / "nope"), "--prompts", str(prompt_files["jail"]), "--out", str(out)]
+    )
+    _one_line_error(res, "detector directory not found")
+    res = runner.invoke(
+        app, [*_train_args(tiny_model_dir, prompt_files, det), "--layers", "0,2", "--bootstrap", "0", "-q"]
+    )
+    assert res.exit_code == 0, res.stderr
+    res = runner.invoke(
+        app, ["detect", "score", str(det), "--prompts", str(prompt_files["jail"]), "--layer", "1", "--out", str(out)]
+    )
+    _one_line_error(res, "layer 1 is not in this detector")
+    res = runner.invoke(
+        app,
+        ["detect", "score", str(det), "--prompts", str(prompt_files["jail"]), "--detector", "svm", "--out", str(out)],
+    )
+    _one_line_error(res, "--detector must be cp or probe")
+    res = runner.invoke(app, ["detect", "eval", str(det), "--benign", str(prompt_files["benign"]), "--out", str(out)])
+    _one_line_error(res, "no jailbreak prompts")
+    assert not out.exists()
+    res = runner.invoke(app, [*_train_args(tiny_model_dir, prompt_files, det), "--quiet"])
+    _one_line_error(res, "already holds a detector: pass --overwrite")
+
+
+def test_score_and_eval_default_to_the_training_dtype(
+    tiny_model_dir: Path, sets: dict[str, list[str]], tmp_path: Path
+) -> None:
+    """A detector trained on bfloat16 features is scored in bfloat16 unless another dtype is asked for (warns)."""
+    det = tmp_path / "bf16"
+    benign, jail = sets["benign"][:8], sets["jailbreak"][:8]
+    opts = {**OPTS, "n_bootstrap": 0, "folds": 2, "layers": "1"}
+    trained = job.train_detector(str(tiny_model_dir), benign, jail, out=det, dtype="bfloat16", device="cpu", **opts)
+    assert trained.meta["features"]["dtype"] == "bfloat16" and trained.meta["model"]["dtype"] == "bfloat16"
+    new = sentences(JAILBREAK_WORDS, 3, 30) + sentences(BENIGN_WORDS, 3, 31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training dtype: no warning
+        same = job.score_prompts(det, new, device="cpu")
+        explicit = job.score_prompts(det, new, device="cpu", dtype="bf16")
+        evaluated = job.evaluate_detector(det, new[3:], new[:3], device="cpu", n_bootstrap=0)
+    assert same.attrs["dtype"] == explicit.attrs["dtype"] == evaluated.attrs["dtype"] == "bfloat16"
+    np.testing.assert_array_equal(same["prob"], explicit["prob"])
+    # The features of the bfloat16 model, scored by the saved detector, are what the default gives.
+    bf16 = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    feats = extract_features(bf16, new, layers=[1], last_k=4, length=32)
+    np.testing.assert_array_equal(same["prob"], trained.detectors[1].predict_proba(feats.tensors[1]))
+
+    mismatch = "trained on bfloat16 features but the model runs in float32"
+    with pytest.warns(UserWarning, match=mismatch):
+        other = job.score_prompts(det, new, device="cpu", dtype="float32")
+    assert other.attrs["dtype"] == "float32" and not np.array_equal(other["prob"], same["prob"])
+    with pytest.warns(UserWarning, match=mismatch):
+        job.evaluate_detector(det, new[3:], new[:3], device="cpu", dtype="auto", n_bootstrap=0)  # auto: CPU float32
+    f32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    with pytest.warns(UserWarning, match=mismatch):  # a loaded model in another dtype warns too
+        job.score_prompts(det, new, model=f32)
+
+
+def test_cli_score_dtype_follows_training(tiny_model_dir: Path, prompt_files: dict[str, Path], tmp_path: Path) -> None:
+    det = tmp_path / "det"
+    args = [*_train_args(tiny_model_dir, prompt_files, det), "--layers", "1", "--bootstrap", "0", "--dtype", "bfloat16"]
+    res = runner.invoke(app, [*args, "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.stderr
+    score = ["detect", "score", str(det), "--prompts", str(prompt_files["new_jail"]), "--device", "cpu", "--quiet"]
+    res = runner.invoke(app, [*score, "--out", str(tmp_path / "same.csv")])
+    assert res.exit_code == 0 and res.stderr == "", res.stderr  # no --dtype: bfloat16, as trained, no warning
+    res = runner.invoke(app, [*score, "--out", str(tmp_path / "f32.csv"), "--dtype", "float32"])
+    assert res.exit_code == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the detector was trained on bfloat16 features"), lines
+    assert "runs in float32" in lines[0]
+    evaluate = ["detect", "eval", str(det), "--benign", str(prompt_files["new_benign"]), "--device", "cpu"]
+    evaluate += ["--jailbreak", str(prompt_files["new_jail"]), "--bootstrap", "0", "--quiet"]
+    res = runner.invoke(app, evaluate)
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+    res = runner.invoke(app, [*evaluate, "--dtype", "float32"])
+    assert res.exit_code == 0 and "warning: the detector was trained on bfloat16 features" in res.stderr
+
+
+# --------------------------------------------------------------------------------------------------- embedded model
+
+
+@pytest.mark.slow
+def test_embedded_model_end_to_end_on_held_out_families(tmp_path: Path) -> None:
+    """Train on 9 template families x half the requests, evaluate on the other 9 families x other requests."""
+    from attnscan.prompts.sets import builtin_records
+
+    templates = builtin_records("templates")
+    harmful = [r["text"] for r in builtin_records("harmful")]
+    benign = [r["text"] for r in builtin_records("benign")]
+    files = {
+        "train_tpl": [r["template"] for r in templates[:9]],
+        "held_tpl": [r["template"] for r in templates[9:]],
+        "train_req": harmful[0::2],
+        "held_req": harmful[1::2],
+        "train_benign": benign[0::2],
+        "held_benign": benign[1::2],
+    }
+    paths = {}
+    for name, items in files.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(items))
+    det = tmp_path / "det"
+    common = ["--limit", "12", "--seed", "1", "--quiet"]
+    args = ["detect", "train", "--model", "smollm2-135m-instruct", "--benign", str(paths["train_benign"])]
+    args += ["--jailbreak-templates", str(paths["train_tpl"]), "--requests", str(paths["train_req"])]
+    args += ["--layers", "2,6,10", "--length", "128", "--rank", "4", "--max-iter", "30", "--bootstrap", "200"]
+    res = runner.invoke(app, [*args, "--out", str(det), *common])
+    assert res.exit_code == 0, res.stderr
+    trained = job.load_trained(det)
+    assert trained.meta["model"]["gguf_sha256"] and trained.layers == (2, 6, 10)
+    assert trained.table["probe_auroc"].max() >= 0.9, trained.table
+
+    metrics_csv = tmp_path / "metrics.csv"
+    args = ["detect", "eval", str(det), "--benign", str(paths["held_benign"])]
+    args += ["--jailbreak-templates", str(paths["held_tpl"]), "--requests", str(paths["held_req"])]
+    res = runner.invoke(app, [*args, "--out", str(metrics_csv), "--bootstrap", "200", *common])
+    assert res.exit_code == 0, res.stderr
+    held = pd.read_csv(metrics_csv)
+    assert held["n"].tolist() == [24, 24, 24] and np.isfinite(held[["cp_auroc", "probe_auroc"]]).all().all()
+    assert held["probe_auroc"].max() >= 0.75, held
+
+    scores = tmp_path / "scores.csv"
+    res = runner.invoke(
+        app, ["detect", "score", str(det), "--prompts", str(paths["held_benign"]), "--out", str(scores), *common]
+    )
+    assert res.exit_code == 0, res.stderr
+    frame = pd.read_csv(scores)
+    assert len(frame) == 12 and frame["prob"].between(0, 1).all() and (frame["layer"] == trained.best_layer).all()
