@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_report import IMG_INJECTION, INJECTED_PROMPT, SCRIPT_INJECTION, make_inputs
 
 from attnscan.views.report import build_report, write_report
-from test_report import IMG_INJECTION, INJECTED_PROMPT, SCRIPT_INJECTION, make_inputs
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
