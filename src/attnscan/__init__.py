@@ -14,7 +14,8 @@ from .errors import AttnscanError
 from .models.arch import ArchEntry, ArchFacts, arch_facts, register_arch
 from .models.loading import EMBEDDED_NAME, LoadedModel, from_model, load_model
 from .pipeline import RunOutput, make_report, run
-from .prompts.sets import PromptSet, encode, load_prompts
+from .prompts.encoding import encode
+from .prompts.sets import PromptSet, load_prompts
 from .views.figures import FigureRow, grid_figure, layer_profile_figure
 
 __all__ = [

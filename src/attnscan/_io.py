@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -108,4 +109,10 @@ def publish_permissions(directory: Path) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    """``data`` as indented UTF-8 JSON (values JSON cannot hold are written as their ``str``)."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def now_utc() -> str:
+    """The time now, UTC, to the second, ISO 8601: the ``started`` / ``finished`` stamps of every manifest."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir, write_json
+from ._types import ProgressFn
 from ._version import __version__
 from .analysis.result import ScanResult
-from .analysis.scan import ProgressFn, scan
+from .analysis.scan import scan
 from .analysis.statistics import VerdictThresholds
 from .engine.accumulate import Align
 from .errors import AttnscanError

@@ -25,7 +25,8 @@ from attnscan.behaviour.behave import (
 )
 from attnscan.errors import AttnscanError
 from attnscan.models.loading import LoadedModel, from_model
-from attnscan.prompts.sets import PromptSet, encode
+from attnscan.prompts.encoding import encode
+from attnscan.prompts.sets import PromptSet
 from attnscan.testing.tiny import build_model, tiny_tokenizer
 
 TEXTS = [

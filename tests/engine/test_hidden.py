@@ -15,7 +15,8 @@ from attnscan.engine.capture import base_model, decoder_layers
 from attnscan.engine.hidden import Features, extract_features, labelled_features
 from attnscan.errors import AttnscanError
 from attnscan.models.loading import LoadedModel, from_model
-from attnscan.prompts.sets import PromptSet, encode
+from attnscan.prompts.encoding import encode
+from attnscan.prompts.sets import PromptSet
 from attnscan.testing.tiny import build_model, tiny_tokenizer
 
 TEXTS = [

@@ -76,7 +76,7 @@ def test_truncation_keeps_head_or_tail(tokenizer: object) -> None:
 def test_truncation_warning_counts_and_names_the_set() -> None:
     import warnings
 
-    from attnscan.prompts.sets import Encoded, warn_truncated
+    from attnscan.prompts.encoding import Encoded, warn_truncated
 
     enc = Encoded(ids=((1, 2, 3), (4, 5, 6)), full_lengths=(3, 9), chat_template=False)
     with pytest.warns(UserWarning, match=r"^1 of 2 jailbreak prompts are longer than 3 tokens .* first 3$"):

@@ -7,42 +7,26 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._io import now_utc
+from .._types import ProgressFn
 from .._version import __version__
 from ..engine import distributed
-from ..engine.accumulate import Align, GridCollector
+from ..engine.accumulate import DEFAULT_FLOOR, Align, GridCollector, check_align, check_floor
 from ..engine.batching import PaddingSide, estimate_batch_size, pad_token_id, run_collect
 from ..engine.checkpoint import Interrupted, checkpoint_file, load_checkpoint, save_checkpoint, stop_on_signals
 from ..errors import AttnscanError
 from ..models.arch import Route
 from ..models.loading import LoadedModel, load_model
-from ..prompts.sets import (
-    MIN_STAT_PROMPTS,
-    SHORT_PROMPT_TOKENS,
-    PromptSet,
-    Truncate,
-    encode,
-    load_prompts,
-    shared_prefix,
-    warn_truncated,
-)
+from ..prompts.encoding import DEFAULT_LENGTH, Truncate, check_truncate, encode, shared_prefix, warn_truncated
+from ..prompts.sets import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSource, load_prompts
 from .result import ScanResult
 
-PromptSource = str | Path | Sequence[str] | PromptSet
-ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``: prompts done so far over all sets, their total, and what is running."""
-
-DEFAULT_LENGTH = 448
-DEFAULT_FLOOR = -10.0
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _auto_batch_size(loaded: LoadedModel, length: int) -> int:
@@ -113,7 +97,7 @@ def scan(
     with other settings. Under ``torchrun`` (``WORLD_SIZE > 1``) each process scans a shard of every set and the
     accumulators are summed across processes; every process returns the whole result.
     """
-    started = _now()
+    started = now_utc()
     if length <= 0:
         raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
     if batch_size is not None and batch_size < 1:
@@ -122,12 +106,9 @@ def scan(
         raise AttnscanError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
     if resume and checkpoint is None:
         raise AttnscanError("--resume needs --checkpoint DIR (the directory the interrupted scan saved to)")
-    if floor >= 0:
-        raise AttnscanError(f"--floor must be negative (a log probability), got {floor}")
-    if truncate not in ("head", "tail"):
-        raise AttnscanError(f"--truncate must be head or tail, got {truncate}")
-    if align not in ("absolute", "relative"):
-        raise AttnscanError(f"--align must be absolute or relative, got {align}")
+    check_floor(floor)
+    check_truncate(truncate)
+    check_align(align)
     if padding_side not in ("right", "left"):
         raise AttnscanError(f"--padding-side must be right or left, got {padding_side}")
     sources: dict[str, PromptSource] = {"benign": benign, "jailbreak": jailbreak}
@@ -314,7 +295,7 @@ def scan(
             "transformers": transformers.__version__,
         },
         "started": started,
-        "finished": _now(),
+        "finished": now_utc(),
     }
     return ScanResult(accs, manifest)
 

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .._io import atomic_dir, atomic_file
-from ..engine.batching import batch_order, make_batch, pad_token_id
+from .._io import atomic_dir, atomic_file, write_json
+from .._types import ProgressFn
+from ..engine.batching import Batches, pad_token_id
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel, resolve_device
-from ..prompts.sets import PromptSet, encode
+from ..prompts.encoding import encode
+from ..prompts.sets import PromptSet
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -54,7 +56,6 @@ __all__ = [
     "wilson_interval",
 ]
 
-ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``: prompts done so far, their total, and what is running."""
 
 DEFAULT_WINDOW = 160
@@ -264,25 +265,25 @@ def generate_with(
         pad_token_id=pad,
         eos_token_id=eos or None,
     )
-    batch_size = options.batch_size
     out: list[str] = [""] * len(enc.ids)
-    order = batch_order(list(enc.lengths))
+    batches = Batches(enc.ids, pad_id=pad, device=loaded.device, batch_size=options.batch_size, padding_side="left")
     done = 0
     if progress is not None:
         progress(0, len(out), progress_label)
     with torch.inference_mode():
-        for lo in range(0, len(order), batch_size):
-            chunk = order[lo : lo + batch_size]
-            input_ids, mask, _, _ = make_batch([enc.ids[i] for i in chunk], pad, "left", loaded.device)
-            generated = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+        for batch in batches:
+            input_ids = batch.input_ids
+            generated = model.generate(
+                input_ids=input_ids, attention_mask=batch.attention_mask, generation_config=config
+            )
             new = generated[:, input_ids.shape[1] :].tolist()
-            for row, i in enumerate(chunk):
+            for row, i in enumerate(batch.rows):
                 tokens = new[row]
                 stops = [j for j, t in enumerate(tokens) if t in eos]
                 if stops:
                     tokens = tokens[: stops[0]]
                 out[i] = str(loaded.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
-            done += len(chunk)
+            done += len(batch.rows)
             if progress is not None:
                 progress(done, len(out), progress_label)
     return out
@@ -691,7 +692,3 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise AttnscanError(f"{p}:{number} is not valid JSON ({exc.msg})") from None
     return out
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")

@@ -49,12 +49,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._io import atomic_dir
-from ..engine.batching import accepts_position_ids, batch_order, make_batch, pad_token_id
+from .._io import atomic_dir, write_json
+from .._types import ProgressFn
+from ..engine.batching import Batches, accepts_position_ids, pad_token_id
 from ..engine.capture import base_model, decoder_layers
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel
-from ..prompts.sets import PromptSet, encode
+from ..prompts.encoding import encode
+from ..prompts.sets import PromptSet, as_prompt_set
 from ..views.figures import trade_off_figure
 from .behave import (
     DEFAULT_MAX_PROMPT_TOKENS,
@@ -66,7 +68,6 @@ from .behave import (
     judged_rate,
     save_jsonl,
     wilson_interval,
-    write_json,
 )
 
 if TYPE_CHECKING:
@@ -89,7 +90,6 @@ __all__ = [
     "trade_off_figure",
 ]
 
-ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``: work items done so far, their total, and what is running."""
 
 DEFAULT_PPL_LENGTH = 512
@@ -192,20 +192,16 @@ def nll_sum(
     model = loaded.model
     base = base_model(model)
     project = _lm_head(model)
-    pad = pad_token_id(loaded.tokenizer, model)
-    pass_positions = accepts_position_ids(base)
-    order = batch_order(list(enc.lengths))
+    positions = accepts_position_ids(base)
+    batches = Batches(
+        enc.ids, pad_id=pad_token_id(loaded.tokenizer, model), device=loaded.device, batch_size=batch_size
+    )
     total, count = 0.0, 0
     with torch.inference_mode():
-        for lo in range(0, len(order), batch_size):
-            chunk = order[lo : lo + batch_size]
-            batch = [enc.ids[i] for i in chunk]
-            input_ids, mask, pos, _ = make_batch(batch, pad, "right", loaded.device)
-            kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
-            if pass_positions:
-                kwargs["position_ids"] = pos
-            hidden = base(**kwargs).last_hidden_state  # [B, P, H], after the final norm
-            lens = torch.tensor([len(s) for s in batch], device=hidden.device)
+        for batch in batches:
+            input_ids = batch.input_ids
+            hidden = base(**batch.forward_kwargs(positions)).last_hidden_state  # [B, P, H], after the final norm
+            lens = torch.tensor(batch.lengths, device=hidden.device)
             p = hidden.shape[1]
             predicts = torch.arange(p - 1, device=hidden.device)[None, :] < (lens[:, None] - 1)  # [B, P-1]
             states = hidden[:, :-1][predicts]  # [M, H]
@@ -217,7 +213,7 @@ def nll_sum(
                 total += float(nll.double().sum())
             count += int(states.shape[0])
             if progress is not None:
-                progress(len(chunk))
+                progress(len(batch.rows))
     return total, count
 
 
@@ -548,10 +544,6 @@ def _judge_arm(arm: DefenceArm, jailbreak: PromptSet, benign: PromptSet, judge: 
     )
 
 
-def _as_set(prompts: PromptSet | Sequence[str], name: str) -> PromptSet:
-    return prompts if isinstance(prompts, PromptSet) else PromptSet(name, tuple(prompts), "<memory>")
-
-
 def _options(
     benign: PromptSet,
     generation: GenerationOptions,
@@ -630,7 +622,7 @@ def defend(
     """
     if not isinstance(layers, str):
         layers = [int(x) for x in layers]
-    jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
+    jb, bn = as_prompt_set(jailbreak, "jailbreak"), as_prompt_set(benign, "benign")
     opts = _options(
         bn,
         GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens),
@@ -716,7 +708,7 @@ def sweep_results(
     The other options are those of :func:`defend`.
     """
     chosen, k_values = _check_sweep(loaded, order, ks)
-    jb, bn = _as_set(jailbreak, "jailbreak"), _as_set(benign, "benign")
+    jb, bn = as_prompt_set(jailbreak, "jailbreak"), as_prompt_set(benign, "benign")
     opts = _options(
         bn,
         GenerationOptions(max_new_tokens, batch_size, chat_template, system_prompt, max_prompt_tokens),

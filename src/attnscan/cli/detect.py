@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..prompts.encoding import DEFAULT_LENGTH
+
 DetectorArg = Annotated[Path, typer.Argument(help="Detector directory written by 'attnscan detect train'.")]
 ModelOrNoneOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="Model spec (default: the model the detector was trained on).")
@@ -149,7 +151,7 @@ def register(app: typer.Typer) -> None:
         threshold: Annotated[float, typer.Option(help="Flag a layer whose cross-validated AUROC reaches this.")] = 0.9,
         flag_on: Annotated[str, typer.Option(help="Flag and score with the 'cp' detector or the 'probe'.")] = "cp",
         bootstrap: BootstrapOpt = 1000,
-        length: DetLengthOpt = 448,
+        length: DetLengthOpt = DEFAULT_LENGTH,
         batch_size: DetBatchOpt = 8,
         chat_template: ChatOpt = True,
         system_prompt: SystemOpt = None,

@@ -11,7 +11,9 @@ import typer
 from rich.console import Console, Group
 from rich.table import Table
 
+from ..engine.accumulate import DEFAULT_FLOOR
 from ..errors import AttnscanError
+from ..prompts.encoding import DEFAULT_LENGTH
 from .options import (
     AlignOpt,
     AssistantOpt,
@@ -72,7 +74,7 @@ def scan_cmd(
     assistant_name: AssistantOpt = "ChatGPT",
     limit: LimitOpt = None,
     layers: LayersOpt = "all",
-    length: LengthOpt = 448,
+    length: LengthOpt = DEFAULT_LENGTH,
     batch_size: BatchOpt = "8",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -85,7 +87,7 @@ def scan_cmd(
     truncate: TruncateOpt = "head",
     align: AlignOpt = "absolute",
     padding_side: PaddingOpt = "right",
-    floor: FloorOpt = -10.0,
+    floor: FloorOpt = DEFAULT_FLOOR,
     revision: RevisionOpt = None,
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
@@ -188,7 +190,7 @@ def run_cmd(
     rows: Annotated[str, typer.Option(help="Figure rows: 'auto' or MODEL:LAYER,...")] = "auto",
     limit: Annotated[int | None, typer.Option(help="Prompts per set (deterministic by --seed).")] = 40,
     layers: LayersOpt = "all",
-    length: LengthOpt = 448,
+    length: LengthOpt = DEFAULT_LENGTH,
     batch_size: BatchOpt = "8",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",

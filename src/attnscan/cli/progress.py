@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ..analysis.scan import ProgressFn
+from .._types import ProgressFn
 
 #: Stages whose items are not prompts (the label a library function reports -> the unit shown).
 UNITS = {"fitting": "layers"}

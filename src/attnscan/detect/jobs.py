@@ -44,9 +44,8 @@ import hashlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,12 +53,14 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from .._io import atomic_dir, atomic_file, check_output_dir
-from ..engine.accumulate import Align
+from .._io import atomic_dir, atomic_file, check_output_dir, now_utc
+from .._types import ProgressFn
+from ..engine.accumulate import DEFAULT_FLOOR, Align, check_align, check_floor
 from ..engine.hidden import DEFAULT_LAST_K, extract_features
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel, load_model
-from ..prompts.sets import PromptSet, Truncate, encode, load_prompts, warn_truncated
+from ..prompts.encoding import DEFAULT_LENGTH, Truncate, check_truncate, encode, warn_truncated
+from ..prompts.sets import PromptSet, PromptSource, as_prompt_set
 from .detectors import (
     META_FILE,
     METRIC_COLUMNS,
@@ -78,7 +79,6 @@ from .detectors import (
 )
 
 __all__ = [
-    "DEFAULT_LENGTH",
     "DETECTION_CSV",
     "PROBE_DIR",
     "AttentionBlocks",
@@ -97,24 +97,16 @@ __all__ = [
     "write_table",
 ]
 
-PromptSource = str | Path | Sequence[str] | PromptSet
-ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``: ``label`` is ``"features"``/``"attention"`` (prompts) or ``"fitting"`` (layers)."""
 FeatureKind = Literal["hidden", "attention"]
 Kind = Literal["cp", "probe"]
 
-DEFAULT_LENGTH = 448
 DEFAULT_BLOCKS = 16
-DEFAULT_FLOOR = -10.0
 DETECTION_CSV = "detection.csv"
 PROBE_DIR = "probe"
 JOB_FORMAT = "attnscan.detect-job"
 JOB_VERSION = 1
 PREVIEW_WIDTH = 60
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------------- features
@@ -161,10 +153,8 @@ def attention_blocks(
         raise AttnscanError("no prompts to capture attention from: give at least one prompt")
     if blocks < 1 or blocks > length:
         raise AttnscanError(f"blocks must lie in 1..length ({length}), got {blocks}")
-    if align not in ("absolute", "relative"):
-        raise AttnscanError(f"align must be absolute or relative, got {align}")
-    if floor >= 0:
-        raise AttnscanError(f"floor must be negative (a log probability), got {floor}")
+    check_align(align)
+    check_floor(floor)
     if batch_size < 1:
         raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
     chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
@@ -234,8 +224,7 @@ def _feature_settings(
         raise AttnscanError(f"features must be 'hidden' or 'attention', got {features!r}")
     if length <= 0:
         raise AttnscanError(f"length must be a positive number of tokens, got {length}")
-    if truncate not in ("head", "tail"):
-        raise AttnscanError(f"truncate must be head or tail, got {truncate}")
+    check_truncate(truncate)
     common = {"kind": features, "length": length, "chat_template": chat_template}
     common.update(system_prompt=system_prompt, truncate=truncate)
     if features == "hidden":
@@ -244,10 +233,8 @@ def _feature_settings(
         return {**common, "last_k": last_k}
     if blocks < 1 or blocks > length:
         raise AttnscanError(f"blocks must lie in 1..length ({length}), got {blocks}")
-    if align not in ("absolute", "relative"):
-        raise AttnscanError(f"align must be absolute or relative, got {align}")
-    if floor >= 0:
-        raise AttnscanError(f"floor must be negative (a log probability), got {floor}")
+    check_align(align)
+    check_floor(floor)
     return {**common, "blocks": blocks, "align": align, "floor": floor, "fill": floor}
 
 
@@ -607,10 +594,6 @@ def load_trained(path: str | os.PathLike[str]) -> TrainedDetector:
 # --------------------------------------------------------------------------------------------------- train
 
 
-def _as_set(src: PromptSource, name: str) -> PromptSet:
-    return src if isinstance(src, PromptSet) else load_prompts(src, name)
-
-
 def train_detector(
     model: str | LoadedModel,
     benign: PromptSource,
@@ -662,7 +645,7 @@ def train_detector(
     a :class:`~attnscan.models.LoadedModel`; ``benign``/``jailbreak`` are prompt sources or PromptSets (each needs
     at least 2 prompts). ``progress(done, total, label)`` is told about extraction (prompts) and fitting (layers).
     """
-    started = _now()
+    started = now_utc()
     settings = _feature_settings(
         features,
         last_k=last_k,
@@ -692,7 +675,7 @@ def train_detector(
         raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
     if store is not None and features != "hidden":
         raise AttnscanError("store= keeps hidden-state features only: leave it out with features='attention'")
-    sets = {"benign": _as_set(benign, "benign"), "jailbreak": _as_set(jailbreak, "jailbreak")}
+    sets = {"benign": as_prompt_set(benign, "benign"), "jailbreak": as_prompt_set(jailbreak, "jailbreak")}
     for name, ps in sets.items():
         if len(ps) < 2:
             raise AttnscanError(
@@ -782,7 +765,7 @@ def train_detector(
         "best_by": f"{flag_on}_auroc",
         "flagged_layers": flagged_layers(table),
         "started": started,
-        "finished": _now(),
+        "finished": now_utc(),
         "seconds": {"features": round(t_features, 3), "fitting": round(t_fit, 3)},
     }
     with atomic_dir(final, overwrite, marker=META_FILE, what="a detector") as tmp:
@@ -834,7 +817,7 @@ def score_prompts(
     det = trained.detector(chosen, chosen_kind)
     if not 0.0 <= threshold <= 1.0:
         raise AttnscanError(f"threshold must be a probability in [0, 1], got {threshold}")
-    ps = _as_set(prompts, "prompts")
+    ps = as_prompt_set(prompts, "prompts")
     loaded = _get_model(
         model,
         trained.meta,
@@ -909,7 +892,7 @@ def evaluate_detector(
         raise AttnscanError(f"n_bootstrap must be 0 or more, got {n_bootstrap}")
     if not 0.0 <= threshold <= 1.0:
         raise AttnscanError(f"threshold must be a probability in [0, 1], got {threshold}")
-    sets = {"benign": _as_set(benign, "benign"), "jailbreak": _as_set(jailbreak, "jailbreak")}
+    sets = {"benign": as_prompt_set(benign, "benign"), "jailbreak": as_prompt_set(jailbreak, "jailbreak")}
     texts = [*sets["benign"].texts, *sets["jailbreak"].texts]
     seen = set(trained.meta.get("train_prompt_hashes", []))
     overlap = sum(1 for t in texts if _prompt_hash(t) in seen)

@@ -45,6 +45,22 @@ from ..errors import AttnscanError
 
 Align = Literal["absolute", "relative"]
 
+DEFAULT_FLOOR = -10.0
+"""Floor of the log statistics: a ln(mean probability) below it is shown as the floor (the reference figure's
+scale runs from -10 to 0)."""
+
+
+def check_align(align: str) -> None:
+    """Refuse an alignment other than ``absolute`` or ``relative``."""
+    if align not in ("absolute", "relative"):
+        raise AttnscanError(f"--align must be absolute or relative, got {align}")
+
+
+def check_floor(floor: float) -> None:
+    """Refuse a floor that is not a negative log probability."""
+    if not floor < 0:
+        raise AttnscanError(f"--floor must be negative (a log probability), got {floor}")
+
 
 def block_size(length: int, n_blocks: int) -> int:
     return math.ceil(length / n_blocks)
@@ -192,14 +208,13 @@ class GridCollector:
         n_prompts: int,
         length: int,
         *,
-        floor: float = -10.0,
+        floor: float = DEFAULT_FLOOR,
         n_blocks: int = 16,
         device: torch.device | str = "cpu",
         align: Align = "absolute",
         buffered: bool | None = None,
     ) -> None:
-        if align not in ("absolute", "relative"):
-            raise AttnscanError(f"--align must be absolute or relative, got {align}")
+        check_align(align)
         self.align = align
         self.name = name
         self.layers = tuple(layers)

@@ -1,14 +1,17 @@
-"""Batches token sequences through a model under capture: padding, position ids, no LM head."""
+"""Batching token sequences: the one batch iterator (padding, position ids, longest first, back-off on out of
+memory) and the captured forward over it (no LM head)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ..errors import AttnscanError
 from ..models.arch import Route
 from .accumulate import GridCollector
 from .capture import base_model, capture_attention
@@ -101,6 +104,84 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+@dataclass
+class Batch:
+    """One padded batch: ``rows`` are the indices of its prompts in the sequences given to :class:`Batches`.
+
+    ``input_ids``, ``attention_mask`` and ``position_ids`` are ``long [B, P]`` on the batch's device (positions count
+    each prompt's real tokens from 0, so left padding does not shift them); ``starts[b]`` is row ``b``'s first real
+    column and ``lengths[b]`` its number of real tokens.
+    """
+
+    rows: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    starts: list[int]
+    lengths: list[int]
+
+    def forward_kwargs(self, positions: bool) -> dict[str, Any]:
+        """Keyword arguments of a base model's forward for this batch (no cache; position ids where accepted)."""
+        kwargs: dict[str, Any] = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "use_cache": False,
+        }
+        if positions:
+            kwargs["position_ids"] = self.position_ids
+        return kwargs
+
+
+class Batches:
+    """The one batch iterator of attnscan: scan, features, generation and perplexity all batch through it.
+
+    Prompts go longest first (:func:`batch_order`), ``batch_size`` at a time, padded on ``padding_side`` with
+    ``pad_id``. :meth:`retry_smaller` drops the batch just handed out and halves the size: iteration then resumes at
+    the same prompt, which is how an out-of-memory error backs off.
+    """
+
+    def __init__(
+        self,
+        seqs: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        device: torch.device,
+        batch_size: int,
+        padding_side: PaddingSide = "right",
+    ) -> None:
+        if batch_size < 1:
+            raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
+        if padding_side not in ("right", "left"):
+            raise AttnscanError(f"--padding-side must be right or left, got {padding_side}")
+        self.seqs = seqs
+        self.pad_id = pad_id
+        self.device = device
+        self.size = batch_size
+        self.padding_side: PaddingSide = padding_side
+        self.order = batch_order([len(s) for s in seqs])
+        self._retry = False
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __iter__(self) -> Iterator[Batch]:
+        lo = 0
+        while lo < len(self.order):
+            chunk = self.order[lo : lo + self.size]
+            batch = [self.seqs[i] for i in chunk]
+            ids, mask, pos, starts = make_batch(batch, self.pad_id, self.padding_side, self.device)
+            self._retry = False
+            yield Batch(chunk, ids, mask, pos, starts, [len(s) for s in batch])
+            if not self._retry:
+                lo += len(chunk)
+
+    def retry_smaller(self) -> int:
+        """Hand the current batch out again, split: the batch size halves (at least 1); returns the new size."""
+        self.size = max(1, self.size // 2)
+        self._retry = True
+        return self.size
+
+
 def run_collect(
     model: nn.Module,
     seqs: Sequence[Sequence[int]],
@@ -126,38 +207,28 @@ def run_collect(
         raise ValueError("batch_size must be at least 1")
     ids_of = list(prompt_ids) if prompt_ids is not None else list(range(len(seqs)))
     param: torch.Tensor = next(model.parameters())
-    device = param.device
     base = base_model(model)
-    pass_positions = accepts_position_ids(base)
-    order = batch_order([len(s) for s in seqs])
-    size = batch_size
+    positions = accepts_position_ids(base)
+    batches = Batches(seqs, pad_id=pad_id, device=param.device, batch_size=batch_size, padding_side=padding_side)
     with torch.inference_mode(), capture_attention(model, collector.layers, collector, route):
-        lo = 0
-        while lo < len(order):
-            chunk = order[lo : lo + size]
-            batch = [seqs[i] for i in chunk]
-            input_ids, mask, pos, starts = make_batch(batch, pad_id, padding_side, device)
-            kwargs = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
-            if pass_positions:
-                kwargs["position_ids"] = pos
+        for batch in batches:
             try:
                 # begin() allocates the batch's [B, P, P] masks on the collector's device: it may run out too.
-                collector.begin([ids_of[i] for i in chunk], starts, [len(s) for s in batch])
-                base(**kwargs)
+                collector.begin([ids_of[i] for i in batch.rows], batch.starts, batch.lengths)
+                base(**batch.forward_kwargs(positions))
             except Exception as exc:
                 clean = collector.abort()
-                if not (backoff and clean and size > 1 and is_out_of_memory(exc)):
+                if not (backoff and clean and batches.size > 1 and is_out_of_memory(exc)):
                     raise
-                del input_ids, mask, pos, kwargs
-                if device.type == "cuda":
+                old = batches.size
+                del batch
+                if param.device.type == "cuda":
                     torch.cuda.empty_cache()
-                new = max(1, size // 2)
+                new = batches.retry_smaller()
                 if on_backoff is not None:
-                    on_backoff(size, new)
-                size = new
+                    on_backoff(old, new)
                 continue
             collector.end()
-            lo += len(chunk)
             if on_batch is not None:
-                on_batch(len(chunk))
-    return size
+                on_batch(len(batch.rows))
+    return batches.size

@@ -39,10 +39,12 @@ import torch
 from torch import nn
 
 from .._io import atomic_dir
+from .._types import ProgressFn
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel
-from ..prompts.sets import PromptSet, Truncate, encode, warn_truncated
-from .batching import accepts_position_ids, batch_order, make_batch, pad_token_id
+from ..prompts.encoding import DEFAULT_LENGTH, Truncate, check_truncate, encode, warn_truncated
+from ..prompts.sets import PromptSet
+from .batching import Batches, accepts_position_ids, pad_token_id
 from .capture import base_model, decoder_layers
 
 __all__ = [
@@ -52,7 +54,6 @@ __all__ = [
     "labelled_features",
 ]
 
-ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``: prompts done so far, their total, and what is running."""
 
 FloatArray = npt.NDArray[np.float32]
@@ -62,7 +63,6 @@ META_FILE = "features.json"
 FORMAT = "attnscan.features"
 FORMAT_VERSION = 1
 DEFAULT_LAST_K = 8
-DEFAULT_LENGTH = 448
 
 _ST_DTYPES: dict[str, Any] = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 
@@ -353,8 +353,7 @@ def extract_features(
         raise AttnscanError(f"last_k must be at least 1, got {last_k}")
     if batch_size < 1:
         raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
-    if truncate not in ("head", "tail"):
-        raise AttnscanError(f"truncate must be head or tail, got {truncate}")
+    check_truncate(truncate)
     chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
     enc = encode(
         loaded.tokenizer,
@@ -422,10 +421,8 @@ def _run(
     """Batches through the base model, writing each chosen layer's reduced output into the row-indexed arrays."""
     model = loaded.model
     base = base_model(model)
-    pad = pad_token_id(loaded.tokenizer, model)
-    device = loaded.device
-    pass_positions = accepts_position_ids(base)
-    order = batch_order([len(s) for s in seqs])
+    positions = accepts_position_ids(base)
+    batches = Batches(seqs, pad_id=pad_token_id(loaded.tokenizer, model), device=loaded.device, batch_size=batch_size)
     state: dict[str, Any] = {}
 
     def sink(layer: int, tok: torch.Tensor, pool: torch.Tensor) -> None:
@@ -437,18 +434,12 @@ def _run(
     if progress is not None:
         progress(0, total, "features")
     with torch.inference_mode(), _reduce_hooks(stack, chosen, state, sink, last_k, stop_after=max(chosen)):
-        for lo in range(0, len(order), batch_size):
-            chunk = order[lo : lo + batch_size]
-            batch = [seqs[i] for i in chunk]
-            input_ids, mask, pos, _ = make_batch(batch, pad, "right", device)
-            state["rows"] = np.asarray(chunk, dtype=np.int64)
-            state["lengths"] = torch.tensor([len(s) for s in batch], dtype=torch.long)
-            kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "use_cache": False}
-            if pass_positions:
-                kwargs["position_ids"] = pos
+        for batch in batches:
+            state["rows"] = np.asarray(batch.rows, dtype=np.int64)
+            state["lengths"] = torch.tensor(batch.lengths, dtype=torch.long)
             with contextlib.suppress(_StopForward):
-                base(**kwargs)
-            done += len(chunk)
+                base(**batch.forward_kwargs(positions))
+            done += len(batch.rows)
             if progress is not None:
                 progress(done, total, "features")
 

@@ -1,17 +1,17 @@
-"""Prompt sets, their sources, composition from templates, and their encoding onto the token grid.
+"""Prompt sets, their sources and composition from templates (encoding onto the token grid: :mod:`.encoding`).
 
 A :class:`PromptSet` is a name, the texts, and where they came from (source string, count, sha256 of the texts),
 so every result can say exactly which prompts produced it.
 
 Sources (``SRC`` on the command line):
 
-- ``builtin:NAME``: sets shipped with attnscan, written by its authors (``src/attnscan/data/sets/README.md``):
+- ``builtin:NAME``: sets shipped with attnscan, written by its authors (``src/attnscan/prompts/data/sets/README.md``):
   ``benign``, ``harmful``, ``templates`` (jailbreak wrappers with a ``{request}`` slot), the composed
   ``jailbreak`` (templates x harmful) and ``control`` (templates x benign: same wrappers, benign requests), and
   the small ``demo-benign`` / ``demo-jailbreak``;
 - a file: ``.txt`` (one prompt per line, or blank-line-separated blocks with ``multiline``), ``.json``,
   ``.jsonl``, ``.csv``, ``.tsv``, ``.parquet``, with public benchmark layouts recognised by their columns
-  (:mod:`attnscan.loaders`) and ``field`` to pick a column;
+  (:mod:`attnscan.prompts.loaders`) and ``field`` to pick a column;
 - ``hf:DATASET[:CONFIG]:SPLIT:COLUMN`` through the ``datasets`` library (hub id or a local dataset folder).
 
 ``limit`` with ``seed`` takes a deterministic subsample (the same seed gives the same prompts in the same order).
@@ -27,12 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import AttnscanError
 from . import loaders
 
-Truncate = Literal["head", "tail"]
 REQUEST_SLOT = "{request}"
 MIN_STAT_PROMPTS = 10
 SHORT_PROMPT_TOKENS = 8
@@ -67,6 +66,15 @@ class PromptSet:
             "sha256": self.sha256,
             **self.details,
         }
+
+
+PromptSource = str | Path | Sequence[str] | PromptSet
+"""Anything :func:`load_prompts` reads: ``builtin:NAME``, ``hf:...``, a file path, a list of texts or a PromptSet."""
+
+
+def as_prompt_set(src: PromptSource, name: str) -> PromptSet:
+    """``src`` itself when it is a PromptSet, else :func:`load_prompts` of it named ``name``."""
+    return src if isinstance(src, PromptSet) else load_prompts(src, name)
 
 
 def _data_root() -> Any:
@@ -196,96 +204,10 @@ def _load_source(src: str, name: str | None, *, field: str | None, multiline: bo
     return PromptSet(name or stem, tuple(texts), src)
 
 
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of one prompt set after the chat template and truncation to the grid length."""
-
-    ids: tuple[tuple[int, ...], ...]
-    full_lengths: tuple[int, ...]  # token counts before truncation
-    chat_template: bool
-
-    @property
-    def lengths(self) -> tuple[int, ...]:
-        return tuple(len(x) for x in self.ids)
-
-    @property
-    def truncated(self) -> int:
-        return sum(1 for ids, full in zip(self.ids, self.full_lengths, strict=True) if len(ids) < full)
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def warn_truncated(enc: Encoded, length: int, truncate: Truncate, what: str = "prompts", stacklevel: int = 3) -> None:
-    """Warn with counts when ``encode`` cut prompts to the grid length (``what`` names them, e.g. "benign prompts")."""
-    if enc.truncated:
-        warnings.warn(
-            f"{enc.truncated} of {len(enc.ids)} {what} are longer than {length} tokens and were cut to their "
-            f"{'first' if truncate == 'head' else 'last'} {length}",
-            stacklevel=stacklevel,
-        )
-
-
-def shared_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
-    """The token ids every sequence of ``seqs`` starts with (e.g. a chat template's system turn); [] if none."""
-    if not seqs:
-        return []
-    first = list(seqs[0])
-    n = len(first)
-    for ids in seqs[1:]:
-        n = min(n, len(ids))
-        for i in range(n):
-            if ids[i] != first[i]:
-                n = i
-                break
-    return first[:n]
-
-
-def encode(
-    tokenizer: Any,
-    texts: Sequence[str],
-    length: int,
-    *,
-    chat_template: bool = True,
-    system_prompt: str | None = None,
-    truncate: Truncate = "head",
-) -> Encoded:
-    """Tokenise prompts for the grid of ``length`` tokens.
-
-    With ``chat_template`` (and a tokenizer that has one) each prompt becomes one user turn followed by the
-    generation prompt, after an optional system turn. Otherwise the text is tokenised as is, with the tokenizer's
-    usual special tokens. Prompts longer than ``length`` keep their first tokens (``truncate="head"``) or their
-    last (``"tail"``).
-    """
-    if length <= 0:
-        raise AttnscanError(f"length must be a positive number of tokens, got {length}")
-    use_template = chat_template and has_chat_template(tokenizer)
-    out: list[tuple[int, ...]] = []
-    full: list[int] = []
-    for text in texts:
-        if use_template:
-            messages = [{"role": "user", "content": text}]
-            if system_prompt:
-                messages.insert(0, {"role": "system", "content": system_prompt})
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise AttnscanError(f"a prompt encodes to no tokens: {text[:40]!r}; remove empty prompts")
-        full.append(len(ids))
-        kept = ids[:length] if truncate == "head" else ids[-length:]
-        out.append(tuple(kept))
-    return Encoded(ids=tuple(out), full_lengths=tuple(full), chat_template=use_template)
-
-
 def prompt_sets(
-    benign: str | Path | Sequence[str] | PromptSet | None,
-    jailbreak: str | Path | Sequence[str] | PromptSet | None = None,
-    control: str | Path | Sequence[str] | PromptSet | None = None,
+    benign: PromptSource | None,
+    jailbreak: PromptSource | None = None,
+    control: PromptSource | None = None,
     *,
     jailbreak_templates: str | Path | None = None,
     requests: str | Path | None = None,

@@ -1135,7 +1135,7 @@ def prefix_tokens(
 ) -> list[str]:
     """The decoded tokens every prompt of ``texts`` starts with after encoding (with the same options as the scan):
     typically the chat template's prefix. Pass as ``tokens={label: prefix_tokens(...)}`` to :func:`build_report`."""
-    from ..prompts.sets import encode, shared_prefix
+    from ..prompts.encoding import encode, shared_prefix
 
     if not texts:
         return []
