@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .analysis.result import ScanResult
-from .analysis.scan import scan
+from .analysis.scan import ScanOptions, scan
 from .analysis.statistics import VerdictThresholds, effects_table, layer_table, observations
 from .detect.detectors import CPDetector, ProbeDetector, layer_detection_table
 from .detect.jobs import TrainedDetector, evaluate_detector, load_trained, score_prompts, train_detector
@@ -12,7 +12,7 @@ from .engine.accumulate import GridCollector, SetAccumulator
 from .engine.capture import capture_attention
 from .errors import AttnscanError
 from .models.arch import ArchEntry, ArchFacts, arch_facts, register_arch
-from .models.loading import EMBEDDED_NAME, LoadedModel, from_model, load_model
+from .models.loading import EMBEDDED_NAME, LoadedModel, LoadOptions, from_model, load_model
 from .pipeline import RunOutput, make_report, run
 from .prompts.encoding import encode
 from .prompts.sets import PromptSet, load_prompts
@@ -26,10 +26,12 @@ __all__ = [
     "CPDetector",
     "FigureRow",
     "GridCollector",
+    "LoadOptions",
     "LoadedModel",
     "ProbeDetector",
     "PromptSet",
     "RunOutput",
+    "ScanOptions",
     "ScanResult",
     "SetAccumulator",
     "TrainedDetector",

@@ -19,19 +19,18 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_dir, write_json
-from ._types import ProgressFn
+from ._io import atomic_dir, now_utc, write_json
+from ._types import ProgressFn, refuse_leftovers, take_options
 from ._version import __version__
 from .analysis.result import ScanResult
-from .analysis.scan import scan
+from .analysis.scan import ScanOptions, scan
 from .analysis.statistics import VerdictThresholds
 from .engine.accumulate import Align
 from .errors import AttnscanError
-from .models.loading import LoadedModel, load_model
+from .models.loading import LoadedModel, LoadOptions, resolve_model
 from .prompts.sets import PromptSet
 
 DEFAULT_LIMIT = 40
@@ -179,12 +178,16 @@ def run(
     thresholds: VerdictThresholds | None = None,
     progress: ProgressFn | None = None,
     on_model: Callable[[str], None] | None = None,
-    **scan_options: Any,
+    options: ScanOptions | None = None,
+    load: LoadOptions | None = None,
+    **keywords: Any,
 ) -> RunOutput:
     """Scan every model on the prompt sets, compute the statistics and write the run directory (module docstring).
 
-    ``scan_options`` go to :func:`attnscan.scan` (``layers``, ``length``, ``batch_size``, ``dtype``, ``device``,
-    ``chat_template``, ...). Prompt sources are subsampled to ``limit`` prompts each with ``seed``.
+    ``options`` (:class:`~attnscan.analysis.scan.ScanOptions`) and ``load``
+    (:class:`~attnscan.models.loading.LoadOptions`) go to :func:`attnscan.scan`; their fields may also be given as
+    keywords (``layers``, ``length``, ``batch_size``, ``dtype``, ``device``, ``chat_template``, ...). ``seed`` and
+    ``align`` here win over ``options``'. Prompt sources are subsampled to ``limit`` prompts each with ``seed``.
 
     ``align`` defaults to ``"relative"`` here (``scan`` defaults to ``"absolute"``): the built-in benign requests
     are a few dozen tokens long and the jailbreak prompts a few hundred, so in absolute alignment their maps share
@@ -205,11 +208,15 @@ def run(
     from .analysis.statistics import layer_table
     from .prompts.sets import load_prompts
 
+    keywords_given = list(keywords)
+    opts = dataclasses.replace(take_options(ScanOptions, options, keywords), seed=seed, align=align)
+    load = take_options(LoadOptions, load, keywords)
+    refuse_leftovers("run", keywords)
     if not models:
         raise AttnscanError("no model given: pass --model at least once")
     out = Path(out)
     check_output_dir(out, overwrite)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = now_utc()
     sets = {
         "benign": load_prompts(benign, "benign", limit=limit, seed=seed),
         "jailbreak": load_prompts(jailbreak, "jailbreak", limit=limit, seed=seed),
@@ -227,20 +234,19 @@ def run(
             if on_model is not None:
                 on_model(label)
             target: str | LoadedModel = model
-            if detect and not isinstance(model, LoadedModel):  # load once for the scan and the detectors
-                target = load_model(spec, **{k: v for k, v in scan_options.items() if k in _LOAD_OPTIONS})
+            if detect:  # load once for the scan and the detectors
+                target = resolve_model(model, load)
             results[label] = scan(
                 target,
                 sets["benign"],
                 sets["jailbreak"],
                 sets.get("control"),
-                seed=seed,
-                align=align,
+                options=opts,
+                load=load,
                 progress=progress,
-                **scan_options,
             )
             if staging is not None and isinstance(target, LoadedModel):
-                table, note = _detect(target, sets, staging / label, seed, progress, scan_options)
+                table, note = _detect(target, sets, staging / label, opts, progress)
                 detection[label] = table
                 detection_notes.append(note if len(models) == 1 else f"{label}: {note}")
         tables = {
@@ -270,7 +276,7 @@ def run(
                 "align": align,
                 "detect": detect,
                 "thresholds": dataclasses.asdict(thresholds or VerdictThresholds()),
-                **{k: v for k, v in scan_options.items() if isinstance(v, (str, int, float, bool, type(None)))},
+                **_recorded(opts, load, keywords_given),
             },
         )
     finally:
@@ -278,30 +284,37 @@ def run(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-_LOAD_OPTIONS = ("dtype", "device", "revision", "trust_remote_code", "allow_pickle", "device_map", "max_memory")
+def _recorded(opts: ScanOptions, load: LoadOptions, names: Sequence[str]) -> dict[str, Any]:
+    """The scan and load options the caller set (by keyword or in the option objects), for ``run.json``."""
+    values = {**dataclasses.asdict(load), **dataclasses.asdict(opts)}
+    defaults = {**dataclasses.asdict(LoadOptions()), **dataclasses.asdict(ScanOptions())}
+    chosen = {k: v for k, v in values.items() if k in names or (v != defaults[k] and k not in ("seed", "align"))}
+    return {k: v for k, v in chosen.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
 def _detect(
     loaded: LoadedModel,
     sets: Mapping[str, PromptSet],
     where: Path,
-    seed: int,
+    opts: ScanOptions,
     progress: ProgressFn | None,
-    scan_options: Mapping[str, Any],
 ) -> tuple[Any, str]:
-    """Train the detectors of one model into ``where``; return their table and one sentence on them."""
+    """Train the detectors of one model into ``where`` with the scan's layers, length and chat template; return
+    their table and one sentence on them."""
     from .detect.jobs import score_prompts, train_detector
 
-    passed = {k: scan_options[k] for k in ("layers", "length", "chat_template", "system_prompt") if k in scan_options}
     trained = train_detector(
         loaded,
         sets["benign"],
         sets["jailbreak"],
         out=where,
-        seed=seed,
-        batch_size=scan_options.get("batch_size") or 8,
+        seed=opts.seed,
+        batch_size=opts.batch_size or 8,
         progress=progress,
-        **passed,
+        layers=opts.layers,
+        length=opts.length,
+        chat_template=opts.chat_template,
+        system_prompt=opts.system_prompt,
     )
     table = trained.table
     best = trained.best_layer
@@ -401,7 +414,7 @@ def _write_run(
                 "report": "report.html",
                 "rows": [list(r) for r in shown],
                 "started": started,
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "finished": now_utc(),
             },
         )
     return RunOutput(out=out, results=results, tables=tables, effects=effects, rows=shown, observations=notes)

@@ -2,37 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._io import now_utc
-from .._types import ProgressFn
+from .._types import NoticeFn, ProgressFn, refuse_leftovers, take_options
 from .._version import __version__
 from ..engine import distributed
 from ..engine.accumulate import DEFAULT_FLOOR, Align, GridCollector, check_align, check_floor
 from ..engine.batching import PaddingSide, estimate_batch_size, pad_token_id, run_collect
 from ..engine.checkpoint import Interrupted, checkpoint_file, load_checkpoint, save_checkpoint, stop_on_signals
 from ..errors import AttnscanError
-from ..models.arch import Route
-from ..models.loading import LoadedModel, load_model
-from ..prompts.encoding import DEFAULT_LENGTH, Truncate, check_truncate, encode, shared_prefix, warn_truncated
-from ..prompts.sets import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSource, load_prompts
+from ..models.loading import LoadedModel, LoadOptions, resolve_model
+from ..prompts.encoding import DEFAULT_LENGTH, Encoded, Truncate, check_truncate, encode, shared_prefix, warn_truncated
+from ..prompts.sets import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSet, PromptSource, load_prompts
 from .result import ScanResult
-
-"""``progress(done, total, label)``: prompts done so far over all sets, their total, and what is running."""
 
 
 def _auto_batch_size(loaded: LoadedModel, length: int) -> int:
     """The first batch size of ``--batch-size auto``: 8 on the CPU; on CUDA as many prompts as
-    :func:`attnscan.runner.estimate_batch_size` expects to fit the free memory (at most
-    :data:`~attnscan.runner.AUTO_BATCH_CAP`); 64 on other accelerators. Back-off corrects it either way."""
+    :func:`attnscan.engine.batching.estimate_batch_size` expects to fit the free memory (at most
+    :data:`~attnscan.engine.batching.AUTO_BATCH_CAP`); 64 on other accelerators. Back-off corrects it either way."""
     device = loaded.device
     if device.type == "cpu":
         return 8
@@ -53,154 +52,189 @@ def _auto_batch_size(loaded: LoadedModel, length: int) -> int:
     )
 
 
+@dataclass(frozen=True)
+class ScanOptions:
+    """What a scan captures and how (checked when made; every field is also a keyword of :func:`scan`).
+
+    ``layers``: ``"all"``, ``"3,7,18"``, ``"3-7"`` or a list. ``length``: the grid's T. ``batch_size``: prompts per
+    forward, ``None`` for automatic (8 on the CPU; on CUDA the estimate of what fits, halved after an out-of-memory
+    error). ``chat_template``/``system_prompt``/``truncate``: how prompts are encoded
+    (:func:`attnscan.prompts.encoding.encode`). ``padding_side``: where a batch pads. ``align``: ``absolute`` (token
+    i on row i) or ``relative`` (each prompt stretched over the grid). ``floor``: of the log statistics.
+    ``summary_blocks``: per-prompt block summaries per side. ``seed``: torch's seed. ``checkpoint`` (a directory),
+    ``checkpoint_every`` (batches) and ``resume``: see :func:`scan`.
+    """
+
+    layers: str | Sequence[int] | None = "all"
+    length: int = DEFAULT_LENGTH
+    batch_size: int | None = 8
+    chat_template: bool = True
+    system_prompt: str | None = None
+    truncate: Truncate = "head"
+    padding_side: PaddingSide = "right"
+    align: Align = "absolute"
+    floor: float = DEFAULT_FLOOR
+    summary_blocks: int = 16
+    seed: int = 0
+    checkpoint: str | Path | None = None
+    checkpoint_every: int = 20
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.length <= 0:
+            raise AttnscanError(f"--length must be a positive number of tokens, got {self.length}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise AttnscanError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.checkpoint_every < 1:
+            raise AttnscanError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        if self.resume and self.checkpoint is None:
+            raise AttnscanError("--resume needs --checkpoint DIR (the directory the interrupted scan saved to)")
+        check_floor(self.floor)
+        check_truncate(self.truncate)
+        check_align(self.align)
+        if self.padding_side not in ("right", "left"):
+            raise AttnscanError(f"--padding-side must be right or left, got {self.padding_side}")
+
+
 def scan(
     model: str | LoadedModel,
     benign: PromptSource,
     jailbreak: PromptSource,
     control: PromptSource | None = None,
     *,
-    layers: str | Sequence[int] | None = "all",
-    length: int = DEFAULT_LENGTH,
-    batch_size: int | None = 8,
-    dtype: str = "auto",
-    device: str = "auto",
-    chat_template: bool = True,
-    system_prompt: str | None = None,
-    truncate: Truncate = "head",
-    padding_side: PaddingSide = "right",
-    align: Align = "absolute",
-    floor: float = DEFAULT_FLOOR,
-    summary_blocks: int = 16,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    route: Route | None = None,
-    seed: int = 0,
+    options: ScanOptions | None = None,
+    load: LoadOptions | None = None,
     progress: ProgressFn | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 20,
-    resume: bool = False,
-    device_map: str | dict[str, Any] | None = None,
-    max_memory: dict[Any, str] | None = None,
-    on_notice: Callable[[str], None] | None = None,
+    on_notice: NoticeFn | None = None,
+    **keywords: Any,
 ) -> ScanResult:
     """Capture head-averaged attention of ``model`` on each prompt set over a ``length x length`` token grid.
 
-    ``model`` is a spec for :func:`attnscan.load_model` or an already loaded model. Prompt sources are anything
-    :func:`attnscan.load_prompts` reads. Returns a :class:`ScanResult` whose manifest records how it was made.
+    ``model`` is a spec for :func:`attnscan.load_model` (loaded with ``load``) or an already loaded model. Prompt
+    sources are anything :func:`attnscan.load_prompts` reads. ``options`` say what is captured and how
+    (:class:`ScanOptions`); any field of it or of :class:`~attnscan.models.loading.LoadOptions` may also be given as
+    a keyword (``scan(m, b, j, layers="3,7", dtype="bfloat16")``), overriding the objects. Returns a
+    :class:`ScanResult` whose manifest records how it was made.
 
-    ``batch_size=None`` picks it automatically: 8 on the CPU; on CUDA it starts at the estimate of what fits the
-    free memory (:func:`attnscan.runner.estimate_batch_size`, at most 128; 64 on other accelerators) and halves
-    after an out-of-memory error (``on_notice`` is told). With ``checkpoint`` (a directory) the accumulators are saved
-    atomically every ``checkpoint_every`` batches and when SIGTERM or SIGINT arrives (the scan then stops with
-    :class:`attnscan.checkpoint.Interrupted`); ``resume=True`` continues from that checkpoint, refusing one made
-    with other settings. Under ``torchrun`` (``WORLD_SIZE > 1``) each process scans a shard of every set and the
-    accumulators are summed across processes; every process returns the whole result.
+    ``progress(done, total, label)`` is told the prompts done over all sets; ``on_notice`` hears about back-off and
+    resuming. With ``checkpoint`` (a directory) the accumulators are saved atomically every ``checkpoint_every``
+    batches and when SIGTERM or SIGINT arrives (the scan then stops with
+    :class:`attnscan.engine.checkpoint.Interrupted`); ``resume=True`` continues from that checkpoint, refusing one
+    made with other settings. Under ``torchrun`` (``WORLD_SIZE > 1``) each process scans a shard of every set and
+    the accumulators are summed across processes; every process returns the whole result.
     """
     started = now_utc()
-    if length <= 0:
-        raise AttnscanError(f"--length must be a positive number of tokens, got {length}")
-    if batch_size is not None and batch_size < 1:
-        raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
-    if checkpoint_every < 1:
-        raise AttnscanError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
-    if resume and checkpoint is None:
-        raise AttnscanError("--resume needs --checkpoint DIR (the directory the interrupted scan saved to)")
-    check_floor(floor)
-    check_truncate(truncate)
-    check_align(align)
-    if padding_side not in ("right", "left"):
-        raise AttnscanError(f"--padding-side must be right or left, got {padding_side}")
+    opts = take_options(ScanOptions, options, keywords)
+    load = take_options(LoadOptions, load, keywords)
+    refuse_leftovers("scan", keywords)
     sources: dict[str, PromptSource] = {"benign": benign, "jailbreak": jailbreak}
     if control is not None:
         sources["control"] = control
     sets = {name: load_prompts(src, name=name) for name, src in sources.items()}
-
-    if distributed.requested() and device == "auto" and device_map is None:
-        device = str(distributed.local_device())
-    loaded = (
-        model
-        if isinstance(model, LoadedModel)
-        else load_model(
-            model,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            max_memory=max_memory,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            route=route,
-        )
-    )
+    if distributed.requested() and load.device == "auto" and load.device_map is None:
+        load = dataclasses.replace(load, device=str(distributed.local_device()))
+    loaded = resolve_model(model, load)
+    layers = opts.layers
     chosen = loaded.check_layers(
         layers if not isinstance(layers, Sequence) or isinstance(layers, str) else list(layers)
     )
-    torch.manual_seed(seed)
-
-    encoded = {
-        name: encode(
-            loaded.tokenizer,
-            ps.texts,
-            length,
-            chat_template=chat_template,
-            system_prompt=system_prompt,
-            truncate=truncate,
-        )
-        for name, ps in sets.items()
-    }
-    for name, enc in encoded.items():
-        if len(enc.ids) < MIN_STAT_PROMPTS:
-            warnings.warn(
-                f"set '{name}' has only {len(enc.ids)} prompts: the statistics need at least {MIN_STAT_PROMPTS} "
-                "per set to say much",
-                stacklevel=2,
-            )
-        short = sum(1 for n in enc.lengths if n < SHORT_PROMPT_TOKENS)
-        if short:
-            warnings.warn(
-                f"{short} of {len(enc.ids)} {name} prompts are shorter than {SHORT_PROMPT_TOKENS} tokens",
-                stacklevel=2,
-            )
-        warn_truncated(enc, length, truncate, f"{name} prompts")
+    torch.manual_seed(opts.seed)
+    encoded = {name: _encode(loaded, ps, opts) for name, ps in sets.items()}
     rank, world = distributed.setup(loaded.device)
-    pad = pad_token_id(loaded.tokenizer, loaded.model)
     collectors = {
         name: GridCollector(
             name,
             chosen,
             len(enc.ids),
-            length,
-            floor=floor,
-            n_blocks=summary_blocks,
+            opts.length,
+            floor=opts.floor,
+            n_blocks=opts.summary_blocks,
             device=loaded.device,
-            align=align,
+            align=opts.align,
         )
         for name, enc in encoded.items()
     }
-    size = batch_size if batch_size is not None else _auto_batch_size(loaded, length)
-    settings = {
+    settings = _checkpoint_settings(loaded, opts, chosen, sets, world)
+    t0 = time.perf_counter()
+    size = _collect(loaded, encoded, collectors, opts, settings, rank, world, progress, on_notice)
+    for collector in collectors.values():
+        distributed.reduce_collector(collector)
+    accs = {name: c.result() for name, c in collectors.items()}
+    manifest = _manifest(loaded, opts, chosen, sets, encoded, world, size, time.perf_counter() - t0)
+    return ScanResult(accs, {**manifest, "started": started, "finished": now_utc()})
+
+
+def _encode(loaded: LoadedModel, ps: PromptSet, opts: ScanOptions) -> Encoded:
+    """One set's token ids on the grid, with warnings for sets too small, prompts too short and prompts cut."""
+    enc = encode(
+        loaded.tokenizer,
+        ps.texts,
+        opts.length,
+        chat_template=opts.chat_template,
+        system_prompt=opts.system_prompt,
+        truncate=opts.truncate,
+    )
+    if len(enc.ids) < MIN_STAT_PROMPTS:
+        warnings.warn(
+            f"set '{ps.name}' has only {len(enc.ids)} prompts: the statistics need at least {MIN_STAT_PROMPTS} "
+            "per set to say much",
+            stacklevel=3,
+        )
+    short = sum(1 for n in enc.lengths if n < SHORT_PROMPT_TOKENS)
+    if short:
+        warnings.warn(
+            f"{short} of {len(enc.ids)} {ps.name} prompts are shorter than {SHORT_PROMPT_TOKENS} tokens", stacklevel=3
+        )
+    warn_truncated(enc, opts.length, opts.truncate, f"{ps.name} prompts", stacklevel=4)
+    return enc
+
+
+def _checkpoint_settings(
+    loaded: LoadedModel,
+    opts: ScanOptions,
+    chosen: Sequence[int],
+    sets: Mapping[str, PromptSet],
+    world: int,
+) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed (a resume with other settings is refused)."""
+    return {
         "model": loaded.spec,
         "weights": loaded.source.get("gguf_sha256")
         or loaded.source.get("resolved_revision")
         or loaded.source.get("revision"),
         "dtype": str(loaded.dtype),
         "layers": list(chosen),
-        "length": length,
-        "align": align,
-        "floor": floor,
-        "summary_blocks": summary_blocks,
-        "chat_template": chat_template,
-        "system_prompt": system_prompt,
-        "truncate": truncate,
-        "padding_side": padding_side,
-        "batch_size": batch_size,
+        "length": opts.length,
+        "align": opts.align,
+        "floor": opts.floor,
+        "summary_blocks": opts.summary_blocks,
+        "chat_template": opts.chat_template,
+        "system_prompt": opts.system_prompt,
+        "truncate": opts.truncate,
+        "padding_side": opts.padding_side,
+        "batch_size": opts.batch_size,
         "sets": {name: ps.sha256 for name, ps in sets.items()},
         "world_size": world,
     }
-    ckpt = checkpoint_file(checkpoint, rank) if checkpoint is not None else None
+
+
+def _collect(
+    loaded: LoadedModel,
+    encoded: Mapping[str, Encoded],
+    collectors: Mapping[str, GridCollector],
+    opts: ScanOptions,
+    settings: dict[str, Any],
+    rank: int,
+    world: int,
+    progress: ProgressFn | None,
+    on_notice: NoticeFn | None,
+) -> int:
+    """Run this process's shard of every set through the model into the collectors, checkpointing as asked.
+
+    Returns the batch size in use at the end (automatic sizes may have halved)."""
+    ckpt = checkpoint_file(opts.checkpoint, rank) if opts.checkpoint is not None else None
     done = 0
-    if resume and ckpt is not None:
+    if opts.resume and ckpt is not None:
         if ckpt.is_file():
             done = load_checkpoint(ckpt, settings, collectors)
             if on_notice is not None:
@@ -208,8 +242,9 @@ def scan(
         elif on_notice is not None:
             on_notice(f"no checkpoint at {ckpt}: starting from the beginning")
     total = sum(len(distributed.shard(len(e.ids), rank, world)) for e in encoded.values())
+    size = opts.batch_size if opts.batch_size is not None else _auto_batch_size(loaded, opts.length)
+    pad = pad_token_id(loaded.tokenizer, loaded.model)
     batches = 0
-    t0 = time.perf_counter()
     with stop_on_signals(ckpt is not None) as stop:
         for name, enc in encoded.items():
             collector = collectors[name]
@@ -219,7 +254,7 @@ def scan(
                 nonlocal done, batches
                 done += n
                 batches += 1
-                if ckpt is not None and (batches % checkpoint_every == 0 or stop):
+                if ckpt is not None and (batches % opts.checkpoint_every == 0 or stop):
                     save_checkpoint(ckpt, settings, collectors)
                 if stop:
                     raise Interrupted(
@@ -242,33 +277,42 @@ def scan(
                 route=loaded.arch.route,
                 pad_id=pad,
                 batch_size=size,
-                padding_side=padding_side,
+                padding_side=opts.padding_side,
                 prompt_ids=todo,
                 on_batch=on_batch,
-                backoff=batch_size is None,
+                backoff=opts.batch_size is None,
                 on_backoff=on_backoff,
             )
         if ckpt is not None:
             save_checkpoint(ckpt, settings, collectors)
-    for collector in collectors.values():
-        distributed.reduce_collector(collector)
-    accs = {name: c.result() for name, c in collectors.items()}
-    elapsed = time.perf_counter() - t0
+    return size
 
+
+def _manifest(
+    loaded: LoadedModel,
+    opts: ScanOptions,
+    chosen: Sequence[int],
+    sets: Mapping[str, PromptSet],
+    encoded: Mapping[str, Encoded],
+    world: int,
+    size: int,
+    elapsed: float,
+) -> dict[str, Any]:
+    """How the scan was made: the bundle's ``manifest.json`` (without its start and finish times)."""
     import transformers
 
-    manifest: dict[str, Any] = {
+    return {
         "attnscan_version": __version__,
         "model": {"spec": loaded.spec, **loaded.source},
         "architecture": loaded.arch.as_dict(),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
-        "length": length,
-        "alignment": align,
+        "length": opts.length,
+        "alignment": opts.align,
         "statistic": "ln(mean attention probability over heads and prompts)",
-        "floor": floor,
+        "floor": opts.floor,
         "layers": list(chosen),
-        "summary_blocks": summary_blocks,
+        "summary_blocks": opts.summary_blocks,
         "prompt_sets": {
             name: {
                 **ps.provenance(),
@@ -281,12 +325,12 @@ def scan(
         },
         "chat_template": all(e.chat_template for e in encoded.values()),
         "shared_prefix_tokens": _decoded_prefix(loaded.tokenizer, [ids for e in encoded.values() for ids in e.ids]),
-        "system_prompt": system_prompt,
-        "truncate": truncate,
-        "padding_side": padding_side,
-        "batch_size": batch_size if batch_size is not None else f"auto (ended at {size})",
+        "system_prompt": opts.system_prompt,
+        "truncate": opts.truncate,
+        "padding_side": opts.padding_side,
+        "batch_size": opts.batch_size if opts.batch_size is not None else f"auto (ended at {size})",
         "world_size": world,
-        "seed": seed,
+        "seed": opts.seed,
         "capture_seconds": round(elapsed, 3),
         "command_line": sys.argv,
         "versions": {
@@ -294,10 +338,7 @@ def scan(
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "started": started,
-        "finished": now_utc(),
     }
-    return ScanResult(accs, manifest)
 
 
 def _decoded_prefix(tokenizer: Any, seqs: Sequence[Sequence[int]], limit: int = 512) -> list[str]:

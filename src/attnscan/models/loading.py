@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .._types import refuse_leftovers, take_options
 from ..errors import AttnscanError
 from .arch import ArchFacts, Route, arch_facts
 
@@ -292,27 +293,49 @@ def refuse_pickle(directory: Path) -> None:
         )
 
 
-def load_model(
-    spec: str,
-    *,
-    dtype: str | torch.dtype = "auto",
-    device: str | torch.device = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    route: Route | None = None,
-    device_map: str | dict[str, Any] | None = None,
-    max_memory: dict[Any, str] | None = None,
-) -> LoadedModel:
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a spec becomes a model: the one object passed wherever a model may still have to be loaded.
+
+    ``dtype``: ``auto`` (bfloat16 or float16 on CUDA, float32 elsewhere), ``float32``, ``bfloat16``, ``float16``.
+    ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; ignored with ``device_map`` (e.g. ``"auto"``, with
+    ``max_memory`` such as ``{0: "20GiB", "cpu": "60GiB"}``), which spreads a model larger than one GPU over several
+    devices through accelerate. ``revision``: a hub revision. ``trust_remote_code`` and ``allow_pickle`` are off
+    unless asked for. ``route`` forces the capture route (``"interface"`` or ``"hooks"``); by default the
+    architecture registry decides.
+    """
+
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    route: Route | None = None
+    device_map: str | dict[str, Any] | None = None
+    max_memory: dict[Any, str] | None = None
+
+
+def resolve_model(model: str | LoadedModel, load: LoadOptions | None = None) -> LoadedModel:
+    """The one place a spec or an already loaded model becomes a :class:`LoadedModel` (``load`` applies to specs)."""
+    return model if isinstance(model, LoadedModel) else load_model(model, load)
+
+
+def load_model(spec: str, load: LoadOptions | None = None, **keywords: Any) -> LoadedModel:
     """Load a causal LM and its tokenizer from a spec (see the module docstring) for attention capture.
 
-    ``device_map`` (e.g. ``"auto"``, with ``max_memory`` such as ``{0: "20GiB", "cpu": "60GiB"}``) spreads a model
-    larger than one GPU over several devices through accelerate; ``device`` is then ignored.
-
-    ``route`` forces the capture route (``"interface"`` or ``"hooks"``); by default the architecture registry
-    decides. The model is put in eval mode on ``device``; its attention runs through SDPA (interface route) or
-    eager attention (hooks route).
+    ``load`` holds the loading options (:class:`LoadOptions`); its fields may also be given as keywords
+    (``load_model(spec, dtype="bfloat16")``), which override ``load``'s. The model is put in eval mode on the
+    device; its attention runs through SDPA (interface route) or eager attention (hooks route).
     """
+    options = take_options(LoadOptions, load, keywords)
+    refuse_leftovers("load_model", keywords)
+    return _load(spec, options)
+
+
+def _load(spec: str, options: LoadOptions) -> LoadedModel:
+    dtype, device, revision = options.dtype, options.device, options.revision
+    trust_remote_code, allow_pickle, route = options.trust_remote_code, options.allow_pickle, options.route
+    device_map, max_memory = options.device_map, options.max_memory
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kind, target, source = _resolve_spec(spec)
