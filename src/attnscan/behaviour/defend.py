@@ -58,17 +58,9 @@ from ..models.loading import LoadedModel
 from ..prompts.encoding import encode
 from ..prompts.sets import PromptSet, as_prompt_set
 from ..views.figures import trade_off_figure
-from .behave import (
-    DEFAULT_MAX_PROMPT_TOKENS,
-    ClassifierJudge,
-    GenerationOptions,
-    RefusalMatcher,
-    generate_with,
-    judge_responses,
-    judged_rate,
-    save_jsonl,
-    wilson_interval,
-)
+from .generation import DEFAULT_MAX_PROMPT_TOKENS, GenerationOptions, generate_with
+from .judges import ClassifierJudge, RefusalMatcher, judge_responses, judged_rate, wilson_interval
+from .runs import save_jsonl
 
 if TYPE_CHECKING:
     pass
