@@ -447,7 +447,7 @@ def _file_order(
     from_detector: Path | None, from_scan: Path | None, by: str | None, model: str
 ) -> tuple[list[int], dict[str, Any]]:
     """The ranking of a detector's or scan's layers (empty for --layers), and a record of where it came from."""
-    from ..behaviour.defend import detector_layers, scan_layer_order
+    from ..behaviour.layers import detector_layers, scan_layer_order
 
     if from_scan is not None:
         order, column = scan_layer_order(from_scan, by)
