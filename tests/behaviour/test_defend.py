@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,25 @@ def test_sweep_bad_input(llama: LoadedModel) -> None:
         sweep(llama, [0, 0], [1], **opts)
     with pytest.raises(AttnscanError, match="no k values"):
         sweep(llama, [0], [], **opts)
+
+
+def test_defend_does_not_load_drawing_code_at_import() -> None:
+    code = "import sys, attnscan.behaviour.defend; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_defend_save_with_sweep_draws_the_trade_off(llama: LoadedModel, tmp_path: Path) -> None:
+    result = defend(llama, TEXTS[:2], TEXTS[2:], [1], max_new_tokens=2, ppl_texts=False, sweep_ks=[0, 1])
+    assert result.sweep is not None and list(result.sweep["k"]) == [0, 1]
+    saved = result.save(tmp_path / "swept", dpi=40)
+    names = {p.name for p in saved.iterdir()}
+    assert names == {
+        "responses.jsonl",
+        "defence.csv",
+        "defence.json",
+        "sweep.csv",
+        "sweep_responses.jsonl",
+        "tradeoff.png",
+    }
+    assert (saved / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
