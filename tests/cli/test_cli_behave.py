@@ -15,8 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from attnscan._io import check_output_dir
-from attnscan.behaviour.behave import ClassifierJudge, load_jsonl, wilson_interval
-from attnscan.behaviour.defend import defend, detector_layers, scan_layer_order, sweep_table
+from attnscan.behaviour.defend import defend, sweep_table
+from attnscan.behaviour.judges import ClassifierJudge, wilson_interval
+from attnscan.behaviour.layers import detector_layers, scan_layer_order
+from attnscan.behaviour.runs import load_jsonl
 from attnscan.cli.main import app
 from attnscan.errors import AttnscanError
 from attnscan.models.loading import LoadedModel, from_model

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from rich.table import Table
 
-    from ..behaviour.behave import ClassifierJudge, RefusalMatcher
+    from ..behaviour.judges import ClassifierJudge, RefusalMatcher
 
 DEFAULT_SCAN_TOP = 3
 
@@ -105,7 +105,8 @@ def behave_cmd(
     from rich.console import Console
 
     from .._io import check_output_dir
-    from ..behaviour.behave import META_FILE, GenerationOptions, behave
+    from ..behaviour.behave import META_FILE, behave
+    from ..behaviour.generation import GenerationOptions
     from ..models.loading import load_model
     from ..prompts.sets import prompt_sets
     from .options import quiet_libraries, user_errors
@@ -239,8 +240,8 @@ def defend_cmd(
     from rich.console import Console
 
     from .._io import check_output_dir
-    from ..behaviour.behave import GenerationOptions
     from ..behaviour.defend import META_FILE, defend
+    from ..behaviour.generation import GenerationOptions
     from ..models.loading import load_model
     from ..prompts.sets import prompt_sets
     from .options import quiet_libraries, user_errors
@@ -376,7 +377,7 @@ def ordered_layers(text: str, n_layers: int) -> list[int]:
 
 
 def _matcher(phrases: Path | None, window: int) -> RefusalMatcher:
-    from ..behaviour.behave import RefusalMatcher
+    from ..behaviour.judges import RefusalMatcher
 
     if window < 0:
         raise AttnscanError(f"--refusal-window must be 0 (anywhere) or a number of characters, got {window}")
@@ -397,7 +398,7 @@ def _judge(
     spec: str | None, refusal_labels: list[str] | None, device: str, trust_remote_code: bool, allow_pickle: bool
 ) -> ClassifierJudge | None:
     """The ``--judge`` classifier (``None`` without one)."""
-    from ..behaviour.behave import ClassifierJudge
+    from ..behaviour.judges import ClassifierJudge
 
     if spec is None:
         return None
@@ -446,7 +447,7 @@ def _file_order(
     from_detector: Path | None, from_scan: Path | None, by: str | None, model: str
 ) -> tuple[list[int], dict[str, Any]]:
     """The ranking of a detector's or scan's layers (empty for --layers), and a record of where it came from."""
-    from ..behaviour.defend import detector_layers, scan_layer_order
+    from ..behaviour.layers import detector_layers, scan_layer_order
 
     if from_scan is not None:
         order, column = scan_layer_order(from_scan, by)
