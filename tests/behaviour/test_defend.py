@@ -23,8 +23,8 @@ from attnscan.behaviour.defend import (
     token_f1,
     trade_off_figure,
 )
-from attnscan.engine.capture import decoder_layers
 from attnscan.errors import AttnscanError
+from attnscan.models.anatomy import decoder_layers
 from attnscan.models.loading import LoadedModel, from_model
 from attnscan.prompts.sets import PromptSet
 from attnscan.testing.tiny import VOCAB, build_model, random_prompts, tiny_tokenizer

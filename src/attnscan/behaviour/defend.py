@@ -52,8 +52,8 @@ from torch import nn
 from .._io import atomic_dir, write_json
 from .._types import ProgressFn
 from ..engine.batching import Batches, accepts_position_ids, pad_token_id
-from ..engine.capture import base_model, decoder_layers
 from ..errors import AttnscanError
+from ..models.anatomy import base_model, decoder_layers
 from ..models.loading import LoadedModel
 from ..prompts.encoding import encode
 from ..prompts.sets import PromptSet, as_prompt_set
