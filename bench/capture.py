@@ -313,7 +313,7 @@ def _calls(loaded: Any, variant: str, layer: int, ids: Any, mask: Any) -> Callab
 
     from attnscan.engine.accumulate import GridCollector
     from attnscan.engine.batching import run_collect
-    from attnscan.engine.capture import base_model
+    from attnscan.models.anatomy import base_model
 
     model, arch = loaded.model, loaded.arch
     base = base_model(model)
@@ -367,7 +367,7 @@ def _measure(job: dict[str, Any], row: dict[str, Any]) -> None:
     """Load, warm up and time one (model, B, T, variant), filling ``row`` as it goes (``stage`` says how far)."""
     import torch
 
-    from attnscan.engine.capture import base_model
+    from attnscan.models.anatomy import base_model
     from attnscan.models.loading import parse_layers
 
     loaded = _load(job["model"], job["dtype"], job["device"], job.get("scale"))

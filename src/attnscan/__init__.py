@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .analysis.observations import observations
 from .analysis.result import ScanResult
 from .analysis.scan import ScanOptions, scan
-from .analysis.statistics import VerdictThresholds, effects_table, layer_table, observations
+from .analysis.statistics import VerdictThresholds, effects_table, layer_table
 from .detect.detectors import CPDetector, ProbeDetector, layer_detection_table
 from .detect.jobs import TrainedDetector, evaluate_detector, load_trained, score_prompts, train_detector
 from .engine.accumulate import GridCollector, SetAccumulator

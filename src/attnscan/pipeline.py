@@ -360,7 +360,8 @@ def _write_run(
     options: Mapping[str, Any],
 ) -> RunOutput:
     """Statistics, figures, report and tables of a run, written to ``out`` atomically."""
-    from .analysis.statistics import effects_table, observations
+    from .analysis.observations import observations
+    from .analysis.statistics import effects_table
 
     effects = {
         k: e
@@ -479,7 +480,7 @@ def make_report(
     """Write one self-contained HTML report for saved bundles or run directories: the library twin of
     ``attnscan report``. Layer tables come from each bundle's ``layers.csv`` (computed when absent); prompt texts
     are reloaded from the sources the manifests record when they still match their sha256."""
-    from .analysis.statistics import observations
+    from .analysis.observations import observations
     from .views.report import DEFAULT_TITLE, EXAMPLES, build_report, prompts_from_manifest, write_report
 
     out = Path(out)

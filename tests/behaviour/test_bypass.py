@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attnscan.behaviour.bypass import bypass_layers
-from attnscan.engine.capture import decoder_layers
 from attnscan.errors import AttnscanError
+from attnscan.models.anatomy import decoder_layers
 from attnscan.models.loading import LoadedModel, from_model
 from attnscan.testing.tiny import build_model, random_prompts, tiny_tokenizer
 

@@ -11,7 +11,8 @@ import torch
 
 from attnscan.engine.accumulate import GridCollector
 from attnscan.engine.batching import run_collect
-from attnscan.engine.capture import attention_module, capture_attention, decoder_layers
+from attnscan.engine.capture import capture_attention
+from attnscan.models.anatomy import attention_module, decoder_layers
 from attnscan.models.loading import from_model
 from attnscan.testing.tiny import BUILDERS, build_model, eager_reference, random_prompts
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import attnscan.engine.hidden as features_mod
-from attnscan.engine.capture import base_model, decoder_layers
 from attnscan.engine.hidden import Features, extract_features, labelled_features
 from attnscan.errors import AttnscanError
+from attnscan.models.anatomy import base_model, decoder_layers
 from attnscan.models.loading import LoadedModel, from_model
 from attnscan.prompts.encoding import encode
 from attnscan.prompts.sets import PromptSet

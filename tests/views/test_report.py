@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from attnscan import AttnscanError, PromptSet, ScanResult
-from attnscan.analysis.statistics import layer_table, observations
+from attnscan.analysis.observations import observations
+from attnscan.analysis.statistics import layer_table
 from attnscan.engine.accumulate import SetAccumulator
 from attnscan.views.report import (
     block_mean,

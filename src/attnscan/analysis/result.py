@@ -12,7 +12,7 @@ Bundle layout (the public contract; a notebook reads it with ``safetensors`` and
     (0 above the diagonal); ``S/L{L}/log`` float32 [T, T] ln(mean) floored at the floor, NaN where count is 0;
     and ``diff/L{L}`` float32 [T, T] = jailbreak log - benign log, NaN where either is NaN.
 ``accumulators.safetensors``
-    the raw float64 sums, counts and per-prompt summaries (see :mod:`attnscan.accumulate`), from which
+    the raw float64 sums, counts and per-prompt summaries (see :mod:`attnscan.engine.accumulate`), from which
     :meth:`ScanResult.load` rebuilds the result and shards merge exactly.
 ``layers.csv``
     one row per captured layer.
@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .._io import BUNDLE_MARKER, atomic_dir, write_json
 from ..engine.accumulate import SetAccumulator
 from ..errors import AttnscanError
+from .statistics import layer_table
 
 BUNDLE_FORMAT = 1
 SET_ORDER = ("benign", "jailbreak", "control")
@@ -129,9 +130,7 @@ class ScanResult:
         return rows
 
     def layer_table(self, **options: Any) -> Any:
-        """The per-layer statistics (:func:`attnscan.stats.layer_table`) as a pandas DataFrame."""
-        from .statistics import layer_table
-
+        """The per-layer statistics (:func:`attnscan.analysis.statistics.layer_table`) as a pandas DataFrame."""
         return layer_table(self, **options)
 
     def save(self, out: str | Path, overwrite: bool = False, table: Any = None) -> Path:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.capture import decoder_layers
 from ..errors import AttnscanError
+from ..models.anatomy import decoder_layers
 from ..models.loading import LoadedModel, parse_layers
 
 __all__ = ["bypass_layers", "resolve_bypass"]

@@ -35,8 +35,8 @@ import pandas as pd
 
 from .._io import atomic_dir, write_json
 from .._types import ProgressFn
-from ..engine.capture import decoder_layers
 from ..errors import AttnscanError
+from ..models.anatomy import decoder_layers
 from ..models.loading import LoadedModel
 from ..prompts.sets import PromptSet, as_prompt_set
 from .arms import ArmOptions, DefenceArm, copy_arm, judge_arm, run_arm

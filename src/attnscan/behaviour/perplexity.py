@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from ..engine.batching import Batches, accepts_position_ids, pad_token_id
-from ..engine.capture import base_model
 from ..errors import AttnscanError
+from ..models.anatomy import base_model
 from ..models.loading import LoadedModel
 from ..prompts.encoding import encode
 from ..prompts.sets import PromptSet

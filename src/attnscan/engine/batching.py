@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from ..errors import AttnscanError
+from ..models.anatomy import base_model
 from ..models.arch import Route
 from .accumulate import GridCollector
-from .capture import base_model, capture_attention
+from .capture import capture_attention
 
 PaddingSide = Literal["right", "left"]
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..models.anatomy import attention_module, decoder_layers
 from ..models.arch import Route
 
 
@@ -42,23 +43,6 @@ class Collector(Protocol):
 
 _counter = itertools.count()
 _lock = threading.Lock()
-
-
-def decoder_layers(model: Any) -> nn.ModuleList:
-    """The model's list of decoder layers: the outermost ``ModuleList`` with ``num_hidden_layers`` entries."""
-    n = int(model.config.num_hidden_layers)
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
-
-
-def attention_module(layer: nn.Module) -> nn.Module:
-    """The outermost submodule of a decoder layer whose class name ends in 'Attention'."""
-    for _, module in layer.named_modules():
-        if type(module).__name__.endswith("Attention"):
-            return module  # type: ignore[no-any-return]
-    raise ValueError(f"cannot find the attention module in {type(layer).__name__}")
 
 
 def _eager_function(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -168,16 +152,10 @@ def capture_attention(
 ) -> Iterator[None]:
     """Within the block, every forward of ``model`` hands the chosen layers' attention weights to ``collector``.
 
-    ``route`` is ``"interface"`` or ``"hooks"`` (see the module docstring and :mod:`attnscan.arch`).
+    ``route`` is ``"interface"`` or ``"hooks"`` (see the module docstring and :mod:`attnscan.models.arch`).
     Registrations and hooks are undone on exit, also when the forward raises.
     """
     chosen = set(int(x) for x in layers)
     manager = _interface_route if route == "interface" else _hook_route
     with manager(model, chosen, collector):
         yield
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The decoder without its LM head (``model.base_model``), so no vocabulary projection is computed."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model

@@ -41,11 +41,11 @@ from torch import nn
 from .._io import atomic_dir
 from .._types import ProgressFn
 from ..errors import AttnscanError
+from ..models.anatomy import base_model, decoder_layers
 from ..models.loading import LoadedModel
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate, check_truncate, encode, warn_truncated
 from ..prompts.sets import PromptSet
 from .batching import Batches, accepts_position_ids, pad_token_id
-from .capture import base_model, decoder_layers
 
 __all__ = [
     "Features",
