@@ -162,7 +162,7 @@ def check_end_to_end(device: torch.device, n: int, length: int, stand_in: bool) 
     The model is the embedded SmolLM2-135M-Instruct when its package is installed (as in the project's own set-up),
     else a scaled random-weight stand-in (see :func:`_stand_in`)."""
     from attnscan import load_prompts, scan
-    from attnscan.models.gguf import embedded_gguf_path
+    from attnscan.models.gguf_cache import embedded_gguf_path
     from attnscan.models.loading import EMBEDDED_NAME
 
     try:

@@ -102,7 +102,7 @@ def test_chat_template_on_the_embedded_tokenizer() -> None:
     from transformers import AutoTokenizer
 
     from attnscan import encode
-    from attnscan.models.gguf import embedded_gguf_path, gguf_to_safetensors
+    from attnscan.models.gguf_cache import embedded_gguf_path, gguf_to_safetensors
 
     tok = AutoTokenizer.from_pretrained(str(gguf_to_safetensors(embedded_gguf_path())))
     text = "How do I kill a Python process that hangs?"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import attnscan
 from attnscan.errors import AttnscanError
 from attnscan.models import fetched
 from attnscan.models.fetched import FetchedModel, assemble, fetch, find_fetched
@@ -63,14 +64,22 @@ def _copier(wheels: Path) -> Any:
     return download
 
 
+class _Registry:
+    """Adds models to the one FETCHED table for a test (spec resolution reads the same table)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+
+    def __setitem__(self, name: str, info: FetchedModel) -> None:
+        self.monkeypatch.setitem(fetched.FETCHED, name, info)
+
+
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, FetchedModel]:
-    table = dict(fetched.FETCHED)
-    monkeypatch.setattr(fetched, "FETCHED", table)
-    return table
+def registry(monkeypatch: pytest.MonkeyPatch) -> _Registry:
+    return _Registry(monkeypatch)
 
 
-def test_right_bytes_are_kept_and_nothing_of_the_wheels_runs(tmp_path: Path, registry: dict[str, FetchedModel]) -> None:
+def test_right_bytes_are_kept_and_nothing_of_the_wheels_runs(tmp_path: Path, registry: _Registry) -> None:
     payload = bytes(range(256)) * 1000 + b"tail"
     info, wheels, marker = _fake_set(tmp_path, payload)
     registry[info.name] = info
@@ -91,9 +100,7 @@ def test_right_bytes_are_kept_and_nothing_of_the_wheels_runs(tmp_path: Path, reg
 
 
 @pytest.mark.parametrize("damage", ["changed byte", "missing part", "wrong size", "two parts in one wheel"])
-def test_damaged_sets_are_refused_and_leave_nothing(
-    tmp_path: Path, registry: dict[str, FetchedModel], damage: str
-) -> None:
+def test_damaged_sets_are_refused_and_leave_nothing(tmp_path: Path, registry: _Registry, damage: str) -> None:
     payload = b"GGUF" + bytes(range(200)) * 50
     info, wheels, _ = _fake_set(tmp_path, payload)
     first = sorted(wheels.glob("*.whl"))[0]
@@ -151,3 +158,22 @@ def test_the_pinned_models() -> None:
     assert len(fetched.FETCHED["qwen2.5-coder-1.5b-instruct"].packages) == 22
     with pytest.raises(AttnscanError, match="unknown model to fetch"):
         fetch("no-such-model", Path("/nonexistent"))
+
+
+def test_a_fetched_name_loads_only_once_fetched(tmp_path: Path, registry: _Registry) -> None:
+    with pytest.raises(AttnscanError, match=r"not fetched yet: run 'attnscan fetch qwen2\.5-coder-0\.5b-instruct'"):
+        attnscan.load_model("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.mark.slow
+def test_the_right_bytes_load_as_a_model(tmp_path: Path, registry: _Registry) -> None:
+    """The embedded SmolLM2 GGUF, cut into three fake registry wheels, fetched and loaded by its registry name."""
+    from attnscan.models.gguf_cache import cache_root, embedded_gguf_path
+
+    info, wheels, marker = _fake_set(tmp_path, embedded_gguf_path().read_bytes())
+    registry[info.name] = info
+    path = fetch(info.name, cache_root(), download=_copier(wheels))
+    loaded = attnscan.load_model(info.name)
+    assert loaded.arch.n_layers == 30 and loaded.source["kind"] == "fetched"
+    assert loaded.source["gguf_file"] == str(path) and loaded.source["gguf_sha256"] == info.sha256
+    assert not marker.exists()

