@@ -18,16 +18,9 @@ from typer.testing import CliRunner
 import attnscan.detect.jobs as job
 from attnscan.analysis.scan import scan
 from attnscan.cli.main import app
-from attnscan.detect.detectors import (
-    META_FILE,
-    STATE_FILE,
-    CPDetector,
-    ProbeDetector,
-    layer_detection_table,
-    load_detector,
-    metrics,
-    save_detector,
-)
+from attnscan.detect.detectors import CPDetector, ProbeDetector
+from attnscan.detect.metrics import layer_detection_table, metrics
+from attnscan.detect.store import META_FILE, STATE_FILE, load_detector, save_detector
 from attnscan.engine.hidden import extract_features
 from attnscan.errors import AttnscanError
 from attnscan.models.loading import LoadedModel, from_model, load_model

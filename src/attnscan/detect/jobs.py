@@ -61,22 +61,17 @@ from ..errors import AttnscanError
 from ..models.loading import LoadedModel, load_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate, check_truncate, encode, warn_truncated
 from ..prompts.sets import PromptSet, PromptSource, as_prompt_set
-from .detectors import (
-    META_FILE,
+from .detectors import CPDetector, Detector, ProbeDetector
+from .metrics import (
     METRIC_COLUMNS,
-    STATE_FILE,
-    CPDetector,
-    Detector,
-    ProbeDetector,
     best_layer,
     bootstrap_intervals,
     flagged_layers,
     layer_detection_table,
-    load_detector,
     metrics,
-    save_detector,
     usable_folds,
 )
+from .store import META_FILE, STATE_FILE, load_detector, save_detector
 
 __all__ = [
     "DETECTION_CSV",
