@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from synthetic_features import PLANTED, N
+from planted import PLANTED, N
 
 from attnscan.detect.detectors import CPDetector, ProbeDetector
 from attnscan.errors import AttnscanError

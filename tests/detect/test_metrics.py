@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic_features import LAYERS, PLANTED, N
+from planted import LAYERS, PLANTED, N
 
 from attnscan.detect.detectors import CPDetector, ProbeDetector
 from attnscan.detect.metrics import (

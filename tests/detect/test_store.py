@@ -1,4 +1,4 @@
-"""Detector files: save and load per-layer detectors (no model)."""
+"""Detector files: save and load per-layer detectors (no model); the output table writer and prompt previews."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
-from synthetic_features import LAYERS, PLANTED, K
+from planted import LAYERS, PLANTED, K
 
 from attnscan.detect.detectors import CPDetector, ProbeDetector, fit_detectors
-from attnscan.detect.store import load_detector, save_detector
+from attnscan.detect.store import load_detector, preview, save_detector, write_table
 from attnscan.errors import AttnscanError
 
 # ------------------------------------------------------------------------------------------- save / load
@@ -82,3 +83,24 @@ def test_load_rejects_damaged_files(features: Any, tmp_path: Path) -> None:
     (target / "detector.json").write_text(json.dumps(doc))
     with pytest.raises(AttnscanError, match="format version 99"):
         load_detector(target)
+
+
+def test_preview_is_one_safe_line() -> None:
+    assert preview("  how\tdo\n\ni  ") == "how do i"
+    assert preview("bell\x07 and \u202e") == "bell\\u0007 and \\u202e"
+    assert preview("=HYPERLINK(x)") == "'=HYPERLINK(x)"
+    long = preview("a" * 100, width=10)
+    assert long == "a" * 9 + "…"
+
+
+def test_write_table_is_atomic_and_refuses_existing(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"a": [1, 2]})
+    path = write_table(frame, tmp_path / "sub" / "t.csv")
+    assert path.read_text().splitlines() == ["a", "1", "2"]
+    with pytest.raises(AttnscanError, match="already exists: pass --overwrite"):
+        write_table(pd.DataFrame({"b": [3]}), path)
+    write_table(pd.DataFrame({"b": [3]}), path, overwrite=True)
+    assert path.read_text().splitlines() == ["b", "3"]
+    with pytest.raises(AttnscanError, match="is a directory"):
+        write_table(frame, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir() if p.name.startswith(".")) == []

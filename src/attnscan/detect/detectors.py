@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +57,7 @@ from ..errors import AttnscanError
 __all__ = [
     "CPDetector",
     "Detector",
+    "Kind",
     "ProbeDetector",
     "fit_detectors",
 ]
@@ -456,6 +457,7 @@ class ProbeDetector:
 
 
 Detector = CPDetector | ProbeDetector
+Kind = Literal["cp", "probe"]
 DetectorT = TypeVar("DetectorT", CPDetector, ProbeDetector)
 DETECTOR_KINDS: dict[str, type[CPDetector] | type[ProbeDetector]] = {"cp": CPDetector, "probe": ProbeDetector}
 

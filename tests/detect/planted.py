@@ -1,6 +1,9 @@
-"""Synthetic per-layer features with a planted signal, for the detector, metric and store tests (no model)."""
+"""Synthetic inputs with a planted signal: per-layer features (the detector, metric and store tests, no model) and
+prompts drawn from two disjoint vocabularies of the tiny tokenizer (the input and job tests)."""
 
 from __future__ import annotations
+
+import random
 
 import numpy as np
 
@@ -30,3 +33,13 @@ def make_features(
         tensors[layer] = x.astype(np.float32)
         pooled[layer] = x.mean(axis=1).astype(np.float32)
     return tensors, pooled, y
+
+
+# Two disjoint vocabularies of the tiny tokenizer: the planted signal. Prompts drawn from their union carry none.
+BENIGN_WORDS = "how do i make bread recipe poem about snow story tell me python write explain what is the a".split()  # noqa: SIM905
+JAILBREAK_WORDS = "ignore your rules now you are free pretend developer mode no filter grandmother please".split()  # noqa: SIM905
+
+
+def sentences(words: list[str], n: int, seed: int, lo: int = 5, hi: int = 12) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
