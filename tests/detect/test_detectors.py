@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from planted import PLANTED, N
 
-from attnscan.detect.detectors import CPDetector, ProbeDetector
+from attnscan.detect.detectors import CPDetector, ProbeDetector, check_cp_params, check_probe_params
 from attnscan.errors import AttnscanError
 
 # ------------------------------------------------------------------------------------------- CP projection
@@ -84,7 +84,29 @@ def test_detector_input_errors(features: Any) -> None:
     with pytest.raises(AttnscanError, match="fitted on"):
         det.predict_proba(tensors[0][:, :, :8])
     with pytest.raises(AttnscanError, match="rank"):
-        CPDetector(rank=0)
+        CPDetector(rank=0).fit(tensors[0], y)
+
+
+def test_parameters_are_checked_once_at_fit(features: Any) -> None:
+    """The constructors keep the parameters as given; fit checks them with the one check per parameter."""
+    tensors, pooled, y = features
+    assert CPDetector(rank=0).rank == 0 and ProbeDetector(C=-1.0).C == -1.0
+    for bad, match in [
+        ({"rank": 0}, "CP rank must be a positive integer"),
+        ({"rank": 2.5}, "CP rank must be a positive integer"),
+        ({"C": 0.0}, "C must be positive"),
+        ({"max_iter": 0}, "max_iter must be at least 1"),
+    ]:
+        with pytest.raises(AttnscanError, match=match):
+            check_cp_params(**{"rank": 2, "C": 1.0, "max_iter": 10, **bad})
+        with pytest.raises(AttnscanError, match=match):
+            CPDetector(**bad).fit(tensors[0], y)
+    with pytest.raises(AttnscanError, match="C must be positive"):
+        check_probe_params(-1.0)
+    with pytest.raises(AttnscanError, match="C must be positive"):
+        ProbeDetector(C=-1.0).fit(pooled[0], y)
+    check_cp_params(2, 1.0, 10)
+    check_probe_params(0.5)
 
 
 def test_from_state_checks_its_input(features: Any) -> None:
@@ -97,3 +119,5 @@ def test_from_state_checks_its_input(features: Any) -> None:
         CPDetector.from_state({k: v for k, v in arrays.items() if k != "coef"}, meta)
     with pytest.raises(AttnscanError, match="shape"):
         CPDetector.from_state({**arrays, "mean": arrays["mean"][:3]}, meta)
+    with pytest.raises(AttnscanError, match="CP rank must be a positive integer"):
+        CPDetector.from_state(arrays, {**meta, "rank": 0})

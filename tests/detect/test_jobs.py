@@ -253,7 +253,11 @@ def test_existing_directories(loaded: LoadedModel, sets: dict[str, list[str]], t
         ({"flag_on": "svm"}, "flag_on must be 'cp' or 'probe'"),
         ({"threshold": 1.5}, "threshold must be an AUROC in"),
         ({"rank": 0}, "CP rank must be a positive integer"),
+        ({"C": 0.0}, "C must be positive"),
+        ({"max_iter": 0}, "max_iter must be at least 1"),
         ({"folds": 1}, "at least 2 folds"),
+        ({"n_bootstrap": -1}, "n_bootstrap must be 0 or more"),
+        ({"batch_size": 0}, "batch size must be at least 1"),
         ({"last_k": 0}, "last_k must be at least 1"),
         ({"length": 0}, "length must be a positive number of tokens"),
         ({"features": "attention", "blocks": 0}, "blocks must lie in"),
@@ -278,6 +282,16 @@ def test_small_sets_shrink_the_folds(loaded: LoadedModel, tmp_path: Path) -> Non
     with pytest.warns(UserWarning, match="using 3-fold instead of 5-fold"):
         det = job.train_detector(loaded, benign, jail, out=tmp_path / "d", layers="0", **OPTS)
     assert det.meta["training"]["folds_used"] == 3 and (det.table["k"] == 3).all()
+
+
+def test_bad_scoring_options(trained: TrainedDetector, loaded: LoadedModel) -> None:
+    assert trained.path is not None
+    with pytest.raises(AttnscanError, match="threshold must be a probability in"):
+        job.score_prompts(trained.path, ["hi"], model=loaded, threshold=1.5)
+    with pytest.raises(AttnscanError, match="threshold must be a probability in"):
+        job.evaluate_detector(trained.path, ["hi"], ["no"], model=loaded, threshold=-0.5)
+    with pytest.raises(AttnscanError, match="n_bootstrap must be 0 or more"):
+        job.evaluate_detector(trained.path, ["hi"], ["no"], model=loaded, n_bootstrap=-1)
 
 
 def test_loading_errors(trained: TrainedDetector, loaded: LoadedModel, tmp_path: Path) -> None:

@@ -13,6 +13,10 @@ from attnscan.detect.detectors import CPDetector, ProbeDetector
 from attnscan.detect.metrics import (
     auroc,
     best_layer,
+    check_flag_on,
+    check_folds,
+    check_n_bootstrap,
+    check_threshold,
     cross_validate,
     flagged_layers,
     layer_detection_table,
@@ -173,3 +177,25 @@ def test_cross_validate_small_classes(features: Any) -> None:
         cross_validate(lambda: ProbeDetector(), x, np.zeros(13, dtype=int))
     with pytest.raises(AttnscanError, match="k >= 2"):
         cross_validate(lambda: ProbeDetector(), x, y, k=1)
+
+
+def test_setting_checks() -> None:
+    for k in (1, 0):
+        with pytest.raises(AttnscanError, match="at least 2 folds"):
+            check_folds(k)
+        with pytest.raises(AttnscanError, match="k >= 2"):
+            check_folds(k)
+    check_folds(2)
+    with pytest.raises(AttnscanError, match="n_bootstrap must be 0 or more"):
+        check_n_bootstrap(-1)
+    check_n_bootstrap(0)
+    with pytest.raises(AttnscanError, match="threshold must be an AUROC in"):
+        check_threshold(1.5, "an AUROC")
+    with pytest.raises(AttnscanError, match="threshold must be a probability in"):
+        check_threshold(-0.1, "a probability")
+    check_threshold(0.0, "a probability")
+    check_threshold(1.0, "a probability")
+    with pytest.raises(AttnscanError, match="flag_on must be 'cp' or 'probe'"):
+        check_flag_on("svm")
+    with pytest.raises(AttnscanError, match="flag_on must be 'cp' or 'probe'"):
+        layer_detection_table(None, {0: np.zeros((4, 2))}, [0, 0, 1, 1], flag_on="svm")  # type: ignore[arg-type]

@@ -59,6 +59,8 @@ __all__ = [
     "Detector",
     "Kind",
     "ProbeDetector",
+    "check_cp_params",
+    "check_probe_params",
     "fit_detectors",
 ]
 
@@ -190,6 +192,25 @@ def _threads(n: int | None) -> contextlib.AbstractContextManager[Any]:
     return _thread_controller().limit(limits=int(n))  # type: ignore[no-any-return]
 
 
+def check_cp_params(rank: int, C: float, max_iter: int) -> None:
+    """Refuse CP detector settings that cannot be fitted: ``rank`` (components) must be a positive integer,
+    ``C`` positive (:func:`check_probe_params`), ``max_iter`` (ALS iterations) at least 1.
+
+    :meth:`CPDetector.fit` checks its parameters with this; a job checks its settings with it before any work.
+    """
+    if int(rank) != rank or rank < 1:
+        raise AttnscanError(f"CP rank must be a positive integer, got {rank}")
+    check_probe_params(C)
+    if max_iter < 1:
+        raise AttnscanError(f"max_iter must be at least 1, got {max_iter}")
+
+
+def check_probe_params(C: float) -> None:
+    """Refuse a logistic regression strength ``C`` that is not positive (:meth:`ProbeDetector.fit` checks with it)."""
+    if not C > 0:
+        raise AttnscanError(f"C must be positive, got {C}")
+
+
 def _check_meta(meta: Mapping[str, Any], kind: str) -> None:
     if meta.get("kind") != kind:
         raise AttnscanError(f"detector state is of kind {meta.get('kind')!r}, not {kind!r}")
@@ -212,6 +233,9 @@ class CPDetector:
             thread is the default: at these sizes (10⁴–10⁶ tensor entries, a few hundred prompts) thread start-up
             makes ALS and lbfgs several times slower; pass None (or more) for very large tensors.
 
+    As in scikit-learn, the constructor stores the parameters as given and :meth:`fit` checks them
+    (:func:`check_cp_params`).
+
     Attributes after :meth:`fit` (float64): ``mean_ [H]``, ``scale_ [H]`` (feature standardisation),
     ``weights_ [R]``, ``token_factors_ [K, R]``, ``feature_factors_ [H, R]`` (unit-norm columns),
     ``train_factors_ [N, R]`` (the ALS prompt factors times the weights; not saved), ``rec_error_`` (relative
@@ -230,18 +254,12 @@ class CPDetector:
         lr_max_iter: int = 1000,
         threads: int | None = 1,
     ) -> None:
-        if int(rank) != rank or rank < 1:
-            raise AttnscanError(f"CP rank must be a positive integer, got {rank}")
-        if not C > 0:
-            raise AttnscanError(f"C must be positive, got {C}")
-        if max_iter < 1:
-            raise AttnscanError(f"max_iter must be at least 1, got {max_iter}")
-        self.rank = int(rank)
-        self.seed = int(seed)
-        self.C = float(C)
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
-        self.lr_max_iter = int(lr_max_iter)
+        self.rank = rank
+        self.seed = seed
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.lr_max_iter = lr_max_iter
         self.threads = threads
         self.mean_: FloatArray | None = None
         self.scale_: FloatArray | None = None
@@ -260,6 +278,7 @@ class CPDetector:
 
     def fit(self, tensor: npt.ArrayLike, y: npt.ArrayLike) -> CPDetector:
         """Fit on ``tensor [N, K, H]`` and labels ``y [N]`` (1 = jailbreak); returns ``self``."""
+        check_cp_params(self.rank, self.C, self.max_iter)
         x = _features(tensor, 3, "CP detector input (prompts × tokens × features)")
         labels = as_labels(y, x.shape[0])
         check_both_classes(labels, "fitting a detector")
@@ -271,12 +290,12 @@ class CPDetector:
         with _threads(self.threads), tl.backend_context("numpy"):
             cp, errors = parafac(
                 xs,
-                self.rank,
-                n_iter_max=self.max_iter,
+                int(self.rank),
+                n_iter_max=int(self.max_iter),
                 init="random",
-                random_state=self.seed,
+                random_state=int(self.seed),
                 normalize_factors=True,
-                tol=self.tol,
+                tol=float(self.tol),
                 return_errors=True,
             )
             weights, (a, b, c) = cp
@@ -288,7 +307,7 @@ class CPDetector:
             self.n_iter_ = len(errors)
             self._projector = None
             features = self._project(xs)
-            self._head = _LogisticHead.fit(features, labels, self.C, self.lr_max_iter)
+            self._head = _LogisticHead.fit(features, labels, float(self.C), int(self.lr_max_iter))
         return self
 
     def _fitted(self) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, _LogisticHead]:
@@ -309,7 +328,7 @@ class CPDetector:
             raise AttnscanError("this CPDetector is not fitted")
         if self._projector is None:
             # Khatri–Rao product, row k*H + h = B[k] * C[h]: the row-major vec of a [K, H] slab (tensorly's order).
-            kr = (b[:, None, :] * c[None, :, :]).reshape(-1, self.rank)
+            kr = (b[:, None, :] * c[None, :, :]).reshape(-1, b.shape[1])
             self._projector = np.asarray(np.linalg.pinv(kr), dtype=np.float64)  # [R, K*H]
         return np.asarray(xs.reshape(xs.shape[0], -1) @ self._projector.T, dtype=np.float64)
 
@@ -347,12 +366,12 @@ class CPDetector:
         }
         meta = {
             "kind": self.kind,
-            "rank": self.rank,
-            "seed": self.seed,
-            "C": self.C,
-            "max_iter": self.max_iter,
-            "tol": self.tol,
-            "lr_max_iter": self.lr_max_iter,
+            "rank": int(self.rank),
+            "seed": int(self.seed),
+            "C": float(self.C),
+            "max_iter": int(self.max_iter),
+            "tol": float(self.tol),
+            "lr_max_iter": int(self.lr_max_iter),
             "tokens": int(b.shape[0]),
             "features": int(c.shape[0]),
             "rec_error": self.rec_error_,
@@ -375,6 +394,7 @@ class CPDetector:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise AttnscanError(f"CP detector metadata is incomplete or malformed ({exc!r})") from None
+        check_cp_params(det.rank, det.C, det.max_iter)
         k = _need(arrays, "token_factors", (None, det.rank)).shape[0]
         h = _need(arrays, "feature_factors", (None, det.rank)).shape[0]
         det.mean_ = _need(arrays, "mean", (h,))
@@ -395,15 +415,15 @@ class ProbeDetector:
         C: inverse L2 regularisation strength.
         max_iter: most lbfgs iterations.
         threads: BLAS/OpenMP threads while fitting (see :class:`CPDetector`).
+
+    The constructor stores the parameters as given; :meth:`fit` checks them (:func:`check_probe_params`).
     """
 
     kind: ClassVar[str] = "probe"
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, threads: int | None = 1) -> None:
-        if not C > 0:
-            raise AttnscanError(f"C must be positive, got {C}")
-        self.C = float(C)
-        self.max_iter = int(max_iter)
+        self.C = C
+        self.max_iter = max_iter
         self.threads = threads
         self._head: _LogisticHead | None = None
 
@@ -413,11 +433,12 @@ class ProbeDetector:
 
     def fit(self, pooled: npt.ArrayLike, y: npt.ArrayLike) -> ProbeDetector:
         """Fit on ``pooled [N, H]`` and labels ``y [N]`` (1 = jailbreak); returns ``self``."""
+        check_probe_params(self.C)
         x = _features(pooled, 2, "probe input (prompts × features)")
         labels = as_labels(y, x.shape[0])
         check_both_classes(labels, "fitting a detector")
         with _threads(self.threads):
-            self._head = _LogisticHead.fit(x, labels, self.C, self.max_iter)
+            self._head = _LogisticHead.fit(x, labels, float(self.C), int(self.max_iter))
         return self
 
     def _fitted(self) -> _LogisticHead:
@@ -440,7 +461,12 @@ class ProbeDetector:
     def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Arrays (float64) and JSON-able metadata that :meth:`from_state` turns back into this detector."""
         head = self._fitted()
-        meta = {"kind": self.kind, "C": self.C, "max_iter": self.max_iter, "features": int(head.mean.shape[0])}
+        meta = {
+            "kind": self.kind,
+            "C": float(self.C),
+            "max_iter": int(self.max_iter),
+            "features": int(head.mean.shape[0]),
+        }
         return head.arrays(), meta
 
     @classmethod
@@ -451,6 +477,7 @@ class ProbeDetector:
             det = cls(C=float(meta["C"]), max_iter=int(meta["max_iter"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise AttnscanError(f"probe metadata is incomplete or malformed ({exc!r})") from None
+        check_probe_params(det.C)
         n_features = _need(arrays, "coef", (None,)).shape[0]
         det._head = _LogisticHead.from_arrays(arrays, n_features)
         return det

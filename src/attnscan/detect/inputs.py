@@ -45,6 +45,8 @@ __all__ = [
     "DetectorInputs",
     "FeatureKind",
     "attention_blocks",
+    "check_batch_size",
+    "check_store",
     "detector_inputs",
     "feature_settings",
 ]
@@ -63,6 +65,23 @@ class AttentionBlocks:
     blocks: dict[int, npt.NDArray[np.float32]]
     lengths: npt.NDArray[np.int64]
     chat_template: bool
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Refuse fewer than one prompt per forward pass."""
+    if batch_size < 1:
+        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
+
+
+def check_store(features: str, store: str | os.PathLike[str] | None) -> None:
+    """Refuse a features directory (``store``) for features other than hidden states."""
+    if store is not None and features != "hidden":
+        raise AttnscanError("store= keeps hidden-state features only: leave it out with features='attention'")
+
+
+def _check_blocks(blocks: int, length: int) -> None:
+    if blocks < 1 or blocks > length:
+        raise AttnscanError(f"blocks must lie in 1..length ({length}), got {blocks}")
 
 
 def attention_blocks(
@@ -93,12 +112,10 @@ def attention_blocks(
     prompt_texts = list(texts.texts if isinstance(texts, PromptSet) else texts)
     if not prompt_texts:
         raise AttnscanError("no prompts to capture attention from: give at least one prompt")
-    if blocks < 1 or blocks > length:
-        raise AttnscanError(f"blocks must lie in 1..length ({length}), got {blocks}")
+    _check_blocks(blocks, length)
     check_align(align)
     check_floor(floor)
-    if batch_size < 1:
-        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
     enc = encode(
         loaded.tokenizer,
@@ -173,8 +190,7 @@ def feature_settings(
         if last_k < 1:
             raise AttnscanError(f"last_k must be at least 1, got {last_k}")
         return {**common, "last_k": last_k}
-    if blocks < 1 or blocks > length:
-        raise AttnscanError(f"blocks must lie in 1..length ({length}), got {blocks}")
+    _check_blocks(blocks, length)
     check_align(align)
     check_floor(floor)
     return {**common, "blocks": blocks, "align": align, "floor": floor, "fill": floor}
@@ -212,8 +228,7 @@ def detector_inputs(
         info = {"chat_template_applied": bool(feats.info.get("chat_template")), "dtype": feats.info.get("dtype")}
         return DetectorInputs(dict(feats.tensors), dict(feats.pooled), feats.lengths, info)
     if kind == "attention":
-        if store is not None:
-            raise AttnscanError("store= keeps hidden-state features only: leave it out with features='attention'")
+        check_store(kind, store)
         caught = attention_blocks(
             loaded,
             texts,

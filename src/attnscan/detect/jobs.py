@@ -34,12 +34,16 @@ from ..errors import AttnscanError
 from ..models.loading import LoadedModel, load_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
 from ..prompts.sets import PromptSource, as_prompt_set
-from .detectors import CPDetector, Kind, ProbeDetector
-from .inputs import DEFAULT_BLOCKS, FeatureKind, detector_inputs, feature_settings
+from .detectors import CPDetector, Kind, ProbeDetector, check_cp_params
+from .inputs import DEFAULT_BLOCKS, FeatureKind, check_batch_size, check_store, detector_inputs, feature_settings
 from .metrics import (
     METRIC_COLUMNS,
     best_layer,
     bootstrap_intervals,
+    check_flag_on,
+    check_folds,
+    check_n_bootstrap,
+    check_threshold,
     flagged_layers,
     layer_detection_table,
     metrics,
@@ -211,24 +215,13 @@ def train_detector(
         align=align,
         floor=floor,
     )
-    if flag_on not in ("cp", "probe"):
-        raise AttnscanError(f"flag_on must be 'cp' or 'probe', got {flag_on!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise AttnscanError(f"threshold must be an AUROC in [0, 1], got {threshold}")
-    if int(rank) != rank or rank < 1:
-        raise AttnscanError(f"CP rank must be a positive integer, got {rank}")
-    if max_iter < 1:
-        raise AttnscanError(f"max_iter must be at least 1, got {max_iter}")
-    if not C > 0:
-        raise AttnscanError(f"C must be positive, got {C}")
-    if folds < 2:
-        raise AttnscanError(f"cross-validation needs at least 2 folds, got {folds}")
-    if n_bootstrap < 0:
-        raise AttnscanError(f"n_bootstrap must be 0 or more, got {n_bootstrap}")
-    if batch_size < 1:
-        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
-    if store is not None and features != "hidden":
-        raise AttnscanError("store= keeps hidden-state features only: leave it out with features='attention'")
+    check_flag_on(flag_on)
+    check_threshold(threshold, "an AUROC")
+    check_cp_params(rank, C, max_iter)
+    check_folds(folds)
+    check_n_bootstrap(n_bootstrap)
+    check_batch_size(batch_size)
+    check_store(features, store)
     sets = {"benign": as_prompt_set(benign, "benign"), "jailbreak": as_prompt_set(jailbreak, "jailbreak")}
     for name, ps in sets.items():
         if len(ps) < 2:
@@ -369,8 +362,7 @@ def score_prompts(
     chosen_kind: Kind = kind or trained.primary
     chosen = trained.best_layer if layer is None else int(layer)
     det = trained.detector(chosen, chosen_kind)
-    if not 0.0 <= threshold <= 1.0:
-        raise AttnscanError(f"threshold must be a probability in [0, 1], got {threshold}")
+    check_threshold(threshold, "a probability")
     ps = as_prompt_set(prompts, "prompts")
     loaded = _get_model(
         model,
@@ -443,10 +435,8 @@ def evaluate_detector(
     """
     trained = detector_dir if isinstance(detector_dir, TrainedDetector) else load_trained(detector_dir)
     chosen = trained.check_layers(layers)
-    if n_bootstrap < 0:
-        raise AttnscanError(f"n_bootstrap must be 0 or more, got {n_bootstrap}")
-    if not 0.0 <= threshold <= 1.0:
-        raise AttnscanError(f"threshold must be a probability in [0, 1], got {threshold}")
+    check_n_bootstrap(n_bootstrap)
+    check_threshold(threshold, "a probability")
     sets = {"benign": as_prompt_set(benign, "benign"), "jailbreak": as_prompt_set(jailbreak, "jailbreak")}
     texts = [*sets["benign"].texts, *sets["jailbreak"].texts]
     seen = set(trained.meta.get("train_prompt_hashes", []))

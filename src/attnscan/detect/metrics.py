@@ -45,6 +45,10 @@ __all__ = [
     "auroc",
     "best_layer",
     "bootstrap_intervals",
+    "check_flag_on",
+    "check_folds",
+    "check_n_bootstrap",
+    "check_threshold",
     "cross_validate",
     "flagged_layers",
     "layer_detection_table",
@@ -143,6 +147,31 @@ def metrics(y_true: npt.ArrayLike, score: npt.ArrayLike, threshold: float = 0.5)
     }
 
 
+def check_folds(k: int) -> None:
+    """Refuse fewer than 2 cross-validation folds (:func:`usable_folds` checks ``k`` with this)."""
+    if k < 2:
+        raise AttnscanError(f"cross-validation needs at least 2 folds (k >= 2), got {k}")
+
+
+def check_n_bootstrap(n_bootstrap: int) -> None:
+    """Refuse a negative number of bootstrap resamples (0 is allowed: no intervals, see
+    :func:`bootstrap_intervals`)."""
+    if n_bootstrap < 0:
+        raise AttnscanError(f"n_bootstrap must be 0 or more, got {n_bootstrap}")
+
+
+def check_threshold(threshold: float, of: str) -> None:
+    """Refuse a threshold outside [0, 1]; ``of`` says what it thresholds (``"an AUROC"``, ``"a probability"``)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise AttnscanError(f"threshold must be {of} in [0, 1], got {threshold}")
+
+
+def check_flag_on(flag_on: str) -> None:
+    """Refuse a ``flag_on`` other than the two detector kinds, ``"cp"`` and ``"probe"``."""
+    if flag_on not in ("cp", "probe"):
+        raise AttnscanError(f"flag_on must be 'cp' or 'probe', got {flag_on!r}")
+
+
 def usable_folds(y: IntArray, k: int) -> int:
     """The number of stratified cross-validation folds the labels allow: ``k``, reduced (with a warning) to the
     size of the smaller class when that is below ``k``.
@@ -151,8 +180,7 @@ def usable_folds(y: IntArray, k: int) -> int:
     or fewer than two prompts in either class. The warning names the caller's caller (``stacklevel=3``), so a
     function that calls this for its user gets the user's line.
     """
-    if k < 2:
-        raise AttnscanError(f"cross-validation needs k >= 2 folds, got {k}")
+    check_folds(k)
     smallest = int(min(y.sum(), y.size - y.sum()))
     if smallest < 2:
         raise AttnscanError(
@@ -297,8 +325,7 @@ def layer_detection_table(
         ``m`` in auroc, auroc_low, auroc_high, f1, accuracy, tpr1, tpr5, tpr5_low, tpr5_high, then ``flagged``.
         ``table.attrs`` records the settings.
     """
-    if flag_on not in ("cp", "probe"):
-        raise AttnscanError(f"flag_on must be 'cp' or 'probe', got {flag_on!r}")
+    check_flag_on(flag_on)
     sources: dict[str, tuple[Mapping[int, npt.ArrayLike], Callable[[], Detector]]] = {}
     if tensors is not None:
         sources["cp"] = (tensors, lambda: CPDetector(rank=rank, seed=seed, C=C, max_iter=max_iter))
