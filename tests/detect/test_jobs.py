@@ -16,6 +16,7 @@ from planted import BENIGN_WORDS, JAILBREAK_WORDS, sentences
 from typer.testing import CliRunner
 
 import attnscan.detect.jobs as job
+import attnscan.detect.store as detector_store
 from attnscan.cli.main import app
 from attnscan.detect.detectors import CPDetector, ProbeDetector
 from attnscan.detect.inputs import attention_blocks
@@ -31,7 +32,7 @@ from attnscan.detect.store import (
 )
 from attnscan.engine.hidden import extract_features
 from attnscan.errors import AttnscanError
-from attnscan.models.loading import LoadedModel, from_model, load_model
+from attnscan.models.loading import LoadedModel, LoadOptions, from_model, load_model
 from attnscan.testing.tiny import build_model, tiny_tokenizer
 
 OPTS: dict[str, Any] = {"rank": 4, "last_k": 4, "length": 32, "n_bootstrap": 200, "max_iter": 30}
@@ -220,7 +221,7 @@ def test_output_directory_is_atomic(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(job, "save_detector", broken)
+    monkeypatch.setattr(detector_store, "save_detector", broken)  # the detector directory is written there
     with pytest.raises(OSError, match="disk full"):
         job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, layers="0", **OPTS)
     assert not out.exists() and not (tmp_path / "nested").exists()
@@ -474,6 +475,36 @@ def test_score_and_eval_default_to_the_training_dtype(
     f32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
     with pytest.warns(UserWarning, match=mismatch):  # a loaded model in another dtype warns too
         job.score_prompts(det, new, model=f32)
+
+
+def test_load_options_and_keywords(tiny_model_dir: Path, sets: dict[str, list[str]], tmp_path: Path) -> None:
+    """Loading settings come as a LoadOptions (``load=``) or as its fields by keyword; unknown keywords are refused
+    before any work. For scoring, ``dtype`` wins, then a ``load.dtype`` other than "auto", then the training dtype."""
+    with pytest.raises(TypeError, match="unexpected keyword arguments: devcie"):
+        job.train_detector("./no-such-model", sets["benign"], sets["jailbreak"], out=tmp_path / "x", devcie="cpu")
+    assert not (tmp_path / "x").exists()
+    det = tmp_path / "bf16"
+    opts = {**OPTS, "n_bootstrap": 0, "folds": 2, "layers": "1"}
+    bf16 = LoadOptions(dtype="bfloat16", device="cpu")
+    trained = job.train_detector(
+        str(tiny_model_dir), sets["benign"][:8], sets["jailbreak"][:8], out=det, load=bf16, **opts
+    )
+    assert trained.meta["features"]["dtype"] == "bfloat16"
+    new = sentences(JAILBREAK_WORDS, 3, 30) + sentences(BENIGN_WORDS, 3, 31)
+    with pytest.raises(TypeError, match="unexpected keyword arguments: revison"):
+        job.score_prompts(det, new, revison="main")
+    with pytest.raises(TypeError, match="unexpected keyword arguments: devcie"):
+        job.evaluate_detector(det, new[3:], new[:3], devcie="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training dtype: no warning
+        same = job.score_prompts(det, new, load=LoadOptions(device="cpu"))
+        explicit = job.evaluate_detector(
+            det, new[3:], new[:3], dtype="bfloat16", load=LoadOptions(device="cpu", dtype="float32"), n_bootstrap=0
+        )
+    assert same.attrs["dtype"] == explicit.attrs["dtype"] == "bfloat16"
+    with pytest.warns(UserWarning, match="trained on bfloat16 features but the model runs in float32"):
+        other = job.score_prompts(det, new, load=LoadOptions(device="cpu", dtype="float32"))
+    assert other.attrs["dtype"] == "float32"
 
 
 def test_cli_score_dtype_follows_training(tiny_model_dir: Path, prompt_files: dict[str, Path], tmp_path: Path) -> None:

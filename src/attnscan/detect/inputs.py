@@ -2,8 +2,6 @@
 
 Features (``features=``)
 ------------------------
-Features (``features=``)
-------------------------
 - ``"hidden"`` (default; :func:`attnscan.engine.hidden.extract_features`): for each layer, the residual stream at the
   prompt's last ``last_k`` tokens, ``float [N, K, H]`` (prompts x tokens x hidden features) for the CP detector, and
   its mean over all the prompt's tokens, ``float [N, H]``, for the probe.

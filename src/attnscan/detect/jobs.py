@@ -14,11 +14,11 @@ one model's internals and its scores mean nothing on another's.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,24 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from .._io import atomic_dir, now_utc
-from .._types import ProgressFn
+from .._io import now_utc
+from .._types import ProgressFn, refuse_leftovers, take_options
 from ..engine.accumulate import DEFAULT_FLOOR, Align
 from ..engine.hidden import DEFAULT_LAST_K
 from ..errors import AttnscanError
-from ..models.loading import LoadedModel, load_model
+from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
-from ..prompts.sets import PromptSource, as_prompt_set
+from ..prompts.sets import PromptSet, PromptSource, as_prompt_set
 from .detectors import CPDetector, Kind, ProbeDetector, check_cp_params
-from .inputs import DEFAULT_BLOCKS, FeatureKind, check_batch_size, check_store, detector_inputs, feature_settings
+from .inputs import (
+    DEFAULT_BLOCKS,
+    DetectorInputs,
+    FeatureKind,
+    check_batch_size,
+    check_store,
+    detector_inputs,
+    feature_settings,
+)
 from .metrics import (
     METRIC_COLUMNS,
     best_layer,
@@ -50,20 +58,16 @@ from .metrics import (
     usable_folds,
 )
 from .store import (
-    DETECTION_CSV,
     JOB_FORMAT,
     JOB_VERSION,
-    META_FILE,
-    PROBE_DIR,
-    STATE_FILE,
     TrainedDetector,
     check_detector_dir,
-    check_model,
     load_trained,
     model_record,
     preview,
-    save_detector,
-    trained_dtype,
+    prompt_hash,
+    save_trained,
+    scoring_model,
 )
 
 __all__ = [
@@ -71,82 +75,6 @@ __all__ = [
     "score_prompts",
     "train_detector",
 ]
-
-
-def _get_model(
-    model: str | LoadedModel | None,
-    meta: Mapping[str, Any],
-    *,
-    allow_other_model: bool,
-    dtype: str | None,
-    device: str,
-    trust_remote_code: bool,
-    allow_pickle: bool,
-) -> LoadedModel:
-    """The model to score with (``model``, else the recorded one), loaded in ``dtype`` (``None``: the training
-    dtype, see :func:`_trained_dtype`), checked against the training model; warns when it runs in another dtype
-    than training, since the features, and so the scores, shift with the precision."""
-    from ..models.loading import DTYPES
-
-    record = meta.get("model", {})
-    trained = trained_dtype(meta)
-    if isinstance(model, LoadedModel):
-        loaded = model
-    else:
-        if dtype is None:
-            dtype = trained if trained is not None and trained in DTYPES else "auto"
-        spec = model if model is not None else record.get("load_spec")
-        if not spec:
-            raise AttnscanError(
-                f"the detector was trained on an in-memory model ('{record.get('spec')}') that cannot be loaded "
-                "again: pass the model (model=... or --model)"
-            )
-        revision = None
-        if model is None and record.get("kind") == "hub":
-            revision = record.get("resolved_revision") or record.get("revision")
-        loaded = load_model(
-            str(spec),
-            dtype=dtype,
-            device=device,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-        )
-    check_model(record, loaded, allow_other_model=allow_other_model)
-    here = str(loaded.dtype).removeprefix("torch.")
-    if trained is not None and here != trained:
-        warnings.warn(
-            f"the detector was trained on {trained} features but the model runs in {here}: scores may differ from "
-            f"training; load it in {trained} (what leaving out dtype / --dtype does)",
-            UserWarning,
-            stacklevel=3,
-        )
-    return loaded
-
-
-def _load(
-    model: str | LoadedModel,
-    *,
-    dtype: str,
-    device: str,
-    revision: str | None,
-    trust_remote_code: bool,
-    allow_pickle: bool,
-) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    return load_model(
-        model,
-        dtype=dtype,
-        device=device,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-    )
-
-
-def _prompt_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -180,30 +108,31 @@ def train_detector(
     store: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
+    load: LoadOptions | None = None,
+    **keywords: Any,
 ) -> TrainedDetector:
     """Train per-layer jailbreak detectors on ``model``'s internals and write them to the directory ``out``.
 
-    1. Features of the benign (label 0) then jailbreak (label 1) prompts at ``layers`` (``features``: see the module
-       docstring; ``last_k``, ``length``, ``chat_template``, ``system_prompt``, ``truncate`` for both kinds,
-       ``blocks``, ``align``, ``floor`` for attention; ``store`` streams hidden features to disk).
+    1. Features of the benign (label 0) then jailbreak (label 1) prompts at ``layers`` (``features``: see
+       :mod:`attnscan.detect.inputs`; ``last_k``, ``length``, ``chat_template``, ``system_prompt``, ``truncate`` for
+       both kinds, ``blocks``, ``align``, ``floor`` for attention; ``store`` streams hidden features to disk).
     2. Per layer, cross-validated CP (``rank``, ``max_iter``, ``C``) and probe metrics over ``folds`` stratified
        folds with ``n_bootstrap`` resamples and ``seed`` (:func:`attnscan.detect.metrics.layer_detection_table`); a
        layer is ``flagged`` when its ``flag_on`` AUROC is at least ``threshold``. ``folds`` shrinks, with a warning,
        to the smaller set's size.
     3. Final CP and probe detectors per layer, fitted on all prompts.
-    4. ``out`` written atomically (see the module docstring); an existing detector is replaced only with
+    4. ``out`` written atomically (see :mod:`attnscan.detect.store`); an existing detector is replaced only with
        ``overwrite``.
 
-    ``model`` is a spec (loaded with ``dtype``, ``device``, ``revision``, ``trust_remote_code``, ``allow_pickle``) or
-    a :class:`~attnscan.models.LoadedModel`; ``benign``/``jailbreak`` are prompt sources or PromptSets (each needs
-    at least 2 prompts). ``progress(done, total, label)`` is told about extraction (prompts) and fitting (layers).
+    ``model`` is a spec, loaded with ``load`` (:class:`~attnscan.models.loading.LoadOptions`, whose fields ``dtype``,
+    ``device``, ``revision``, ``trust_remote_code``, ``allow_pickle`` ... may also be given as keywords), or a
+    :class:`~attnscan.models.loading.LoadedModel`; ``benign``/``jailbreak`` are prompt sources or PromptSets (each
+    needs at least 2 prompts). Every setting is checked before the model loads. ``progress(done, total, label)`` is
+    told about extraction (prompts; ``label`` ``"features"`` or ``"attention"``) and fitting (layers, ``"fitting"``).
     """
     started = now_utc()
+    load = take_options(LoadOptions, load, keywords)
+    refuse_leftovers("train_detector", keywords)
     settings = feature_settings(
         features,
         last_k=last_k,
@@ -215,42 +144,91 @@ def train_detector(
         align=align,
         floor=floor,
     )
-    check_flag_on(flag_on)
-    check_threshold(threshold, "an AUROC")
-    check_cp_params(rank, C, max_iter)
-    check_folds(folds)
-    check_n_bootstrap(n_bootstrap)
+    training = _Training(rank, C, max_iter, folds, seed, n_bootstrap, threshold, flag_on)
     check_batch_size(batch_size)
     check_store(features, store)
+    sets, texts, y = _labelled(benign, jailbreak, for_training=True)
+    final = Path(out)
+    check_detector_dir(final, overwrite)
+
+    loaded = resolve_model(model, load)
+    chosen, inputs, t_features = _extract(loaded, texts, settings, layers, batch_size, progress, store)
+    t0 = time.perf_counter()
+    k_used = usable_folds(y, folds)  # warns the caller once when the smaller set is below ``folds``
+    table, cps, probes = _fit_layers(inputs, y, chosen, training, k_used, progress)
+    seconds = {"features": round(t_features, 3), "fitting": round(time.perf_counter() - t0, 3)}
+    meta = _training_meta(loaded, settings, inputs, sets, texts, y, training, k_used, table, started, seconds)
+    save_trained(final, overwrite, cps, probes, table, meta)
+    return TrainedDetector(table=table, detectors=cps, probes=probes, meta={**meta, "detector": "cp"}, path=final)
+
+
+@dataclass(frozen=True)
+class _Training:
+    """The detector and cross-validation settings of a training run, checked when made."""
+
+    rank: int
+    C: float
+    max_iter: int
+    folds: int
+    seed: int
+    n_bootstrap: int
+    threshold: float
+    flag_on: Kind
+
+    def __post_init__(self) -> None:
+        check_flag_on(self.flag_on)
+        check_threshold(self.threshold, "an AUROC")
+        check_cp_params(self.rank, self.C, self.max_iter)
+        check_folds(self.folds)
+        check_n_bootstrap(self.n_bootstrap)
+
+
+def _labelled(
+    benign: PromptSource, jailbreak: PromptSource, *, for_training: bool = False
+) -> tuple[dict[str, PromptSet], list[str], npt.NDArray[np.int64]]:
+    """The two prompt sets, their texts (benign first) and labels (0 benign, 1 jailbreak); for training, each set
+    must hold the 2 prompts cross-validation needs."""
     sets = {"benign": as_prompt_set(benign, "benign"), "jailbreak": as_prompt_set(jailbreak, "jailbreak")}
     for name, ps in sets.items():
-        if len(ps) < 2:
+        if for_training and len(ps) < 2:
             raise AttnscanError(
                 f"training needs at least 2 {name} prompts for cross-validation, got {len(ps)} from {ps.source}: "
                 "add prompts (or raise --limit)"
             )
-    final = Path(out)
-    check_detector_dir(final, overwrite)
-
-    loaded = _load(
-        model,
-        dtype=dtype,
-        device=device,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-    )
-    chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
     texts = [*sets["benign"].texts, *sets["jailbreak"].texts]
     y = np.asarray([0] * len(sets["benign"]) + [1] * len(sets["jailbreak"]), dtype=np.int64)
+    return sets, texts, y
+
+
+def _extract(
+    loaded: LoadedModel,
+    texts: list[str],
+    settings: Mapping[str, Any],
+    layers: str | Sequence[int] | None,
+    batch_size: int,
+    progress: ProgressFn | None,
+    store: str | os.PathLike[str] | None,
+) -> tuple[tuple[int, ...], DetectorInputs, float]:
+    """The chosen layers, the detectors' inputs at them, and the seconds their extraction took."""
+    chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
     t0 = time.perf_counter()
     inputs = detector_inputs(
         loaded, texts, settings, layers=chosen, batch_size=batch_size, progress=progress, store=store
     )
-    t_features = time.perf_counter() - t0
+    return chosen, inputs, time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    k_used = usable_folds(y, folds)  # warns once when the smaller set is below ``folds``
+
+def _fit_layers(
+    inputs: DetectorInputs,
+    y: npt.NDArray[np.int64],
+    chosen: Sequence[int],
+    training: _Training,
+    k_used: int,
+    progress: ProgressFn | None,
+) -> tuple[pd.DataFrame, dict[int, CPDetector], dict[int, ProbeDetector]]:
+    """Per layer, the cross-validated detection table row (over ``k_used`` folds) and the CP and probe detectors
+    fitted on all prompts."""
+    t = training
     rows: list[pd.DataFrame] = []
     cps: dict[int, CPDetector] = {}
     probes: dict[int, ProbeDetector] = {}
@@ -263,66 +241,74 @@ def train_detector(
                 {layer: tensor},
                 {layer: pooled},
                 y,
-                rank=rank,
+                rank=t.rank,
                 k=k_used,
-                seed=seed,
-                threshold=threshold,
-                flag_on=flag_on,
-                n_bootstrap=n_bootstrap,
-                C=C,
-                max_iter=max_iter,
+                seed=t.seed,
+                threshold=t.threshold,
+                flag_on=t.flag_on,
+                n_bootstrap=t.n_bootstrap,
+                C=t.C,
+                max_iter=t.max_iter,
             )
         )
-        cps[layer] = CPDetector(rank=rank, seed=seed, C=C, max_iter=max_iter).fit(tensor, y)
-        probes[layer] = ProbeDetector(C=C).fit(pooled, y)
+        cps[layer] = CPDetector(rank=t.rank, seed=t.seed, C=t.C, max_iter=t.max_iter).fit(tensor, y)
+        probes[layer] = ProbeDetector(C=t.C).fit(pooled, y)
         if progress is not None:
             progress(i + 1, len(chosen), "fitting")
     table = pd.concat(rows, ignore_index=True)
-    table.attrs.update(rows[0].attrs, k=folds, k_used=k_used)
-    t_fit = time.perf_counter() - t0
+    table.attrs.update(rows[0].attrs, k=t.folds, k_used=k_used)
+    return table, cps, probes
 
-    best = best_layer(table, by=f"{flag_on}_auroc")
-    meta: dict[str, Any] = {
+
+def _training_meta(
+    loaded: LoadedModel,
+    settings: Mapping[str, Any],
+    inputs: DetectorInputs,
+    sets: Mapping[str, PromptSet],
+    texts: Sequence[str],
+    y: npt.NDArray[np.int64],
+    training: _Training,
+    k_used: int,
+    table: pd.DataFrame,
+    started: str,
+    seconds: Mapping[str, float],
+) -> dict[str, Any]:
+    """The ``meta`` of a trained detector (see :mod:`attnscan.detect.store`): model, features, prompt sets,
+    training settings, best and flagged layers, timing."""
+    t = training
+    return {
         "job": {"format": JOB_FORMAT, "version": JOB_VERSION},
-        "primary": flag_on,
+        "primary": t.flag_on,
         "model": model_record(loaded),
-        "features": {**settings, "layers": list(chosen), **inputs.info},
+        "features": {**settings, "layers": list(inputs.tensors), **inputs.info},
         "sets": [
             {**sets["benign"].provenance(), "role": "benign", "label": 0},
             {**sets["jailbreak"].provenance(), "role": "jailbreak", "label": 1},
         ],
-        "train_prompt_hashes": sorted({_prompt_hash(t) for t in texts}),
+        "train_prompt_hashes": sorted({prompt_hash(text) for text in texts}),
         "training": {
             "n": int(y.size),
             "n_jailbreak": int(y.sum()),
-            "rank": rank,
-            "C": C,
-            "max_iter": max_iter,
-            "folds": folds,
+            "rank": t.rank,
+            "C": t.C,
+            "max_iter": t.max_iter,
+            "folds": t.folds,
             "folds_used": k_used,
-            "seed": seed,
-            "n_bootstrap": n_bootstrap,
-            "threshold": threshold,
-            "flag_on": flag_on,
+            "seed": t.seed,
+            "n_bootstrap": t.n_bootstrap,
+            "threshold": t.threshold,
+            "flag_on": t.flag_on,
             "tokens_min": int(inputs.lengths.min()),
             "tokens_max": int(inputs.lengths.max()),
             "tokens_mean": float(inputs.lengths.mean()),
         },
-        "best_layer": best,
-        "best_by": f"{flag_on}_auroc",
+        "best_layer": best_layer(table, by=f"{t.flag_on}_auroc"),
+        "best_by": f"{t.flag_on}_auroc",
         "flagged_layers": flagged_layers(table),
         "started": started,
         "finished": now_utc(),
-        "seconds": {"features": round(t_features, 3), "fitting": round(t_fit, 3)},
+        "seconds": dict(seconds),
     }
-    with atomic_dir(final, overwrite, marker=META_FILE, what="a detector") as tmp:
-        staged = save_detector(tmp / ".cp", cps, {**meta, "detector": "cp"})
-        for name in (STATE_FILE, META_FILE):
-            os.replace(staged / name, tmp / name)
-        staged.rmdir()
-        save_detector(tmp / PROBE_DIR, probes, {**meta, "detector": "probe"})
-        table.to_csv(tmp / DETECTION_CSV, index=False, float_format="%.6g")
-    return TrainedDetector(table=table, detectors=cps, probes=probes, meta={**meta, "detector": "cp"}, path=final)
 
 
 # --------------------------------------------------------------------------------------------------- score / eval
@@ -340,39 +326,35 @@ def score_prompts(
     progress: ProgressFn | None = None,
     allow_other_model: bool = False,
     dtype: str | None = None,
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
+    load: LoadOptions | None = None,
+    **keywords: Any,
 ) -> pd.DataFrame:
     """Jailbreak probability of each prompt from a trained detector.
 
     The model recorded in the detector is loaded unless ``model`` (a spec or LoadedModel) is given (see
-    :func:`check_model`), in ``dtype`` (default ``None``: the dtype of training, ``meta["features"]["dtype"]``; a
-    model running in another dtype gets a warning, since its features and so its scores shift). The features are
-    computed with the detector's recorded settings at one ``layer`` (default: the detector's best layer) and scored
-    by its ``kind`` detector (default: the primary one, ``cp`` unless trained with ``flag_on="probe"``).
+    :func:`~attnscan.detect.store.check_model`), in ``dtype`` (default ``None``: the dtype of training,
+    ``meta["features"]["dtype"]``, unless ``load`` asks for another; a model running in another dtype gets a
+    warning, since its features and so its scores shift). ``load`` (:class:`~attnscan.models.loading.LoadOptions`;
+    its fields may also be given as keywords: ``device``, ``trust_remote_code``, ``allow_pickle`` ...) says how a
+    spec is loaded. The features are computed with the detector's recorded settings at one ``layer`` (default: the
+    detector's best layer) and scored by its ``kind`` detector (default: the primary one, ``cp`` unless trained
+    with ``flag_on="probe"``).
 
     Returns one row per prompt, in input order, with columns ``index`` (0-based position in ``prompts``),
-    ``preview`` (:func:`preview` of the text), ``n_tokens`` (tokens the model read, chat template included, after
-    truncation), ``layer``, ``detector`` (``cp`` or ``probe``), ``prob`` (probability of jailbreak, float in
-    [0, 1]) and ``flagged`` (``prob >= threshold``). ``frame.attrs`` records the detector, the model and its
-    ``dtype``, and the prompt set.
+    ``preview`` (:func:`~attnscan.detect.store.preview` of the text), ``n_tokens`` (tokens the model read, chat
+    template included, after truncation), ``layer``, ``detector`` (``cp`` or ``probe``), ``prob`` (probability of
+    jailbreak, float in [0, 1]) and ``flagged`` (``prob >= threshold``). ``frame.attrs`` records the detector, the
+    model and its ``dtype``, and the prompt set.
     """
+    load = take_options(LoadOptions, load, keywords)
+    refuse_leftovers("score_prompts", keywords)
     trained = detector_dir if isinstance(detector_dir, TrainedDetector) else load_trained(detector_dir)
     chosen_kind: Kind = kind or trained.primary
     chosen = trained.best_layer if layer is None else int(layer)
     det = trained.detector(chosen, chosen_kind)
     check_threshold(threshold, "a probability")
     ps = as_prompt_set(prompts, "prompts")
-    loaded = _get_model(
-        model,
-        trained.meta,
-        allow_other_model=allow_other_model,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-    )
+    loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
     inputs = detector_inputs(
         loaded, ps, trained.meta["features"], layers=[chosen], batch_size=batch_size, progress=progress
     )
@@ -415,9 +397,8 @@ def evaluate_detector(
     progress: ProgressFn | None = None,
     allow_other_model: bool = False,
     dtype: str | None = None,
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
+    load: LoadOptions | None = None,
+    **keywords: Any,
 ) -> pd.DataFrame:
     """Score a new labelled dataset with the saved detectors (no refitting): the generalisation test.
 
@@ -433,51 +414,20 @@ def evaluate_detector(
 
     The model is found and loaded as in :func:`score_prompts` (``dtype=None`` means the dtype of training).
     """
+    load = take_options(LoadOptions, load, keywords)
+    refuse_leftovers("evaluate_detector", keywords)
     trained = detector_dir if isinstance(detector_dir, TrainedDetector) else load_trained(detector_dir)
     chosen = trained.check_layers(layers)
     check_n_bootstrap(n_bootstrap)
     check_threshold(threshold, "a probability")
-    sets = {"benign": as_prompt_set(benign, "benign"), "jailbreak": as_prompt_set(jailbreak, "jailbreak")}
-    texts = [*sets["benign"].texts, *sets["jailbreak"].texts]
-    seen = set(trained.meta.get("train_prompt_hashes", []))
-    overlap = sum(1 for t in texts if _prompt_hash(t) in seen)
-    if overlap:
-        warnings.warn(
-            f"{overlap} of the {len(texts)} evaluation prompts were used in training: the metrics are not a "
-            "held-out test",
-            UserWarning,
-            stacklevel=2,
-        )
-    y = np.asarray([0] * len(sets["benign"]) + [1] * len(sets["jailbreak"]), dtype=np.int64)
-    loaded = _get_model(
-        model,
-        trained.meta,
-        allow_other_model=allow_other_model,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-    )
+    sets, texts, y = _labelled(benign, jailbreak)
+    overlap = _warn_overlap(trained, texts)
+    loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
     inputs = detector_inputs(
         loaded, texts, trained.meta["features"], layers=chosen, batch_size=batch_size, progress=progress
     )
     cv = trained.table.set_index("layer") if "layer" in trained.table.columns else pd.DataFrame()
-    rows: list[dict[str, Any]] = []
-    for layer in chosen:
-        row: dict[str, Any] = {"layer": layer, "n": int(y.size), "n_jailbreak": int(y.sum())}
-        pairs: tuple[tuple[Kind, npt.NDArray[Any]], ...] = (
-            ("cp", inputs.tensors[layer]),
-            ("probe", inputs.pooled[layer]),
-        )
-        for kind_name, x in pairs:
-            prob = trained.detector(layer, kind_name).predict_proba(x)
-            m = metrics(y, prob, threshold=threshold)
-            (auc_lo, auc_hi), (tpr_lo, tpr_hi) = bootstrap_intervals(y, prob, n_bootstrap, seed)
-            m.update(auroc_low=auc_lo, auroc_high=auc_hi, tpr5_low=tpr_lo, tpr5_high=tpr_hi)
-            row.update({f"{kind_name}_{name}": m[name] for name in METRIC_COLUMNS})
-        for col in ("cp_auroc", "probe_auroc", "flagged"):
-            row[f"cv_{col}"] = cv.at[layer, col] if layer in cv.index and col in cv.columns else np.nan
-        rows.append(row)
+    rows = [_evaluation_row(trained, layer, inputs, y, cv, threshold, n_bootstrap, seed) for layer in chosen]
     frame = pd.DataFrame(rows)
     frame.attrs.update(
         detector=str(trained.path) if trained.path else None,
@@ -490,3 +440,45 @@ def evaluate_detector(
         train_overlap=overlap,
     )
     return frame
+
+
+def _warn_overlap(trained: TrainedDetector, texts: Sequence[str]) -> int:
+    """How many of ``texts`` were training prompts (by hash); warns the caller's caller when any were."""
+    seen = set(trained.meta.get("train_prompt_hashes", []))
+    overlap = sum(1 for t in texts if prompt_hash(t) in seen)
+    if overlap:
+        warnings.warn(
+            f"{overlap} of the {len(texts)} evaluation prompts were used in training: the metrics are not a "
+            "held-out test",
+            UserWarning,
+            stacklevel=3,
+        )
+    return overlap
+
+
+def _evaluation_row(
+    trained: TrainedDetector,
+    layer: int,
+    inputs: DetectorInputs,
+    y: npt.NDArray[np.int64],
+    cv: pd.DataFrame,
+    threshold: float,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """One layer's row of :func:`evaluate_detector`: both saved detectors' metrics with bootstrap intervals, and
+    the layer's cross-validated AUROCs and flag from training (``cv``: the training table indexed by layer)."""
+    row: dict[str, Any] = {"layer": layer, "n": int(y.size), "n_jailbreak": int(y.sum())}
+    pairs: tuple[tuple[Kind, npt.NDArray[Any]], ...] = (
+        ("cp", inputs.tensors[layer]),
+        ("probe", inputs.pooled[layer]),
+    )
+    for kind_name, x in pairs:
+        prob = trained.detector(layer, kind_name).predict_proba(x)
+        m = metrics(y, prob, threshold=threshold)
+        (auc_lo, auc_hi), (tpr_lo, tpr_hi) = bootstrap_intervals(y, prob, n_bootstrap, seed)
+        m.update(auroc_low=auc_lo, auroc_high=auc_hi, tpr5_low=tpr_lo, tpr5_high=tpr_hi)
+        row.update({f"{kind_name}_{name}": m[name] for name in METRIC_COLUMNS})
+    for col in ("cp_auroc", "probe_auroc", "flagged"):
+        row[f"cv_{col}"] = cv.at[layer, col] if layer in cv.index and col in cv.columns else np.nan
+    return row

@@ -1,7 +1,30 @@
-"""Detector files: per-layer detectors saved as ``detector.safetensors`` + ``detector.json`` (no pickle)."""
+"""Detector files and directories, and the model a trained detector reads.
+
+:func:`save_detector` / :func:`load_detector` write and read per-layer detectors as ``detector.safetensors`` +
+``detector.json`` (no pickle). :func:`~attnscan.detect.jobs.train_detector` writes a detector directory with
+:func:`save_trained`; :func:`load_trained` reads it back as a :class:`TrainedDetector`.
+
+Detector directory (``train_detector(out=DIR)``; written atomically: complete or absent)
+--------------------------------------------------------------------------------------------
+- ``detector.safetensors`` + ``detector.json``: the per-layer :class:`~attnscan.detect.detectors.CPDetector` s,
+  fitted on all training prompts, in :func:`save_detector`'s format (``load_detector(DIR)`` reads them). The JSON's
+  ``meta`` records how the features were made (``model``, ``features``), the prompt sets (``sets``, with a short
+  hash per training prompt in ``train_prompt_hashes``), the cross-validation settings (``training``),
+  ``best_layer``, ``flagged_layers`` and ``primary`` (the detector kind that scores by default: ``flag_on``).
+- ``probe/detector.safetensors`` + ``probe/detector.json``: the per-layer
+  :class:`~attnscan.detect.detectors.ProbeDetector` baselines, same format and meta.
+- ``detection.csv``: :func:`attnscan.detect.metrics.layer_detection_table` — cross-validated (out-of-fold) metrics
+  per layer with bootstrap intervals and the ``flagged`` column.
+
+``meta["model"]`` (:func:`model_record`) says which model the detector reads: :func:`scoring_model` finds and loads
+it again for scoring, and :func:`check_model` refuses another. Also here: the output files of scoring and
+evaluation (:func:`check_output_file`, :func:`write_table`, :func:`preview`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import warnings
@@ -15,7 +38,7 @@ import pandas as pd
 
 from .._io import atomic_dir, atomic_file, check_output_dir
 from ..errors import AttnscanError
-from ..models.loading import LoadedModel
+from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from .detectors import DETECTOR_KINDS, CPDetector, Detector, Kind, ProbeDetector
 
 __all__ = [
@@ -35,7 +58,10 @@ __all__ = [
     "load_trained",
     "model_record",
     "preview",
+    "prompt_hash",
     "save_detector",
+    "save_trained",
+    "scoring_model",
     "trained_dtype",
     "write_table",
 ]
@@ -201,6 +227,58 @@ def trained_dtype(meta: Mapping[str, Any]) -> str | None:
     return None
 
 
+def scoring_model(
+    model: str | LoadedModel | None,
+    meta: Mapping[str, Any],
+    load: LoadOptions,
+    *,
+    dtype: str | None,
+    allow_other_model: bool,
+) -> LoadedModel:
+    """The model to score with (``model``, else the recorded one; a recorded hub model at its recorded commit
+    unless ``load.revision`` says otherwise), loaded with ``load`` in the dtype :func:`_scoring_dtype` picks,
+    checked against the training model; warns when it runs in another dtype than training, since the features, and
+    so the scores, shift with the precision."""
+    record = meta.get("model", {})
+    trained = trained_dtype(meta)
+    if not isinstance(model, LoadedModel):
+        spec = model if model is not None else record.get("load_spec")
+        if not spec:
+            raise AttnscanError(
+                f"the detector was trained on an in-memory model ('{record.get('spec')}') that cannot be loaded "
+                "again: pass the model (model=... or --model)"
+            )
+        revision = load.revision
+        if model is None and record.get("kind") == "hub" and revision is None:
+            revision = record.get("resolved_revision") or record.get("revision")
+        load = dataclasses.replace(load, dtype=_scoring_dtype(dtype, load, trained), revision=revision)
+        model = str(spec)
+    loaded = resolve_model(model, load)
+    check_model(record, loaded, allow_other_model=allow_other_model)
+    here = str(loaded.dtype).removeprefix("torch.")
+    if trained is not None and here != trained:
+        warnings.warn(
+            f"the detector was trained on {trained} features but the model runs in {here}: scores may differ from "
+            f"training; load it in {trained} (what leaving out dtype / --dtype does)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return loaded
+
+
+def _scoring_dtype(dtype: str | None, load: LoadOptions, trained: str | None) -> Any:
+    """The dtype to load a model in for scoring: ``dtype`` when given, else ``load.dtype`` when it is not
+    ``"auto"``, else the training dtype (:func:`~attnscan.detect.store.trained_dtype`) when it is a known one, else
+    ``"auto"``."""
+    from ..models.loading import DTYPES
+
+    if dtype is not None:
+        return dtype
+    if load.dtype != "auto":
+        return load.dtype
+    return trained if trained is not None and trained in DTYPES else "auto"
+
+
 # --------------------------------------------------------------------------------------------------- output
 
 
@@ -355,3 +433,28 @@ def load_trained(path: str | os.PathLike[str]) -> TrainedDetector:
         meta=meta,
         path=root,
     )
+
+
+def save_trained(
+    final: Path,
+    overwrite: bool,
+    cps: Mapping[int, CPDetector],
+    probes: Mapping[int, ProbeDetector],
+    table: pd.DataFrame,
+    meta: Mapping[str, Any],
+) -> None:
+    """Write a detector directory (what :func:`load_trained` reads) to ``final`` atomically: the CP detectors
+    ``cps`` at its top, the ``probes`` in ``probe/``, both with ``meta``, and the detection ``table`` as
+    ``detection.csv``. An existing detector is replaced only with ``overwrite``."""
+    with atomic_dir(final, overwrite, marker=META_FILE, what="a detector") as tmp:
+        staged = save_detector(tmp / ".cp", cps, {**meta, "detector": "cp"})
+        for name in (STATE_FILE, META_FILE):
+            os.replace(staged / name, tmp / name)
+        staged.rmdir()
+        save_detector(tmp / PROBE_DIR, probes, {**meta, "detector": "probe"})
+        table.to_csv(tmp / DETECTION_CSV, index=False, float_format="%.6g")
+
+
+def prompt_hash(text: str) -> str:
+    """The short hash of a prompt that ``meta["train_prompt_hashes"]`` lists."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
