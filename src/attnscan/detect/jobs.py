@@ -124,11 +124,11 @@ def train_detector(
     4. ``out`` written atomically (see :mod:`attnscan.detect.store`); an existing detector is replaced only with
        ``overwrite``.
 
-    ``model`` is a spec, loaded with ``load`` (:class:`~attnscan.models.loading.LoadOptions`, whose fields ``dtype``,
-    ``device``, ``revision``, ``trust_remote_code``, ``allow_pickle`` ... may also be given as keywords), or a
-    :class:`~attnscan.models.loading.LoadedModel`; ``benign``/``jailbreak`` are prompt sources or PromptSets (each
-    needs at least 2 prompts). Every setting is checked before the model loads. ``progress(done, total, label)`` is
-    told about extraction (prompts; ``label`` ``"features"`` or ``"attention"``) and fitting (layers, ``"fitting"``).
+    ``model`` is a spec, loaded with ``load`` (:class:`~attnscan.models.loading.LoadOptions`; its fields ``dtype``,
+    ``device``, ``revision`` ... may also be given as keywords), or a :class:`~attnscan.models.loading.LoadedModel`;
+    ``benign``/``jailbreak`` are prompt sources or PromptSets (each needs at least 2 prompts). The settings are
+    checked before the model loads (``layers``, which needs the model, just after). ``progress(done, total, label)``
+    hears about extraction (prompts; ``"features"`` or ``"attention"``) and fitting (layers, ``"fitting"``).
     """
     started = now_utc()
     load = take_options(LoadOptions, load, keywords)
@@ -157,7 +157,7 @@ def train_detector(
     k_used = usable_folds(y, folds)  # warns the caller once when the smaller set is below ``folds``
     table, cps, probes = _fit_layers(inputs, y, chosen, training, k_used, progress)
     seconds = {"features": round(t_features, 3), "fitting": round(time.perf_counter() - t0, 3)}
-    meta = _training_meta(loaded, settings, inputs, sets, texts, y, training, k_used, table, started, seconds)
+    meta = _training_meta(loaded, settings, chosen, inputs, sets, texts, y, training, k_used, table, started, seconds)
     save_trained(final, overwrite, cps, probes, table, meta)
     return TrainedDetector(table=table, detectors=cps, probes=probes, meta={**meta, "detector": "cp"}, path=final)
 
@@ -263,6 +263,7 @@ def _fit_layers(
 def _training_meta(
     loaded: LoadedModel,
     settings: Mapping[str, Any],
+    chosen: Sequence[int],
     inputs: DetectorInputs,
     sets: Mapping[str, PromptSet],
     texts: Sequence[str],
@@ -280,7 +281,7 @@ def _training_meta(
         "job": {"format": JOB_FORMAT, "version": JOB_VERSION},
         "primary": t.flag_on,
         "model": model_record(loaded),
-        "features": {**settings, "layers": list(inputs.tensors), **inputs.info},
+        "features": {**settings, "layers": list(chosen), **inputs.info},
         "sets": [
             {**sets["benign"].provenance(), "role": "benign", "label": 0},
             {**sets["jailbreak"].provenance(), "role": "jailbreak", "label": 1},
