@@ -7,8 +7,10 @@ from .analysis.observations import observations
 from .analysis.result import ScanResult
 from .analysis.scan import ScanOptions, scan
 from .analysis.statistics import VerdictThresholds, effects_table, layer_table
-from .detect.detectors import CPDetector, ProbeDetector, layer_detection_table
-from .detect.jobs import TrainedDetector, evaluate_detector, load_trained, score_prompts, train_detector
+from .detect.detectors import CPDetector, ProbeDetector
+from .detect.jobs import evaluate_detector, score_prompts, train_detector
+from .detect.metrics import layer_detection_table
+from .detect.store import TrainedDetector, load_trained
 from .engine.accumulate import GridCollector, SetAccumulator
 from .engine.capture import capture_attention
 from .errors import AttnscanError

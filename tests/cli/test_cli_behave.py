@@ -457,7 +457,8 @@ def test_scan_layer_order(tmp_path: Path) -> None:
 
 
 def test_detector_layers_from_metadata(tmp_path: Path) -> None:
-    from attnscan.detect.detectors import ProbeDetector, save_detector
+    from attnscan.detect.detectors import ProbeDetector
+    from attnscan.detect.store import save_detector
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(8, 4)), np.array([0, 1] * 4)

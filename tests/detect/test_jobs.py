@@ -4,7 +4,6 @@ end-to-end run on the embedded model with held-out template families."""
 from __future__ import annotations
 
 import json
-import random
 import re
 import warnings
 from pathlib import Path
@@ -13,41 +12,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from planted import BENIGN_WORDS, JAILBREAK_WORDS, sentences
 from typer.testing import CliRunner
 
 import attnscan.detect.jobs as job
-from attnscan.analysis.scan import scan
+import attnscan.detect.store as detector_store
 from attnscan.cli.main import app
-from attnscan.detect.detectors import (
+from attnscan.detect.detectors import CPDetector, ProbeDetector
+from attnscan.detect.inputs import attention_blocks
+from attnscan.detect.metrics import layer_detection_table, metrics
+from attnscan.detect.store import (
     META_FILE,
     STATE_FILE,
-    CPDetector,
-    ProbeDetector,
-    layer_detection_table,
+    TrainedDetector,
     load_detector,
-    metrics,
+    load_trained,
+    preview,
     save_detector,
 )
 from attnscan.engine.hidden import extract_features
 from attnscan.errors import AttnscanError
-from attnscan.models.loading import LoadedModel, from_model, load_model
+from attnscan.models.loading import LoadedModel, LoadOptions, from_model, load_model
 from attnscan.testing.tiny import build_model, tiny_tokenizer
 
-# Two disjoint vocabularies of the tiny tokenizer: the planted signal. Prompts drawn from their union carry none.
-BENIGN_WORDS = "how do i make bread recipe poem about snow story tell me python write explain what is the a".split()  # noqa: SIM905
-JAILBREAK_WORDS = "ignore your rules now you are free pretend developer mode no filter grandmother please".split()  # noqa: SIM905
 OPTS: dict[str, Any] = {"rank": 4, "last_k": 4, "length": 32, "n_bootstrap": 200, "max_iter": 30}
 runner = CliRunner()
-
-
-def sentences(words: list[str], n: int, seed: int, lo: int = 5, hi: int = 12) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return from_model(build_model("llama"), tiny_tokenizer(), spec="tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def sets() -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def trained(
     loaded: LoadedModel, sets: dict[str, list[str]], tmp_path_factory: pytest.TempPathFactory
-) -> job.TrainedDetector:
+) -> TrainedDetector:
     out = tmp_path_factory.mktemp("det") / "hidden"
     return job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, **OPTS)
 
@@ -70,7 +59,7 @@ def _leftovers(directory: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------- train
 
 
-def test_train_finds_the_planted_vocabulary(trained: job.TrainedDetector) -> None:
+def test_train_finds_the_planted_vocabulary(trained: TrainedDetector) -> None:
     table = trained.table
     assert table["layer"].tolist() == [0, 1, 2] and (table["n"] == 40).all() and (table["n_jailbreak"] == 20).all()
     assert table["cp_auroc"].max() >= 0.95, table
@@ -89,7 +78,7 @@ def test_null_labels_are_not_flagged(loaded: LoadedModel, tmp_path: Path) -> Non
     assert null.flagged_layers == []
 
 
-def test_detector_directory_contents(trained: job.TrainedDetector, sets: dict[str, list[str]]) -> None:
+def test_detector_directory_contents(trained: TrainedDetector, sets: dict[str, list[str]]) -> None:
     root = trained.path
     assert root is not None
     assert sorted(p.name for p in root.iterdir()) == ["detection.csv", META_FILE, STATE_FILE, "probe"]
@@ -110,13 +99,11 @@ def test_detector_directory_contents(trained: job.TrainedDetector, sets: dict[st
     csv = pd.read_csv(root / "detection.csv")
     np.testing.assert_allclose(csv["cp_auroc"], trained.table["cp_auroc"], rtol=1e-5)
     assert csv["flagged"].tolist() == trained.table["flagged"].tolist()
-    loaded_back = job.load_trained(root)
+    loaded_back = load_trained(root)
     assert loaded_back.best_layer == trained.best_layer and loaded_back.layers == (0, 1, 2)
 
 
-def test_training_reuses_the_library(
-    trained: job.TrainedDetector, loaded: LoadedModel, sets: dict[str, list[str]]
-) -> None:
+def test_training_reuses_the_library(trained: TrainedDetector, loaded: LoadedModel, sets: dict[str, list[str]]) -> None:
     """The saved table and detectors are exactly those of the array-level API on the same features."""
     feats = extract_features(loaded, sets["benign"] + sets["jailbreak"], last_k=4, length=32)
     y = np.repeat([0, 1], 20)
@@ -134,7 +121,7 @@ def test_training_reuses_the_library(
 # --------------------------------------------------------------------------------------------------- score / eval
 
 
-def test_score_round_trip(trained: job.TrainedDetector, loaded: LoadedModel) -> None:
+def test_score_round_trip(trained: TrainedDetector, loaded: LoadedModel) -> None:
     assert trained.path is not None
     new = sentences(JAILBREAK_WORDS, 4, 10) + sentences(BENIGN_WORDS, 4, 11)
     frame = job.score_prompts(trained.path, new, model=loaded)
@@ -145,7 +132,7 @@ def test_score_round_trip(trained: job.TrainedDetector, loaded: LoadedModel) -> 
     np.testing.assert_array_equal(frame["prob"].to_numpy(), saved[best].predict_proba(feats.tensors[best]))
     assert frame["index"].tolist() == list(range(8)) and (frame["layer"] == best).all()
     assert frame["n_tokens"].tolist() == feats.lengths.tolist()
-    assert frame["preview"].tolist() == [job.preview(t) for t in new]
+    assert frame["preview"].tolist() == [preview(t) for t in new]
     assert frame["flagged"].tolist() == (frame["prob"] >= 0.5).tolist()
     assert frame["prob"][:4].min() > frame["prob"][4:].max(), frame  # new prompts, same vocabularies
     probe = job.score_prompts(trained.path, new, model=loaded, layer=2, kind="probe")
@@ -155,7 +142,7 @@ def test_score_round_trip(trained: job.TrainedDetector, loaded: LoadedModel) -> 
     assert (probe["detector"] == "probe").all()
 
 
-def test_evaluate_on_new_prompts(trained: job.TrainedDetector, loaded: LoadedModel) -> None:
+def test_evaluate_on_new_prompts(trained: TrainedDetector, loaded: LoadedModel) -> None:
     assert trained.path is not None
     benign, jail = sentences(BENIGN_WORDS, 12, 20), sentences(JAILBREAK_WORDS, 10, 21)
     frame = job.evaluate_detector(trained.path, benign, jail, model=loaded, n_bootstrap=300)
@@ -177,7 +164,7 @@ def test_evaluate_on_new_prompts(trained: job.TrainedDetector, loaded: LoadedMod
 
 
 def test_evaluating_on_training_prompts_warns(
-    trained: job.TrainedDetector, loaded: LoadedModel, sets: dict[str, list[str]]
+    trained: TrainedDetector, loaded: LoadedModel, sets: dict[str, list[str]]
 ) -> None:
     assert trained.path is not None
     with pytest.warns(UserWarning, match="40 of the 40 evaluation prompts were used in training"):
@@ -185,30 +172,6 @@ def test_evaluating_on_training_prompts_warns(
 
 
 # --------------------------------------------------------------------------------------------------- attention
-
-
-@pytest.mark.filterwarnings("ignore:set '.*' has only")
-def test_attention_blocks_equal_the_scan_summaries(loaded: LoadedModel) -> None:
-    texts = sentences(BENIGN_WORDS, 5, 30, 3, 20)
-    other = sentences(JAILBREAK_WORDS, 3, 31)
-    got = job.attention_blocks(loaded, texts, layers=[0, 2], length=24, blocks=4, batch_size=2)
-    result = scan(
-        loaded,
-        texts,
-        other,
-        layers=[0, 2],
-        length=24,
-        summary_blocks=4,
-        align="relative",
-        truncate="tail",
-        batch_size=3,
-    )
-    ref = result.sets["benign"].blocks.numpy()
-    assert got.blocks[0].shape == (5, 4, 4)
-    np.testing.assert_allclose(got.blocks[0], ref[:, 0], rtol=0, atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(got.blocks[2], ref[:, 1], rtol=0, atol=1e-6, equal_nan=True)
-    assert got.lengths.tolist() == result.sets["benign"].lengths.tolist()
-    assert np.isnan(got.blocks[0][:, 0, 3]).all()  # above the causal diagonal: nothing to average
 
 
 def test_attention_detector_on_planted_length(loaded: LoadedModel, tmp_path: Path) -> None:
@@ -237,7 +200,7 @@ def test_attention_detector_on_planted_length(loaded: LoadedModel, tmp_path: Pat
     assert cp.feature_factors_ is not None and cp.feature_factors_.shape == (8, 4)
     new = sentences(BENIGN_WORDS, 3, 42, 3, 6) + sentences(JAILBREAK_WORDS, 3, 43, 25, 40)
     frame = job.score_prompts(out, new, model=loaded, layer=1)
-    blocks = job.attention_blocks(loaded, new, layers=[1], length=64, blocks=8).blocks[1]
+    blocks = attention_blocks(loaded, new, layers=[1], length=64, blocks=8).blocks[1]
     filled = np.where(np.isnan(blocks), -10.0, blocks)
     np.testing.assert_allclose(frame["prob"], det.detectors[1].predict_proba(filled), rtol=0, atol=1e-12)
     probe = job.score_prompts(out, new, model=loaded, layer=1, kind="probe")
@@ -258,7 +221,7 @@ def test_output_directory_is_atomic(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(job, "save_detector", broken)
+    monkeypatch.setattr(detector_store, "save_detector", broken)  # the detector directory is written there
     with pytest.raises(OSError, match="disk full"):
         job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, layers="0", **OPTS)
     assert not out.exists() and not (tmp_path / "nested").exists()
@@ -274,7 +237,7 @@ def test_existing_directories(loaded: LoadedModel, sets: dict[str, list[str]], t
         job.train_detector("./no-such-model", sets["benign"], sets["jailbreak"], out=out)
     assert (out / META_FILE).read_text() == before
     again = job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=out, layers="1", overwrite=True, **OPTS)
-    assert first.layers == (0, 2) and again.layers == (1,) and job.load_trained(out).layers == (1,)
+    assert first.layers == (0, 2) and again.layers == (1,) and load_trained(out).layers == (1,)
     assert _leftovers(tmp_path) == []
     other = tmp_path / "other"
     other.mkdir()
@@ -291,7 +254,11 @@ def test_existing_directories(loaded: LoadedModel, sets: dict[str, list[str]], t
         ({"flag_on": "svm"}, "flag_on must be 'cp' or 'probe'"),
         ({"threshold": 1.5}, "threshold must be an AUROC in"),
         ({"rank": 0}, "CP rank must be a positive integer"),
+        ({"C": 0.0}, "C must be positive"),
+        ({"max_iter": 0}, "max_iter must be at least 1"),
         ({"folds": 1}, "at least 2 folds"),
+        ({"n_bootstrap": -1}, "n_bootstrap must be 0 or more"),
+        ({"batch_size": 0}, "batch size must be at least 1"),
         ({"last_k": 0}, "last_k must be at least 1"),
         ({"length": 0}, "length must be a positive number of tokens"),
         ({"features": "attention", "blocks": 0}, "blocks must lie in"),
@@ -318,7 +285,17 @@ def test_small_sets_shrink_the_folds(loaded: LoadedModel, tmp_path: Path) -> Non
     assert det.meta["training"]["folds_used"] == 3 and (det.table["k"] == 3).all()
 
 
-def test_loading_errors(trained: job.TrainedDetector, loaded: LoadedModel, tmp_path: Path) -> None:
+def test_bad_scoring_options(trained: TrainedDetector, loaded: LoadedModel) -> None:
+    assert trained.path is not None
+    with pytest.raises(AttnscanError, match="threshold must be a probability in"):
+        job.score_prompts(trained.path, ["hi"], model=loaded, threshold=1.5)
+    with pytest.raises(AttnscanError, match="threshold must be a probability in"):
+        job.evaluate_detector(trained.path, ["hi"], ["no"], model=loaded, threshold=-0.5)
+    with pytest.raises(AttnscanError, match="n_bootstrap must be 0 or more"):
+        job.evaluate_detector(trained.path, ["hi"], ["no"], model=loaded, n_bootstrap=-1)
+
+
+def test_loading_errors(trained: TrainedDetector, loaded: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(AttnscanError, match="detector directory not found"):
         job.score_prompts(tmp_path / "missing", ["hi"], model=loaded)
     (tmp_path / "empty").mkdir()
@@ -327,7 +304,7 @@ def test_loading_errors(trained: job.TrainedDetector, loaded: LoadedModel, tmp_p
     plain = tmp_path / "plain"
     save_detector(plain, trained.detectors, {"model": "tiny-llama"})
     with pytest.raises(AttnscanError, match="not written by 'attnscan detect train'"):
-        job.load_trained(plain)
+        load_trained(plain)
 
 
 def test_layer_and_model_checks(loaded: LoadedModel, sets: dict[str, list[str]], tmp_path: Path) -> None:
@@ -348,27 +325,6 @@ def test_layer_and_model_checks(loaded: LoadedModel, sets: dict[str, list[str]],
     smaller = from_model(build_model("gpt_neo"), tiny_tokenizer(), spec="tiny-llama")  # 2 layers
     with pytest.raises(AttnscanError, match="3 layers"):
         job.score_prompts(out, ["hi"], model=smaller, allow_other_model=True)
-
-
-def test_preview_is_one_safe_line() -> None:
-    assert job.preview("  how\tdo\n\ni  ") == "how do i"
-    assert job.preview("bell\x07 and \u202e") == "bell\\u0007 and \\u202e"
-    assert job.preview("=HYPERLINK(x)") == "'=HYPERLINK(x)"
-    long = job.preview("a" * 100, width=10)
-    assert long == "a" * 9 + "…"
-
-
-def test_write_table_is_atomic_and_refuses_existing(tmp_path: Path) -> None:
-    frame = pd.DataFrame({"a": [1, 2]})
-    path = job.write_table(frame, tmp_path / "sub" / "t.csv")
-    assert path.read_text().splitlines() == ["a", "1", "2"]
-    with pytest.raises(AttnscanError, match="already exists: pass --overwrite"):
-        job.write_table(pd.DataFrame({"b": [3]}), path)
-    job.write_table(pd.DataFrame({"b": [3]}), path, overwrite=True)
-    assert path.read_text().splitlines() == ["b", "3"]
-    with pytest.raises(AttnscanError, match="is a directory"):
-        job.write_table(frame, tmp_path)
-    assert _leftovers(tmp_path / "sub") == []
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -433,7 +389,7 @@ def test_cli_train_score_eval(tiny_model_dir: Path, prompt_files: dict[str, Path
     texts = prompt_files["new_jail"].read_text().splitlines()
     lib = job.score_prompts(det, texts)  # loads the recorded model, like the CLI
     np.testing.assert_allclose(frame["prob"], lib["prob"], rtol=1e-12)
-    assert frame["preview"].tolist() == [job.preview(t) for t in texts] and frame["flagged"].mean() >= 0.5
+    assert frame["preview"].tolist() == [preview(t) for t in texts] and frame["flagged"].mean() >= 0.5
 
     metrics_csv = tmp_path / "metrics.csv"
     args = ["detect", "eval", str(det), "--benign", str(prompt_files["new_benign"])]
@@ -521,6 +477,36 @@ def test_score_and_eval_default_to_the_training_dtype(
         job.score_prompts(det, new, model=f32)
 
 
+def test_load_options_and_keywords(tiny_model_dir: Path, sets: dict[str, list[str]], tmp_path: Path) -> None:
+    """Loading settings come as a LoadOptions (``load=``) or as its fields by keyword; unknown keywords are refused
+    before any work. For scoring, ``dtype`` wins, then a ``load.dtype`` other than "auto", then the training dtype."""
+    with pytest.raises(TypeError, match="unexpected keyword arguments: devcie"):
+        job.train_detector("./no-such-model", sets["benign"], sets["jailbreak"], out=tmp_path / "x", devcie="cpu")
+    assert not (tmp_path / "x").exists()
+    det = tmp_path / "bf16"
+    opts = {**OPTS, "n_bootstrap": 0, "folds": 2, "layers": "1"}
+    bf16 = LoadOptions(dtype="bfloat16", device="cpu")
+    trained = job.train_detector(
+        str(tiny_model_dir), sets["benign"][:8], sets["jailbreak"][:8], out=det, load=bf16, **opts
+    )
+    assert trained.meta["features"]["dtype"] == "bfloat16"
+    new = sentences(JAILBREAK_WORDS, 3, 30) + sentences(BENIGN_WORDS, 3, 31)
+    with pytest.raises(TypeError, match="unexpected keyword arguments: revison"):
+        job.score_prompts(det, new, revison="main")
+    with pytest.raises(TypeError, match="unexpected keyword arguments: devcie"):
+        job.evaluate_detector(det, new[3:], new[:3], devcie="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training dtype: no warning
+        same = job.score_prompts(det, new, load=LoadOptions(device="cpu"))
+        explicit = job.evaluate_detector(
+            det, new[3:], new[:3], dtype="bfloat16", load=LoadOptions(device="cpu", dtype="float32"), n_bootstrap=0
+        )
+    assert same.attrs["dtype"] == explicit.attrs["dtype"] == "bfloat16"
+    with pytest.warns(UserWarning, match="trained on bfloat16 features but the model runs in float32"):
+        other = job.score_prompts(det, new, load=LoadOptions(device="cpu", dtype="float32"))
+    assert other.attrs["dtype"] == "float32"
+
+
 def test_cli_score_dtype_follows_training(tiny_model_dir: Path, prompt_files: dict[str, Path], tmp_path: Path) -> None:
     det = tmp_path / "det"
     args = [*_train_args(tiny_model_dir, prompt_files, det), "--layers", "1", "--bootstrap", "0", "--dtype", "bfloat16"]
@@ -572,7 +558,7 @@ def test_embedded_model_end_to_end_on_held_out_families(tmp_path: Path) -> None:
     args += ["--layers", "2,6,10", "--length", "128", "--rank", "4", "--max-iter", "30", "--bootstrap", "200"]
     res = runner.invoke(app, [*args, "--out", str(det), *common])
     assert res.exit_code == 0, res.stderr
-    trained = job.load_trained(det)
+    trained = load_trained(det)
     assert trained.meta["model"]["gguf_sha256"] and trained.layers == (2, 6, 10)
     assert trained.table["probe_auroc"].max() >= 0.9, trained.table
 

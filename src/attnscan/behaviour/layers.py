@@ -93,7 +93,7 @@ def detector_layers(detector: str | os.PathLike[str], by: str | None = None) -> 
             primary = f"{_detector_meta(root).get('primary', 'cp')}_auroc"
             by = next((c for c in (primary, "cp_auroc") if c in table.columns), "layer")
         return layer_order(flagged, by, descending=by != "layer")
-    from ..detect.detectors import load_detector
+    from ..detect.store import load_detector
 
     _, meta = load_detector(root)
     listed = meta.get("flagged_layers", meta.get("flagged"))

@@ -166,7 +166,8 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Train per-layer CP and probe detectors on benign vs jailbreak prompts and write them to --out."""
-        from ..detect.jobs import check_detector_dir, train_detector
+        from ..detect.jobs import train_detector
+        from ..detect.store import check_detector_dir
         from ..prompts.sets import prompt_sets
 
         with user_errors():
@@ -246,7 +247,8 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Write each prompt's jailbreak probability (one layer, one detector) to a CSV file."""
-        from ..detect.jobs import check_output_file, load_trained, score_prompts, write_table
+        from ..detect.jobs import score_prompts
+        from ..detect.store import check_output_file, load_trained, write_table
         from ..prompts.sets import load_prompts
 
         with user_errors():
@@ -315,7 +317,8 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         """Evaluate the saved detectors (no refitting) on a new labelled set, e.g. prompts from another source."""
-        from ..detect.jobs import check_output_file, evaluate_detector, load_trained, write_table
+        from ..detect.jobs import evaluate_detector
+        from ..detect.store import check_output_file, load_trained, write_table
         from ..prompts.sets import prompt_sets
 
         with user_errors():
