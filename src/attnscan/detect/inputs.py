@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from .._types import ProgressFn
 from ..engine.accumulate import DEFAULT_FLOOR, Align, check_align, check_floor
+from ..engine.batching import check_batch_size
 from ..engine.hidden import extract_features
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel
@@ -43,7 +44,6 @@ __all__ = [
     "DetectorInputs",
     "FeatureKind",
     "attention_blocks",
-    "check_batch_size",
     "check_store",
     "detector_inputs",
     "feature_settings",
@@ -63,12 +63,6 @@ class AttentionBlocks:
     blocks: dict[int, npt.NDArray[np.float32]]
     lengths: npt.NDArray[np.int64]
     chat_template: bool
-
-
-def check_batch_size(batch_size: int) -> None:
-    """Refuse fewer than one prompt per forward pass."""
-    if batch_size < 1:
-        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
 
 
 def check_store(features: str, store: str | os.PathLike[str] | None) -> None:

@@ -29,21 +29,14 @@ import pandas as pd
 from .._io import now_utc
 from .._types import ProgressFn, refuse_leftovers, take_options
 from ..engine.accumulate import DEFAULT_FLOOR, Align
+from ..engine.batching import check_batch_size
 from ..engine.hidden import DEFAULT_LAST_K
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
 from ..prompts.sets import PromptSet, PromptSource, as_prompt_set
 from .detectors import CPDetector, Kind, ProbeDetector, check_cp_params
-from .inputs import (
-    DEFAULT_BLOCKS,
-    DetectorInputs,
-    FeatureKind,
-    check_batch_size,
-    check_store,
-    detector_inputs,
-    feature_settings,
-)
+from .inputs import DEFAULT_BLOCKS, DetectorInputs, FeatureKind, check_store, detector_inputs, feature_settings
 from .metrics import (
     METRIC_COLUMNS,
     best_layer,

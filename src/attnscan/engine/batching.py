@@ -133,6 +133,12 @@ class Batch:
         return kwargs
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse fewer than one prompt per forward pass (the one check of every batch size)."""
+    if batch_size < 1:
+        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
+
+
 class Batches:
     """The one batch iterator of attnscan: scan, features, generation and perplexity all batch through it.
 
@@ -150,8 +156,7 @@ class Batches:
         batch_size: int,
         padding_side: PaddingSide = "right",
     ) -> None:
-        if batch_size < 1:
-            raise AttnscanError(f"--batch-size must be at least 1, got {batch_size}")
+        check_batch_size(batch_size)
         if padding_side not in ("right", "left"):
             raise AttnscanError(f"--padding-side must be right or left, got {padding_side}")
         self.seqs = seqs

@@ -43,9 +43,9 @@ from .._types import ProgressFn
 from ..errors import AttnscanError
 from ..models.anatomy import base_model, decoder_layers
 from ..models.loading import LoadedModel
-from ..prompts.encoding import DEFAULT_LENGTH, Truncate, check_truncate, encode, warn_truncated
+from ..prompts.encoding import DEFAULT_LENGTH, Encoded, Truncate, check_truncate, encode, warn_truncated
 from ..prompts.sets import PromptSet
-from .batching import Batches, accepts_position_ids, pad_token_id
+from .batching import Batches, accepts_position_ids, check_batch_size, pad_token_id
 
 __all__ = [
     "Features",
@@ -351,8 +351,7 @@ def extract_features(
         raise AttnscanError("no prompts to extract features from: give at least one prompt")
     if last_k < 1:
         raise AttnscanError(f"last_k must be at least 1, got {last_k}")
-    if batch_size < 1:
-        raise AttnscanError(f"batch size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     check_truncate(truncate)
     chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
     enc = encode(
@@ -369,18 +368,7 @@ def extract_features(
     stack = decoder_layers(model)
     hidden_size = int(model.config.hidden_size)
     lengths = np.asarray(enc.lengths, dtype=np.int64)
-    meta: dict[str, Any] = {
-        "model": {"spec": loaded.spec, **loaded.source},
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "length": length,
-        "truncate": truncate,
-        "truncated": enc.truncated,
-        "chat_template": enc.chat_template,
-        "system_prompt": system_prompt,
-        "pooling": "mean over the prompt's real tokens",
-        "position": "residual stream output of each decoder layer (before the final norm)",
-        **(dict(info) if info else {}),
-    }
+    meta = _feature_meta(loaded, enc, length, truncate, system_prompt, info)
     if isinstance(texts, PromptSet):
         meta.setdefault("sets", [{**texts.provenance(), "start": 0, "stop": n}])
     label_arr = None if labels is None else np.asarray(labels, dtype=np.int64)
@@ -405,6 +393,29 @@ def extract_features(
     if store is not None:
         return Features.load(store)
     return feats
+
+
+def _feature_meta(
+    loaded: LoadedModel,
+    enc: Encoded,
+    length: int,
+    truncate: Truncate,
+    system_prompt: str | None,
+    info: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """How features were made: the ``features.json`` record (``info`` adds to it)."""
+    return {
+        "model": {"spec": loaded.spec, **loaded.source},
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "length": length,
+        "truncate": truncate,
+        "truncated": enc.truncated,
+        "chat_template": enc.chat_template,
+        "system_prompt": system_prompt,
+        "pooling": "mean over the prompt's real tokens",
+        "position": "residual stream output of each decoder layer (before the final norm)",
+        **(dict(info) if info else {}),
+    }
 
 
 def _run(
