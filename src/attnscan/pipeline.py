@@ -3,18 +3,18 @@
 Output directory (default ``attnscan-out/``), written atomically as a whole:
 
 - ``manifest.json``: what ran (models, prompt sets, options, versions, timestamps) and where each part is;
-- ``<model>/``: one results bundle per model (see :mod:`attnscan.result`), its ``layers.csv`` with the statistics;
+- ``<model>/``: one results bundle per model (see :mod:`attnscan.analysis.result`), its ``layers.csv`` with the
+  statistics;
 - ``summary.csv``: every model's layer table, one row per (model, layer);
 - ``figure.png``: Benign / Jailbreak / Difference rows for the chosen (model, layer) pairs;
 - ``layers.png``: the signed shift with its 95 % interval against relative layer depth, one line per model;
 - ``observations.md``: the observations generated from the numbers;
-- ``report.html``: the self-contained interactive report (see :mod:`attnscan.report`).
+- ``report.html``: the self-contained interactive report (see :mod:`attnscan.views.report`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -32,11 +32,21 @@ from .engine.accumulate import Align
 from .errors import AttnscanError
 from .models.loading import LoadedModel, LoadOptions, resolve_model
 from .prompts.sets import PromptSet
+from .rundir import (
+    DETECTOR_DIR,
+    RUN_KIND,
+    load_bundles,
+    parse_rows,
+    prompts_from_manifest,
+    stored_detection,
+    stored_table,
+)
+from .views.digest import DEFAULT_TITLE, EXAMPLES
+from .views.labels import unique_label
+from .views.report import build_report, write_report
+from .views.run_figures import draw
 
 DEFAULT_LIMIT = 40
-RUN_KIND = "attnscan-run"
-#: Where a run keeps a model's detectors, inside its bundle.
-DETECTOR_DIR = "detector"
 
 
 @dataclass
@@ -49,97 +59,6 @@ class RunOutput:
     effects: dict[str, Any] = field(default_factory=dict)  # model label -> effects_table (control scans)
     rows: list[tuple[str, int]] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)
-
-
-def _label(spec: str, taken: set[str]) -> str:
-    from .views.figures import model_label
-
-    base = model_label(spec)
-    label, k = base, 2
-    while label in taken:
-        label, k = f"{base}-{k}", k + 1
-    return label
-
-
-def parse_rows(rows: str, labels: Sequence[str]) -> list[tuple[str, int]] | None:
-    """``auto`` -> None; ``MODEL:LAYER,...`` -> pairs (a bare ``LAYER`` means the only model)."""
-    text = rows.strip()
-    if text.lower() == "auto":
-        return None
-    pairs: list[tuple[str, int]] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        model, _, layer = part.rpartition(":")
-        if not model:
-            if len(labels) != 1:
-                raise AttnscanError(f"row '{part}' names no model: write MODEL:LAYER (models: {', '.join(labels)})")
-            model = labels[0]
-        if model not in labels:
-            raise AttnscanError(f"row '{part}': unknown model '{model}'; models here are {', '.join(labels)}")
-        try:
-            pairs.append((model, int(layer)))
-        except ValueError:
-            raise AttnscanError(f"row '{part}': layer must be a number, e.g. {model}:7") from None
-    if not pairs:
-        raise AttnscanError("--rows is empty: write auto or MODEL:LAYER,...")
-    return pairs
-
-
-def profile_tables(tables: Mapping[str, Any]) -> dict[str, Any]:
-    """Tables for the layer profile: the signed shift (nats) with its bootstrap interval, and the verdict."""
-    out = {}
-    for label, table in tables.items():
-        t = table[["layer", "signed_shift", "ci_low", "ci_high", "verdict"]].copy()
-        out[label] = t.rename(columns={"signed_shift": "effect"})
-    return out
-
-
-def draw(
-    results: Mapping[str, ScanResult],
-    tables: Mapping[str, Any],
-    rows: list[tuple[str, int]] | None,
-    figure_path: Path | None,
-    profile_path: Path | None,
-    *,
-    dpi: int = 200,
-    log_range: tuple[float, float] = (-10.0, 0.0),
-    diff_range: tuple[float, float] = (-4.0, 4.0),
-    detection: Mapping[str, Any] | None = None,
-) -> list[tuple[str, int]]:
-    """Draw the grid figure and the layer profile (with detection AUROC below it when given); return the
-    (model, layer) rows shown."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from .views.figures import grid_figure, layer_profile_figure, pick_rows, rows_from_result, save_figure
-
-    chosen = rows if rows is not None else pick_rows(tables)
-    for label, layer in chosen:
-        if layer not in results[label].layers:
-            captured = ", ".join(map(str, results[label].layers))
-            raise AttnscanError(f"{label} layer {layer} was not captured: captured layers are {captured}")
-    if figure_path is not None:
-        fig_rows = []
-        for label, layer in chosen:
-            table = tables[label]
-            verdict = dict(zip(table["layer"].astype(int), table["verdict"], strict=True))
-            fig_rows.extend(rows_from_result(results[label], [layer], label=label, verdicts=verdict))
-        fig = grid_figure(fig_rows, log_range=log_range, diff_range=diff_range, dpi=dpi)
-        save_figure(fig, figure_path, dpi=dpi)
-        plt.close(fig)
-    if profile_path is not None:
-        n_layers = {k: int(r.manifest.get("architecture", {}).get("n_layers", 0)) or None for k, r in results.items()}
-        fig = layer_profile_figure(
-            profile_tables(tables),
-            n_layers={k: v for k, v in n_layers.items() if v},
-            ylabel="Signed shift, jailbreak − benign (nats)",
-            dpi=dpi,
-            detection=detection or None,
-        )
-        save_figure(fig, profile_path, dpi=dpi)
-        plt.close(fig)
-    return chosen
 
 
 def compare_models(tables: Mapping[str, Any], results: Mapping[str, ScanResult]) -> list[str]:
@@ -230,7 +149,7 @@ def run(
     try:
         for model in models:
             spec = model.spec if isinstance(model, LoadedModel) else str(model)
-            label = _label(spec, set(results))
+            label = unique_label(spec, results)
             if on_model is not None:
                 on_model(label)
             target: str | LoadedModel = model
@@ -384,8 +303,6 @@ def _write_run(
         summary = pd.concat([t.assign(model=k) for k, t in tables.items()], ignore_index=True)
         summary.to_csv(tmp / "summary.csv", index=False, float_format="%.6g")
         shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=dpi, detection=detection)
-        from .views.report import build_report, write_report
-
         write_report(
             tmp / "report.html",
             build_report(
@@ -420,54 +337,6 @@ def _write_run(
     return RunOutput(out=out, results=results, tables=tables, effects=effects, rows=shown, observations=notes)
 
 
-def load_bundles(paths: Sequence[str | Path]) -> dict[str, ScanResult]:
-    """Results from bundle directories or run directories (which hold one bundle per model), keyed by label."""
-    from .views.figures import model_label
-
-    found: dict[str, ScanResult] = {}
-    for raw in paths:
-        path = Path(raw)
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise AttnscanError(f"{path} is neither a results bundle nor a run directory (no manifest.json)")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("kind") == RUN_KIND:
-            for label, info in manifest["models"].items():
-                key = _label(label, set(found))
-                found[key] = ScanResult.load(path / info["bundle"])
-        else:
-            result = ScanResult.load(path)
-            found[_label(model_label(str(result.manifest.get("model", {}).get("spec", path.name))), set(found))] = (
-                result
-            )
-    if not found:
-        raise AttnscanError("no results bundles given")
-    return found
-
-
-def stored_table(result: ScanResult, seed: int = 0) -> Any:
-    """The layer table saved with a bundle when it holds the statistics, else computed now."""
-    import pandas as pd
-
-    if result.path is not None:
-        csv_path = result.path / "layers.csv"
-        if csv_path.is_file():
-            frame = pd.read_csv(csv_path)
-            if "verdict" in frame.columns:
-                return frame
-    return result.layer_table(seed=seed)
-
-
-def stored_detection(result: ScanResult) -> Any | None:
-    """The detection table kept beside a bundle by ``attnscan run --detect`` (``detector/detection.csv``), if any."""
-    import pandas as pd
-
-    if result.path is None:
-        return None
-    path = result.path / DETECTOR_DIR / "detection.csv"
-    return pd.read_csv(path) if path.is_file() else None
-
-
 def make_report(
     paths: Sequence[str | Path],
     out: str | Path,
@@ -480,7 +349,6 @@ def make_report(
     ``attnscan report``. Layer tables come from each bundle's ``layers.csv`` (computed when absent); prompt texts
     are reloaded from the sources the manifests record when they still match their sha256."""
     from .analysis.statistics import observations
-    from .views.report import DEFAULT_TITLE, EXAMPLES, build_report, prompts_from_manifest, write_report
 
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):

@@ -57,7 +57,7 @@ from ..errors import AttnscanError
 from ..models.loading import LoadedModel
 from ..prompts.encoding import encode
 from ..prompts.sets import PromptSet, as_prompt_set
-from ..views.figures import trade_off_figure
+from ..views.tradeoff import trade_off_figure
 from .behave import (
     DEFAULT_MAX_PROMPT_TOKENS,
     ClassifierJudge,
@@ -447,7 +447,7 @@ class DefenceResult:
             save_jsonl(tmp / "responses.jsonl", self.records())
             self.table().to_csv(tmp / "defence.csv", index=False)
             if self.sweep is not None:
-                from ..views.figures import save_figure
+                from ..views.saving import save_figure
 
                 self.sweep.to_csv(tmp / SWEEP_FILE, index=False)
                 save_jsonl(tmp / SWEEP_RESPONSES_FILE, self.sweep_records())
