@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_dir, now_utc, write_json
+from ._io import atomic_dir, check_output_dir, now_utc, write_json
 from ._types import ProgressFn, refuse_leftovers, take_options
 from ._version import __version__
 from .analysis.result import ScanResult
 from .analysis.scan import ScanOptions, scan
-from .analysis.statistics import VerdictThresholds
+from .analysis.statistics import VerdictThresholds, effects_table, layer_table, observations
 from .engine.accumulate import Align
 from .errors import AttnscanError
 from .models.loading import LoadedModel, LoadOptions, resolve_model
-from .prompts.sets import PromptSet
+from .prompts.sets import PromptSet, load_prompts
 from .rundir import (
     DETECTOR_DIR,
     RUN_KIND,
@@ -112,21 +112,17 @@ def run(
     are a few dozen tokens long and the jailbreak prompts a few hundred, so in absolute alignment their maps share
     only the first few dozen positions; relative alignment compares whole prompts over the whole grid, as the
     reference figure does, and keeps every stretched row a probability distribution so that length alone does not
-    shift the maps (see :mod:`attnscan.accumulate`).
+    shift the maps (see :mod:`attnscan.engine.accumulate`).
 
-    ``thresholds`` decide the verdicts (:class:`attnscan.stats.VerdictThresholds`: q level, share of cells that
-    must move one way, cell tolerance).
+    ``thresholds`` decide the verdicts (:class:`attnscan.analysis.statistics.VerdictThresholds`: q level, share of
+    cells that must move one way, cell tolerance).
 
     With ``detect`` each model also gets per-layer jailbreak detectors trained on its hidden states (benign vs
-    jailbreak, :func:`attnscan.detect_job.train_detector` with the scan's layers, length and chat template), saved
+    jailbreak, :func:`attnscan.detect.jobs.train_detector` with the scan's layers, length and chat template), saved
     as ``<model>/detector/``; their cross-validated AUROC is drawn under the layer profile and shown in the report.
     With a control set, the best layer's detector also scores the control prompts (benign requests inside the same
     jailbreak wrappers): the share it flags tells whether it reacts to the wrapper or to the request.
     """
-    from ._io import check_output_dir
-    from .analysis.statistics import layer_table
-    from .prompts.sets import load_prompts
-
     keywords_given = list(keywords)
     opts = dataclasses.replace(take_options(ScanOptions, options, keywords), seed=seed, align=align)
     load = take_options(LoadOptions, load, keywords)
@@ -136,75 +132,108 @@ def run(
     out = Path(out)
     check_output_dir(out, overwrite)
     started = now_utc()
+    recorded = {
+        "limit": limit,
+        "seed": seed,
+        "rows": rows,
+        "n_permutations": n_permutations,
+        "align": align,
+        "detect": detect,
+        "thresholds": dataclasses.asdict(thresholds or VerdictThresholds()),
+        **_recorded(opts, load, keywords_given),
+    }
+    sets = _load_sets(benign, jailbreak, control, limit, seed)
+    job = _Job(out, overwrite, sets, rows, seed, n_permutations, dpi, thresholds, started, recorded)
+    staging = Path(tempfile.mkdtemp(prefix="attnscan-detect-")) if detect else None
+    try:
+        return _write_run(job, _scan_models(models, sets, opts, load, staging, progress, on_model), staging)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What :func:`run` writes and how: where, the prompt sets, the ``--rows`` choice, the statistics' settings, the
+    start time and the options recorded in ``manifest.json``."""
+
+    out: Path
+    overwrite: bool
+    sets: Mapping[str, PromptSet]
+    rows: str
+    seed: int
+    n_permutations: int
+    dpi: int
+    thresholds: VerdictThresholds | None
+    started: str
+    options: Mapping[str, Any]
+
+
+def _load_sets(
+    benign: str | PromptSet,
+    jailbreak: str | PromptSet,
+    control: str | PromptSet | None,
+    limit: int | None,
+    seed: int,
+) -> dict[str, PromptSet]:
+    """The run's prompt sets by name (``benign``, ``jailbreak`` and, when given, ``control``), each subsampled to
+    ``limit`` prompts with ``seed``."""
     sets = {
         "benign": load_prompts(benign, "benign", limit=limit, seed=seed),
         "jailbreak": load_prompts(jailbreak, "jailbreak", limit=limit, seed=seed),
     }
     if control is not None:
         sets["control"] = load_prompts(control, "control", limit=limit, seed=seed)
-    results: dict[str, ScanResult] = {}
-    detection: dict[str, Any] = {}
-    detection_notes: list[str] = []
-    staging = Path(tempfile.mkdtemp(prefix="attnscan-detect-")) if detect else None
-    try:
-        for model in models:
-            spec = model.spec if isinstance(model, LoadedModel) else str(model)
-            label = unique_label(spec, results)
-            if on_model is not None:
-                on_model(label)
-            target: str | LoadedModel = model
-            if detect:  # load once for the scan and the detectors
-                target = resolve_model(model, load)
-            results[label] = scan(
-                target,
-                sets["benign"],
-                sets["jailbreak"],
-                sets.get("control"),
-                options=opts,
-                load=load,
-                progress=progress,
-            )
-            if staging is not None and isinstance(target, LoadedModel):
-                table, note = _detect(target, sets, staging / label, opts, progress)
-                detection[label] = table
-                detection_notes.append(note if len(models) == 1 else f"{label}: {note}")
-        tables = {
-            k: layer_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)
-            for k, r in results.items()
-        }
-        return _write_run(
-            out,
-            overwrite,
-            results,
-            tables,
-            detection,
-            detection_notes,
-            staging,
-            thresholds=thresholds,
-            sets=sets,
-            rows=rows,
-            seed=seed,
-            n_permutations=n_permutations,
-            dpi=dpi,
-            started=started,
-            options={
-                "limit": limit,
-                "seed": seed,
-                "rows": rows,
-                "n_permutations": n_permutations,
-                "align": align,
-                "detect": detect,
-                "thresholds": dataclasses.asdict(thresholds or VerdictThresholds()),
-                **_recorded(opts, load, keywords_given),
-            },
+    return sets
+
+
+@dataclass
+class _Scanned:
+    """The scans of a run by model label, with each model's detection table and sentence (``detect`` only)."""
+
+    results: dict[str, ScanResult] = field(default_factory=dict)
+    detection: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _scan_models(
+    models: Sequence[str | LoadedModel],
+    sets: Mapping[str, PromptSet],
+    opts: ScanOptions,
+    load: LoadOptions,
+    staging: Path | None,
+    progress: ProgressFn | None,
+    on_model: Callable[[str], None] | None,
+) -> _Scanned:
+    """Scan every model on ``sets``; with ``staging`` (``detect``) also train each model's detectors into
+    ``staging / label``, loading the model once for both."""
+    scanned = _Scanned()
+    for model in models:
+        spec = model.spec if isinstance(model, LoadedModel) else str(model)
+        label = unique_label(spec, scanned.results)
+        if on_model is not None:
+            on_model(label)
+        target: str | LoadedModel = model
+        if staging is not None:  # load once for the scan and the detectors
+            target = resolve_model(model, load)
+        scanned.results[label] = scan(
+            target,
+            sets["benign"],
+            sets["jailbreak"],
+            sets.get("control"),
+            options=opts,
+            load=load,
+            progress=progress,
         )
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None and isinstance(target, LoadedModel):
+            table, note = _detect(target, sets, staging / label, opts, progress)
+            scanned.detection[label] = table
+            scanned.notes.append(note if len(models) == 1 else f"{label}: {note}")
+    return scanned
 
 
 def _recorded(opts: ScanOptions, load: LoadOptions, names: Sequence[str]) -> dict[str, Any]:
-    """The scan and load options the caller set (by keyword or in the option objects), for ``run.json``."""
+    """The scan and load options the caller set (by keyword or in the option objects), for ``manifest.json``."""
     values = {**dataclasses.asdict(load), **dataclasses.asdict(opts)}
     defaults = {**dataclasses.asdict(LoadOptions()), **dataclasses.asdict(ScanOptions())}
     chosen = {k: v for k, v in values.items() if k in names or (v != defaults[k] and k not in ("seed", "align"))}
@@ -260,38 +289,31 @@ def _detect(
     return table, note
 
 
-def _write_run(
-    out: Path,
-    overwrite: bool,
-    results: dict[str, ScanResult],
-    tables: dict[str, Any],
-    detection: Mapping[str, Any],
-    detection_notes: Sequence[str],
-    staging: Path | None,
-    *,
-    thresholds: VerdictThresholds | None,
-    sets: Mapping[str, PromptSet],
-    rows: str,
-    seed: int,
-    n_permutations: int,
-    dpi: int,
-    started: str,
-    options: Mapping[str, Any],
-) -> RunOutput:
-    """Statistics, figures, report and tables of a run, written to ``out`` atomically."""
-    from .analysis.statistics import effects_table, observations
+def _notes(tables: Mapping[str, Any], results: Mapping[str, ScanResult], extra: Sequence[str] = ()) -> list[str]:
+    """The observations of every model's table, then the comparison of the models and ``extra`` sentences, before
+    the last observation (the closing caveat)."""
+    notes: list[str] = []
+    for label, table in tables.items():
+        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
+    notes[-1:] = compare_models(tables, results) + list(extra) + notes[-1:]
+    return notes
 
+
+def _write_run(job: _Job, scanned: _Scanned, staging: Path | None) -> RunOutput:
+    """Statistics, figures, report and tables of a run, written to ``job.out`` atomically."""
+    results, detection = scanned.results, scanned.detection
+    seed, n_permutations, thresholds = job.seed, job.n_permutations, job.thresholds
+    tables = {
+        k: layer_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds) for k, r in results.items()
+    }
     effects = {
         k: e
         for k, r in results.items()
         if (e := effects_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)) is not None
     }
-    notes: list[str] = []
-    for label, table in tables.items():
-        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
-    notes[-1:] = compare_models(tables, results) + list(detection_notes) + notes[-1:]
-    chosen = parse_rows(rows, list(results))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    notes = _notes(tables, results, scanned.notes)
+    chosen = parse_rows(job.rows, list(results))
+    with atomic_dir(job.out, overwrite=job.overwrite) as tmp:
         for label, result in results.items():
             result.save(tmp / label, table=tables[label])
             if label in effects:
@@ -302,39 +324,31 @@ def _write_run(
 
         summary = pd.concat([t.assign(model=k) for k, t in tables.items()], ignore_index=True)
         summary.to_csv(tmp / "summary.csv", index=False, float_format="%.6g")
-        shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=dpi, detection=detection)
-        write_report(
-            tmp / "report.html",
-            build_report(
-                results,
-                tables,
-                notes,
-                prompts={label: {k: list(v.texts) for k, v in sets.items()} for label in results},
-                detection=detection,
-            ),
-        )
+        shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=job.dpi, detection=detection)
+        prompts = {label: {k: list(v.texts) for k, v in job.sets.items()} for label in results}
+        write_report(tmp / "report.html", build_report(results, tables, notes, prompts=prompts, detection=detection))
         (tmp / "observations.md").write_text(
             "# Observations\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", encoding="utf-8"
         )
-        write_json(
-            tmp / "manifest.json",
-            {
-                "kind": RUN_KIND,
-                "attnscan_version": __version__,
-                "models": {
-                    k: {"spec": r.manifest.get("model", {}).get("spec"), "bundle": k} for k, r in results.items()
-                },
-                "prompt_sets": {k: v.provenance() for k, v in sets.items()},
-                "options": dict(options),
-                "figure": "figure.png",
-                "profile": "layers.png",
-                "report": "report.html",
-                "rows": [list(r) for r in shown],
-                "started": started,
-                "finished": now_utc(),
-            },
-        )
-    return RunOutput(out=out, results=results, tables=tables, effects=effects, rows=shown, observations=notes)
+        write_json(tmp / "manifest.json", _run_manifest(job, results, shown))
+    return RunOutput(out=job.out, results=results, tables=tables, effects=effects, rows=shown, observations=notes)
+
+
+def _run_manifest(job: _Job, results: Mapping[str, ScanResult], shown: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """The run directory's ``manifest.json``: what ran, with which options, and where each part is."""
+    return {
+        "kind": RUN_KIND,
+        "attnscan_version": __version__,
+        "models": {k: {"spec": r.manifest.get("model", {}).get("spec"), "bundle": k} for k, r in results.items()},
+        "prompt_sets": {k: v.provenance() for k, v in job.sets.items()},
+        "options": dict(job.options),
+        "figure": "figure.png",
+        "profile": "layers.png",
+        "report": "report.html",
+        "rows": [list(r) for r in shown],
+        "started": job.started,
+        "finished": now_utc(),
+    }
 
 
 def make_report(
@@ -348,17 +362,12 @@ def make_report(
     """Write one self-contained HTML report for saved bundles or run directories: the library twin of
     ``attnscan report``. Layer tables come from each bundle's ``layers.csv`` (computed when absent); prompt texts
     are reloaded from the sources the manifests record when they still match their sha256."""
-    from .analysis.statistics import observations
-
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise AttnscanError(f"--out {out}: the report is an HTML file; give a name ending in .html")
     results = load_bundles(paths)
     tables = {label: stored_table(result, seed) for label, result in results.items()}
-    notes: list[str] = []
-    for label, table in tables.items():
-        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
-    notes[-1:] = compare_models(tables, results) + notes[-1:]
+    notes = _notes(tables, results)
     prompts = {label: texts for label, result in results.items() if (texts := prompts_from_manifest(result))}
     detection = {label: t for label, result in results.items() if (t := stored_detection(result)) is not None}
     html_text = build_report(
