@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from ..analysis.result import ScanResult
 from ..errors import AttnscanError
 from .formatting import caption, finite
 from .maps import choose_factor, colormap_hex, maps_digest
@@ -23,6 +22,8 @@ from .palette import DIFF_CMAP, DIFF_RANGE, LOG_CMAP, LOG_RANGE, NAN_COLOR, VERD
 
 if TYPE_CHECKING:
     import pandas as pd  # type: ignore[import-untyped]
+
+    from ..analysis.result import ScanResult
 
 __all__ = ["DEFAULT_TITLE", "DISPLAY_SIZE", "EXAMPLES", "MAP_BUDGET", "MAX_PROMPT_CHARS", "build_digest"]
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ..analysis.result import ScanResult
 from ..errors import AttnscanError
+
+if TYPE_CHECKING:
+    from ..analysis.result import ScanResult
 
 __all__ = ["block_mean", "choose_factor", "colormap_hex", "maps_digest"]
 
