@@ -19,7 +19,8 @@ from .models.loading import EMBEDDED_NAME, LoadedModel, LoadOptions, from_model,
 from .pipeline import RunOutput, make_report, run
 from .prompts.encoding import encode
 from .prompts.sets import PromptSet, load_prompts
-from .views.figures import FigureRow, grid_figure, layer_profile_figure
+from .views.grid import FigureRow, grid_figure
+from .views.profile import layer_profile_figure
 
 __all__ = [
     "EMBEDDED_NAME",

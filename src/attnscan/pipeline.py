@@ -3,18 +3,18 @@
 Output directory (default ``attnscan-out/``), written atomically as a whole:
 
 - ``manifest.json``: what ran (models, prompt sets, options, versions, timestamps) and where each part is;
-- ``<model>/``: one results bundle per model (see :mod:`attnscan.result`), its ``layers.csv`` with the statistics;
+- ``<model>/``: one results bundle per model (see :mod:`attnscan.analysis.result`), its ``layers.csv`` with the
+  statistics;
 - ``summary.csv``: every model's layer table, one row per (model, layer);
 - ``figure.png``: Benign / Jailbreak / Difference rows for the chosen (model, layer) pairs;
 - ``layers.png``: the signed shift with its 95 % interval against relative layer depth, one line per model;
 - ``observations.md``: the observations generated from the numbers;
-- ``report.html``: the self-contained interactive report (see :mod:`attnscan.report`).
+- ``report.html``: the self-contained interactive report (see :mod:`attnscan.views.report`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -22,21 +22,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_dir, now_utc, write_json
+from ._io import atomic_dir, check_output_dir, now_utc, write_json
 from ._types import ProgressFn, refuse_leftovers, take_options
 from ._version import __version__
+from .analysis.observations import observations
 from .analysis.result import ScanResult
 from .analysis.scan import ScanOptions, scan
-from .analysis.statistics import VerdictThresholds
+from .analysis.statistics import VerdictThresholds, effects_table, layer_table
 from .engine.accumulate import Align
 from .errors import AttnscanError
 from .models.loading import LoadedModel, LoadOptions, resolve_model
-from .prompts.sets import PromptSet
+from .prompts.sets import PromptSet, load_prompts
+from .rundir import (
+    DETECTOR_DIR,
+    RUN_KIND,
+    load_bundles,
+    parse_rows,
+    prompts_from_manifest,
+    stored_detection,
+    stored_table,
+)
+from .views.digest import DEFAULT_TITLE, EXAMPLES
+from .views.labels import unique_label
+from .views.report import build_report, write_report
+from .views.run_figures import draw
 
 DEFAULT_LIMIT = 40
-RUN_KIND = "attnscan-run"
-#: Where a run keeps a model's detectors, inside its bundle.
-DETECTOR_DIR = "detector"
 
 
 @dataclass
@@ -49,97 +60,6 @@ class RunOutput:
     effects: dict[str, Any] = field(default_factory=dict)  # model label -> effects_table (control scans)
     rows: list[tuple[str, int]] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)
-
-
-def _label(spec: str, taken: set[str]) -> str:
-    from .views.figures import model_label
-
-    base = model_label(spec)
-    label, k = base, 2
-    while label in taken:
-        label, k = f"{base}-{k}", k + 1
-    return label
-
-
-def parse_rows(rows: str, labels: Sequence[str]) -> list[tuple[str, int]] | None:
-    """``auto`` -> None; ``MODEL:LAYER,...`` -> pairs (a bare ``LAYER`` means the only model)."""
-    text = rows.strip()
-    if text.lower() == "auto":
-        return None
-    pairs: list[tuple[str, int]] = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        model, _, layer = part.rpartition(":")
-        if not model:
-            if len(labels) != 1:
-                raise AttnscanError(f"row '{part}' names no model: write MODEL:LAYER (models: {', '.join(labels)})")
-            model = labels[0]
-        if model not in labels:
-            raise AttnscanError(f"row '{part}': unknown model '{model}'; models here are {', '.join(labels)}")
-        try:
-            pairs.append((model, int(layer)))
-        except ValueError:
-            raise AttnscanError(f"row '{part}': layer must be a number, e.g. {model}:7") from None
-    if not pairs:
-        raise AttnscanError("--rows is empty: write auto or MODEL:LAYER,...")
-    return pairs
-
-
-def profile_tables(tables: Mapping[str, Any]) -> dict[str, Any]:
-    """Tables for the layer profile: the signed shift (nats) with its bootstrap interval, and the verdict."""
-    out = {}
-    for label, table in tables.items():
-        t = table[["layer", "signed_shift", "ci_low", "ci_high", "verdict"]].copy()
-        out[label] = t.rename(columns={"signed_shift": "effect"})
-    return out
-
-
-def draw(
-    results: Mapping[str, ScanResult],
-    tables: Mapping[str, Any],
-    rows: list[tuple[str, int]] | None,
-    figure_path: Path | None,
-    profile_path: Path | None,
-    *,
-    dpi: int = 200,
-    log_range: tuple[float, float] = (-10.0, 0.0),
-    diff_range: tuple[float, float] = (-4.0, 4.0),
-    detection: Mapping[str, Any] | None = None,
-) -> list[tuple[str, int]]:
-    """Draw the grid figure and the layer profile (with detection AUROC below it when given); return the
-    (model, layer) rows shown."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from .views.figures import grid_figure, layer_profile_figure, pick_rows, rows_from_result, save_figure
-
-    chosen = rows if rows is not None else pick_rows(tables)
-    for label, layer in chosen:
-        if layer not in results[label].layers:
-            captured = ", ".join(map(str, results[label].layers))
-            raise AttnscanError(f"{label} layer {layer} was not captured: captured layers are {captured}")
-    if figure_path is not None:
-        fig_rows = []
-        for label, layer in chosen:
-            table = tables[label]
-            verdict = dict(zip(table["layer"].astype(int), table["verdict"], strict=True))
-            fig_rows.extend(rows_from_result(results[label], [layer], label=label, verdicts=verdict))
-        fig = grid_figure(fig_rows, log_range=log_range, diff_range=diff_range, dpi=dpi)
-        save_figure(fig, figure_path, dpi=dpi)
-        plt.close(fig)
-    if profile_path is not None:
-        n_layers = {k: int(r.manifest.get("architecture", {}).get("n_layers", 0)) or None for k, r in results.items()}
-        fig = layer_profile_figure(
-            profile_tables(tables),
-            n_layers={k: v for k, v in n_layers.items() if v},
-            ylabel="Signed shift, jailbreak − benign (nats)",
-            dpi=dpi,
-            detection=detection or None,
-        )
-        save_figure(fig, profile_path, dpi=dpi)
-        plt.close(fig)
-    return chosen
 
 
 def compare_models(tables: Mapping[str, Any], results: Mapping[str, ScanResult]) -> list[str]:
@@ -193,21 +113,17 @@ def run(
     are a few dozen tokens long and the jailbreak prompts a few hundred, so in absolute alignment their maps share
     only the first few dozen positions; relative alignment compares whole prompts over the whole grid, as the
     reference figure does, and keeps every stretched row a probability distribution so that length alone does not
-    shift the maps (see :mod:`attnscan.accumulate`).
+    shift the maps (see :mod:`attnscan.engine.accumulate`).
 
-    ``thresholds`` decide the verdicts (:class:`attnscan.stats.VerdictThresholds`: q level, share of cells that
-    must move one way, cell tolerance).
+    ``thresholds`` decide the verdicts (:class:`attnscan.analysis.statistics.VerdictThresholds`: q level, share of
+    cells that must move one way, cell tolerance).
 
     With ``detect`` each model also gets per-layer jailbreak detectors trained on its hidden states (benign vs
-    jailbreak, :func:`attnscan.detect_job.train_detector` with the scan's layers, length and chat template), saved
+    jailbreak, :func:`attnscan.detect.jobs.train_detector` with the scan's layers, length and chat template), saved
     as ``<model>/detector/``; their cross-validated AUROC is drawn under the layer profile and shown in the report.
     With a control set, the best layer's detector also scores the control prompts (benign requests inside the same
     jailbreak wrappers): the share it flags tells whether it reacts to the wrapper or to the request.
     """
-    from ._io import check_output_dir
-    from .analysis.statistics import layer_table
-    from .prompts.sets import load_prompts
-
     keywords_given = list(keywords)
     opts = dataclasses.replace(take_options(ScanOptions, options, keywords), seed=seed, align=align)
     load = take_options(LoadOptions, load, keywords)
@@ -217,75 +133,108 @@ def run(
     out = Path(out)
     check_output_dir(out, overwrite)
     started = now_utc()
+    recorded = {
+        "limit": limit,
+        "seed": seed,
+        "rows": rows,
+        "n_permutations": n_permutations,
+        "align": align,
+        "detect": detect,
+        "thresholds": dataclasses.asdict(thresholds or VerdictThresholds()),
+        **_recorded(opts, load, keywords_given),
+    }
+    sets = _load_sets(benign, jailbreak, control, limit, seed)
+    job = _Job(out, overwrite, sets, rows, seed, n_permutations, dpi, thresholds, started, recorded)
+    staging = Path(tempfile.mkdtemp(prefix="attnscan-detect-")) if detect else None
+    try:
+        return _write_run(job, _scan_models(models, sets, opts, load, staging, progress, on_model), staging)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What :func:`run` writes and how: where, the prompt sets, the ``--rows`` choice, the statistics' settings, the
+    start time and the options recorded in ``manifest.json``."""
+
+    out: Path
+    overwrite: bool
+    sets: Mapping[str, PromptSet]
+    rows: str
+    seed: int
+    n_permutations: int
+    dpi: int
+    thresholds: VerdictThresholds | None
+    started: str
+    options: Mapping[str, Any]
+
+
+def _load_sets(
+    benign: str | PromptSet,
+    jailbreak: str | PromptSet,
+    control: str | PromptSet | None,
+    limit: int | None,
+    seed: int,
+) -> dict[str, PromptSet]:
+    """The run's prompt sets by name (``benign``, ``jailbreak`` and, when given, ``control``), each subsampled to
+    ``limit`` prompts with ``seed``."""
     sets = {
         "benign": load_prompts(benign, "benign", limit=limit, seed=seed),
         "jailbreak": load_prompts(jailbreak, "jailbreak", limit=limit, seed=seed),
     }
     if control is not None:
         sets["control"] = load_prompts(control, "control", limit=limit, seed=seed)
-    results: dict[str, ScanResult] = {}
-    detection: dict[str, Any] = {}
-    detection_notes: list[str] = []
-    staging = Path(tempfile.mkdtemp(prefix="attnscan-detect-")) if detect else None
-    try:
-        for model in models:
-            spec = model.spec if isinstance(model, LoadedModel) else str(model)
-            label = _label(spec, set(results))
-            if on_model is not None:
-                on_model(label)
-            target: str | LoadedModel = model
-            if detect:  # load once for the scan and the detectors
-                target = resolve_model(model, load)
-            results[label] = scan(
-                target,
-                sets["benign"],
-                sets["jailbreak"],
-                sets.get("control"),
-                options=opts,
-                load=load,
-                progress=progress,
-            )
-            if staging is not None and isinstance(target, LoadedModel):
-                table, note = _detect(target, sets, staging / label, opts, progress)
-                detection[label] = table
-                detection_notes.append(note if len(models) == 1 else f"{label}: {note}")
-        tables = {
-            k: layer_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)
-            for k, r in results.items()
-        }
-        return _write_run(
-            out,
-            overwrite,
-            results,
-            tables,
-            detection,
-            detection_notes,
-            staging,
-            thresholds=thresholds,
-            sets=sets,
-            rows=rows,
-            seed=seed,
-            n_permutations=n_permutations,
-            dpi=dpi,
-            started=started,
-            options={
-                "limit": limit,
-                "seed": seed,
-                "rows": rows,
-                "n_permutations": n_permutations,
-                "align": align,
-                "detect": detect,
-                "thresholds": dataclasses.asdict(thresholds or VerdictThresholds()),
-                **_recorded(opts, load, keywords_given),
-            },
+    return sets
+
+
+@dataclass
+class _Scanned:
+    """The scans of a run by model label, with each model's detection table and sentence (``detect`` only)."""
+
+    results: dict[str, ScanResult] = field(default_factory=dict)
+    detection: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _scan_models(
+    models: Sequence[str | LoadedModel],
+    sets: Mapping[str, PromptSet],
+    opts: ScanOptions,
+    load: LoadOptions,
+    staging: Path | None,
+    progress: ProgressFn | None,
+    on_model: Callable[[str], None] | None,
+) -> _Scanned:
+    """Scan every model on ``sets``; with ``staging`` (``detect``) also train each model's detectors into
+    ``staging / label``, loading the model once for both."""
+    scanned = _Scanned()
+    for model in models:
+        spec = model.spec if isinstance(model, LoadedModel) else str(model)
+        label = unique_label(spec, scanned.results)
+        if on_model is not None:
+            on_model(label)
+        target: str | LoadedModel = model
+        if staging is not None:  # load once for the scan and the detectors
+            target = resolve_model(model, load)
+        scanned.results[label] = scan(
+            target,
+            sets["benign"],
+            sets["jailbreak"],
+            sets.get("control"),
+            options=opts,
+            load=load,
+            progress=progress,
         )
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None and isinstance(target, LoadedModel):
+            table, note = _detect(target, sets, staging / label, opts, progress)
+            scanned.detection[label] = table
+            scanned.notes.append(note if len(models) == 1 else f"{label}: {note}")
+    return scanned
 
 
 def _recorded(opts: ScanOptions, load: LoadOptions, names: Sequence[str]) -> dict[str, Any]:
-    """The scan and load options the caller set (by keyword or in the option objects), for ``run.json``."""
+    """The scan and load options the caller set (by keyword or in the option objects), for ``manifest.json``."""
     values = {**dataclasses.asdict(load), **dataclasses.asdict(opts)}
     defaults = {**dataclasses.asdict(LoadOptions()), **dataclasses.asdict(ScanOptions())}
     chosen = {k: v for k, v in values.items() if k in names or (v != defaults[k] and k not in ("seed", "align"))}
@@ -341,39 +290,31 @@ def _detect(
     return table, note
 
 
-def _write_run(
-    out: Path,
-    overwrite: bool,
-    results: dict[str, ScanResult],
-    tables: dict[str, Any],
-    detection: Mapping[str, Any],
-    detection_notes: Sequence[str],
-    staging: Path | None,
-    *,
-    thresholds: VerdictThresholds | None,
-    sets: Mapping[str, PromptSet],
-    rows: str,
-    seed: int,
-    n_permutations: int,
-    dpi: int,
-    started: str,
-    options: Mapping[str, Any],
-) -> RunOutput:
-    """Statistics, figures, report and tables of a run, written to ``out`` atomically."""
-    from .analysis.observations import observations
-    from .analysis.statistics import effects_table
+def _notes(tables: Mapping[str, Any], results: Mapping[str, ScanResult], extra: Sequence[str] = ()) -> list[str]:
+    """The observations of every model's table, then the comparison of the models and ``extra`` sentences, before
+    the last observation (the closing caveat)."""
+    notes: list[str] = []
+    for label, table in tables.items():
+        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
+    notes[-1:] = compare_models(tables, results) + list(extra) + notes[-1:]
+    return notes
 
+
+def _write_run(job: _Job, scanned: _Scanned, staging: Path | None) -> RunOutput:
+    """Statistics, figures, report and tables of a run, written to ``job.out`` atomically."""
+    results, detection = scanned.results, scanned.detection
+    seed, n_permutations, thresholds = job.seed, job.n_permutations, job.thresholds
+    tables = {
+        k: layer_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds) for k, r in results.items()
+    }
     effects = {
         k: e
         for k, r in results.items()
         if (e := effects_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)) is not None
     }
-    notes: list[str] = []
-    for label, table in tables.items():
-        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
-    notes[-1:] = compare_models(tables, results) + list(detection_notes) + notes[-1:]
-    chosen = parse_rows(rows, list(results))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    notes = _notes(tables, results, scanned.notes)
+    chosen = parse_rows(job.rows, list(results))
+    with atomic_dir(job.out, overwrite=job.overwrite) as tmp:
         for label, result in results.items():
             result.save(tmp / label, table=tables[label])
             if label in effects:
@@ -384,89 +325,31 @@ def _write_run(
 
         summary = pd.concat([t.assign(model=k) for k, t in tables.items()], ignore_index=True)
         summary.to_csv(tmp / "summary.csv", index=False, float_format="%.6g")
-        shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=dpi, detection=detection)
-        from .views.report import build_report, write_report
-
-        write_report(
-            tmp / "report.html",
-            build_report(
-                results,
-                tables,
-                notes,
-                prompts={label: {k: list(v.texts) for k, v in sets.items()} for label in results},
-                detection=detection,
-            ),
-        )
+        shown = draw(results, tables, chosen, tmp / "figure.png", tmp / "layers.png", dpi=job.dpi, detection=detection)
+        prompts = {label: {k: list(v.texts) for k, v in job.sets.items()} for label in results}
+        write_report(tmp / "report.html", build_report(results, tables, notes, prompts=prompts, detection=detection))
         (tmp / "observations.md").write_text(
             "# Observations\n\n" + "\n".join(f"- {line}" for line in notes) + "\n", encoding="utf-8"
         )
-        write_json(
-            tmp / "manifest.json",
-            {
-                "kind": RUN_KIND,
-                "attnscan_version": __version__,
-                "models": {
-                    k: {"spec": r.manifest.get("model", {}).get("spec"), "bundle": k} for k, r in results.items()
-                },
-                "prompt_sets": {k: v.provenance() for k, v in sets.items()},
-                "options": dict(options),
-                "figure": "figure.png",
-                "profile": "layers.png",
-                "report": "report.html",
-                "rows": [list(r) for r in shown],
-                "started": started,
-                "finished": now_utc(),
-            },
-        )
-    return RunOutput(out=out, results=results, tables=tables, effects=effects, rows=shown, observations=notes)
+        write_json(tmp / "manifest.json", _run_manifest(job, results, shown))
+    return RunOutput(out=job.out, results=results, tables=tables, effects=effects, rows=shown, observations=notes)
 
 
-def load_bundles(paths: Sequence[str | Path]) -> dict[str, ScanResult]:
-    """Results from bundle directories or run directories (which hold one bundle per model), keyed by label."""
-    from .views.figures import model_label
-
-    found: dict[str, ScanResult] = {}
-    for raw in paths:
-        path = Path(raw)
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise AttnscanError(f"{path} is neither a results bundle nor a run directory (no manifest.json)")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("kind") == RUN_KIND:
-            for label, info in manifest["models"].items():
-                key = _label(label, set(found))
-                found[key] = ScanResult.load(path / info["bundle"])
-        else:
-            result = ScanResult.load(path)
-            found[_label(model_label(str(result.manifest.get("model", {}).get("spec", path.name))), set(found))] = (
-                result
-            )
-    if not found:
-        raise AttnscanError("no results bundles given")
-    return found
-
-
-def stored_table(result: ScanResult, seed: int = 0) -> Any:
-    """The layer table saved with a bundle when it holds the statistics, else computed now."""
-    import pandas as pd
-
-    if result.path is not None:
-        csv_path = result.path / "layers.csv"
-        if csv_path.is_file():
-            frame = pd.read_csv(csv_path)
-            if "verdict" in frame.columns:
-                return frame
-    return result.layer_table(seed=seed)
-
-
-def stored_detection(result: ScanResult) -> Any | None:
-    """The detection table kept beside a bundle by ``attnscan run --detect`` (``detector/detection.csv``), if any."""
-    import pandas as pd
-
-    if result.path is None:
-        return None
-    path = result.path / DETECTOR_DIR / "detection.csv"
-    return pd.read_csv(path) if path.is_file() else None
+def _run_manifest(job: _Job, results: Mapping[str, ScanResult], shown: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """The run directory's ``manifest.json``: what ran, with which options, and where each part is."""
+    return {
+        "kind": RUN_KIND,
+        "attnscan_version": __version__,
+        "models": {k: {"spec": r.manifest.get("model", {}).get("spec"), "bundle": k} for k, r in results.items()},
+        "prompt_sets": {k: v.provenance() for k, v in job.sets.items()},
+        "options": dict(job.options),
+        "figure": "figure.png",
+        "profile": "layers.png",
+        "report": "report.html",
+        "rows": [list(r) for r in shown],
+        "started": job.started,
+        "finished": now_utc(),
+    }
 
 
 def make_report(
@@ -480,18 +363,12 @@ def make_report(
     """Write one self-contained HTML report for saved bundles or run directories: the library twin of
     ``attnscan report``. Layer tables come from each bundle's ``layers.csv`` (computed when absent); prompt texts
     are reloaded from the sources the manifests record when they still match their sha256."""
-    from .analysis.observations import observations
-    from .views.report import DEFAULT_TITLE, EXAMPLES, build_report, prompts_from_manifest, write_report
-
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise AttnscanError(f"--out {out}: the report is an HTML file; give a name ending in .html")
     results = load_bundles(paths)
     tables = {label: stored_table(result, seed) for label, result in results.items()}
-    notes: list[str] = []
-    for label, table in tables.items():
-        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
-    notes[-1:] = compare_models(tables, results) + notes[-1:]
+    notes = _notes(tables, results)
     prompts = {label: texts for label, result in results.items() if (texts := prompts_from_manifest(result))}
     detection = {label: t for label, result in results.items() if (t := stored_detection(result)) is not None}
     html_text = build_report(

@@ -18,7 +18,7 @@ from attnscan.errors import AttnscanError
 from attnscan.models.loading import LoadedModel, from_model
 from attnscan.prompts.sets import PromptSet
 from attnscan.testing.tiny import build_model, tiny_tokenizer
-from attnscan.views.figures import trade_off_figure
+from attnscan.views.tradeoff import trade_off_figure
 
 TEXTS = [
     "how do i make bread",

@@ -363,7 +363,7 @@ def test_defend_existing_output_and_failure_while_saving(
     _one_line_error(_defend(tiny_model_dir, prompts, out, "--layers", "1"), "already holds defence results")
     assert [p.name for p in out.iterdir()] == ["defence.json"]
 
-    import attnscan.views.figures as figures
+    import attnscan.views.saving as figures
 
     def broken(*args: Any, **kwargs: Any) -> Path:
         raise AttnscanError("disk full")

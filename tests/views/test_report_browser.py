@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_report import IMG_INJECTION, INJECTED_PROMPT, SCRIPT_INJECTION, make_inputs
+from report_data import IMG_INJECTION, INJECTED_PROMPT, SCRIPT_INJECTION, make_inputs
 
 from attnscan.views.report import build_report, write_report
 

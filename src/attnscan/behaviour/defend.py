@@ -18,7 +18,7 @@
 
 :func:`sweep` bypasses the first ``k`` layers of an ordering (e.g. layers sorted by detector AUROC or attention
 shift, :func:`attnscan.behaviour.layers.layer_order`) for each ``k`` and tabulates the trade-off, which
-:func:`attnscan.views.figures.trade_off_figure` plots. :func:`defend` with ``sweep_ks`` runs one setting and a
+:func:`attnscan.views.tradeoff.trade_off_figure` plots. :func:`defend` with ``sweep_ks`` runs one setting and a
 sweep together, sharing the baseline, and :meth:`DefenceResult.save` then writes the sweep table and the
 trade-off curve beside the setting's results. Where the layers come from: :mod:`attnscan.behaviour.layers`.
 """
@@ -133,7 +133,7 @@ class DefenceResult:
         """Write ``responses.jsonl``, ``defence.csv`` and ``defence.json`` to ``out`` atomically.
 
         With a :attr:`sweep`, also ``sweep.csv`` (the table), ``tradeoff.png``
-        (:func:`attnscan.views.figures.trade_off_figure` at ``dpi``) and ``sweep_responses.jsonl``
+        (:func:`attnscan.views.tradeoff.trade_off_figure` at ``dpi``) and ``sweep_responses.jsonl``
         (:meth:`sweep_records`), inside the same directory, which appears complete or not at all.
         """
         final = Path(out)
@@ -142,7 +142,8 @@ class DefenceResult:
             self.table().to_csv(tmp / SUMMARY_FILE, index=False)
             if self.sweep is not None:
                 # drawing is the views stage's job: imported here, so defend never loads it at import
-                from ..views.figures import save_figure, trade_off_figure
+                from ..views.saving import save_figure
+                from ..views.tradeoff import trade_off_figure
 
                 self.sweep.to_csv(tmp / SWEEP_FILE, index=False)
                 save_jsonl(tmp / SWEEP_RESPONSES_FILE, self.sweep_records())

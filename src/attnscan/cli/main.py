@@ -309,7 +309,8 @@ def figure_cmd(
     seed: SeedOpt = 0,
 ) -> None:
     """Draw the Benign / Jailbreak / Difference figure (and the layer profile) from saved results."""
-    from ..pipeline import draw, load_bundles, parse_rows, stored_detection, stored_table
+    from ..rundir import load_bundles, parse_rows, stored_detection, stored_table
+    from ..views.run_figures import draw
 
     with user_errors():
         results = load_bundles(dirs)
