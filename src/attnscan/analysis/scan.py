@@ -320,6 +320,7 @@ def _manifest(
                 "tokens_min": min(encoded[name].lengths),
                 "tokens_max": max(encoded[name].lengths),
                 "tokens_mean": sum(encoded[name].lengths) / len(encoded[name].lengths),
+                **({"groups": list(ps.groups)} if ps.groups else {}),
             }
             for name, ps in sets.items()
         },
