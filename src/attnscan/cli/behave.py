@@ -1,7 +1,6 @@
-"""The ``attnscan behave`` and ``attnscan defend`` commands: thin wrappers over :func:`attnscan.behave.behave` and
-:func:`attnscan.defend.defend` (registered on the main app by :func:`register`).
-
-The option types shared by every command come from :mod:`attnscan.cli_common`.
+"""The ``attnscan behave`` and ``attnscan defend`` commands: thin wrappers over
+:func:`attnscan.behaviour.behave.behave` and :func:`attnscan.behaviour.defend.defend` (registered on the app by
+:mod:`attnscan.cli.main`), and the rich tables of their results.
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -20,57 +20,51 @@ from .options import (
     DeviceOpt,
     DtypeOpt,
     FieldOpt,
+    Flags,
+    GenBatchOpt,
+    JudgeLabelsOpt,
+    JudgeOpt,
     LimitOpt,
+    LimitSeedOpt,
+    MaxNewOpt,
     ModelOpt,
     MultilineOpt,
+    PhrasesOpt,
     PickleOpt,
     QuietOpt,
     RemoteOpt,
     RequestsOpt,
+    ResultsOutOpt,
     RevisionOpt,
     SourceOpt,
     SystemOpt,
     TemplatesOpt,
+    WindowOpt,
+    load_options,
+    options_from,
+    quiet_libraries,
+    read_prompt_sets,
+    user_errors,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
     from rich.table import Table
 
+    from ..behaviour.defend import DefenceResult
+    from ..behaviour.generation import GenerationOptions
     from ..behaviour.judges import ClassifierJudge, RefusalMatcher
+    from ..models.loading import LoadOptions
 
 DEFAULT_SCAN_TOP = 3
 
-# Option types of these two commands (the shared ones live in attnscan.cli_common).
-OutOpt = Annotated[Path, typer.Option(help="Directory for the results (appears complete or not at all).")]
-MaxNewOpt = Annotated[int, typer.Option(help="Generate at most N new tokens per prompt (greedy decoding).")]
-GenBatchOpt = Annotated[int, typer.Option(help="Prompts per generation batch.")]
-PhrasesOpt = Annotated[
-    Path | None,
-    typer.Option(help="Refusal phrases, one per line ('#' comments), instead of attnscan's documented list."),
-]
-WindowOpt = Annotated[
-    int, typer.Option(help="A refusal phrase must start within the first N characters of a response (0: anywhere).")
-]
-JudgeOpt = Annotated[
-    str | None, typer.Option(help="A sequence-classification model (local dir or hub id) labelling each response.")
-]
-JudgeLabelsOpt = Annotated[
-    str | None, typer.Option(help="Comma-separated judge labels that count as a refusal (e.g. refusal).")
-]
-
-
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
-    app.command("behave")(behave_cmd)
-    app.command("defend")(defend_cmd)
-
-
 # --------------------------------------------------------------------------------------------------- behave
+
+BehaveOverwriteOpt = Annotated[bool, typer.Option(help="Replace earlier behaviour results in --out.")]
 
 
 def behave_cmd(
-    out: OutOpt,
+    out: ResultsOutOpt,
     benign: SourceOpt = None,
     jailbreak: SourceOpt = None,
     control: SourceOpt = None,
@@ -80,7 +74,7 @@ def behave_cmd(
     field: FieldOpt = None,
     multiline: MultilineOpt = False,
     limit: LimitOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed for subsampling with --limit.")] = 0,
+    seed: LimitSeedOpt = 0,
     max_new_tokens: MaxNewOpt = 64,
     batch_size: GenBatchOpt = 8,
     chat_template: ChatOpt = True,
@@ -94,7 +88,7 @@ def behave_cmd(
     revision: RevisionOpt = None,
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace earlier behaviour results in --out.")] = False,
+    overwrite: BehaveOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate a response to every prompt and measure how often the model refuses (and the jailbreaks' ASR).
@@ -102,50 +96,30 @@ def behave_cmd(
     Writes responses.jsonl (every prompt and response, with the refusal call), behaviour.csv (one row per set)
     and behaviour.json (how it was made). Refusals are found by phrase matching: read a sample of the responses.
     """
+    flags = dict(locals())  # the parsed flags by name, for the library's inputs (see attnscan.cli.options)
     from rich.console import Console
 
     from .._io import check_output_dir
     from ..behaviour.behave import META_FILE, behave
     from ..behaviour.generation import GenerationOptions
     from ..models.loading import load_model
-    from ..prompts.sets import prompt_sets
-    from .options import quiet_libraries, user_errors
     from .progress import prompt_progress
 
     with user_errors():
-        GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before the model loads
+        generation = options_from(GenerationOptions, flags)  # checked before the model loads
         check_output_dir(out, overwrite, marker=META_FILE, what="behaviour results")
-        sets = prompt_sets(
-            benign,
-            jailbreak,
-            control,
-            jailbreak_templates=jailbreak_templates,
-            requests=requests,
-            field=field,
-            multiline=multiline,
-            limit=limit,
-            seed=seed,
-        )
+        sets = read_prompt_sets(flags)
         matcher = _matcher(refusal_phrases, refusal_window)
         labels = _judge_labels(judge, judge_refusal_labels)
         quiet_libraries()
-        loaded = load_model(
-            model,
-            dtype=dtype,
-            device=device,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-        )
-        classifier = _judge(judge, labels, device, trust_remote_code, allow_pickle)
+        load = load_options(flags)
+        loaded = load_model(model, load)
+        classifier = _judge(judge, labels, load)
         with prompt_progress(quiet) as progress:
             result = behave(
                 loaded,
                 sets,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                chat_template=chat_template,
-                system_prompt=system_prompt,
+                **asdict(generation),
                 matcher=matcher,
                 judge=classifier,
                 progress=progress,
@@ -156,7 +130,8 @@ def behave_cmd(
 
 
 def behaviour_summary(table: pd.DataFrame, model: str) -> Table:
-    """A rich table of :func:`attnscan.behave.behaviour_table`: refusal rate and ASR with Wilson 95 % intervals."""
+    """A rich table of :func:`attnscan.behaviour.behave.behaviour_table`: refusal rate and ASR with Wilson 95 %
+    intervals."""
     from rich.table import Table
 
     judged = "judge_refusal_rate" in table.columns
@@ -180,53 +155,63 @@ def behaviour_summary(table: pd.DataFrame, model: str) -> Table:
 
 # --------------------------------------------------------------------------------------------------- defend
 
+BypassLayersOpt = Annotated[str | None, typer.Option(help="Layers to bypass, e.g. 3,7 or 4-8 (order = sweep order).")]
+FromDetectorOpt = Annotated[
+    Path | None, typer.Option(help="Bypass the flagged layers of a detector directory (attnscan detect train).")
+]
+FromScanOpt = Annotated[
+    Path | None, typer.Option(help="Bypass the top --top layers of a scan bundle's layers.csv, ranked by --by.")
+]
+ByOpt = Annotated[
+    str | None, typer.Option(help="Ranking column: scan default abs_shift; detector default cp_auroc (detection.csv).")
+]
+TopOpt = Annotated[
+    int | None,
+    typer.Option(help=f"Bypass the first K ranked layers (scan default {DEFAULT_SCAN_TOP}; detector: all)."),
+]
+SweepOpt = Annotated[
+    str | None, typer.Option(help="Also bypass the first k layers of the ranking for each k, e.g. 0,1,2,4,8.")
+]
+PerplexityOpt = Annotated[bool, typer.Option(help="Measure perplexity on the benign prompts' text.")]
+PplLengthOpt = Annotated[int, typer.Option(help="Perplexity reads the first N tokens of each text.")]
+DpiOpt = Annotated[int, typer.Option(help="Resolution of tradeoff.png.")]
+DefendOverwriteOpt = Annotated[bool, typer.Option(help="Replace earlier defence results in --out.")]
+
 
 def defend_cmd(
-    out: OutOpt,
+    out: ResultsOutOpt,
     benign: SourceOpt = None,
     jailbreak: SourceOpt = None,
     jailbreak_templates: TemplatesOpt = None,
     requests: RequestsOpt = None,
     model: ModelOpt = "smollm2-135m-instruct",
-    layers: Annotated[str | None, typer.Option(help="Layers to bypass, e.g. 3,7 or 4-8 (order = sweep order).")] = None,
-    from_detector: Annotated[
-        Path | None, typer.Option(help="Bypass the flagged layers of a detector directory (attnscan detect train).")
-    ] = None,
-    from_scan: Annotated[
-        Path | None, typer.Option(help="Bypass the top --top layers of a scan bundle's layers.csv, ranked by --by.")
-    ] = None,
-    by: Annotated[
-        str | None,
-        typer.Option(help="Ranking column: scan default abs_shift; detector default cp_auroc (detection.csv)."),
-    ] = None,
-    top: Annotated[
-        int | None,
-        typer.Option(help=f"Bypass the first K ranked layers (scan default {DEFAULT_SCAN_TOP}; detector: all)."),
-    ] = None,
-    sweep: Annotated[
-        str | None, typer.Option(help="Also bypass the first k layers of the ranking for each k, e.g. 0,1,2,4,8.")
-    ] = None,
+    layers: BypassLayersOpt = None,
+    from_detector: FromDetectorOpt = None,
+    from_scan: FromScanOpt = None,
+    by: ByOpt = None,
+    top: TopOpt = None,
+    sweep: SweepOpt = None,
     field: FieldOpt = None,
     multiline: MultilineOpt = False,
     limit: LimitOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed for subsampling with --limit.")] = 0,
+    seed: LimitSeedOpt = 0,
     max_new_tokens: MaxNewOpt = 64,
     batch_size: GenBatchOpt = 8,
-    perplexity: Annotated[bool, typer.Option(help="Measure perplexity on the benign prompts' text.")] = True,
-    ppl_length: Annotated[int, typer.Option(help="Perplexity reads the first N tokens of each text.")] = 512,
+    perplexity: PerplexityOpt = True,
+    ppl_length: PplLengthOpt = 512,
     chat_template: ChatOpt = True,
     system_prompt: SystemOpt = None,
     refusal_phrases: PhrasesOpt = None,
     refusal_window: WindowOpt = 160,
     judge: JudgeOpt = None,
     judge_refusal_labels: JudgeLabelsOpt = None,
-    dpi: Annotated[int, typer.Option(help="Resolution of tradeoff.png.")] = 150,
+    dpi: DpiOpt = 150,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     revision: RevisionOpt = None,
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace earlier defence results in --out.")] = False,
+    overwrite: DefendOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Bypass chosen layers at inference and compare with the unmodified model: jailbreaks refused, benign kept.
@@ -237,63 +222,29 @@ def defend_cmd(
     matching, and an empty or garbled answer counts as kept: read a sample of the responses. With --judge, a
     classifier labels every response too, and the tables add its refusal rate and retention.
     """
-    from rich.console import Console
-
-    from .._io import check_output_dir
-    from ..behaviour.defend import META_FILE, defend
-    from ..behaviour.generation import GenerationOptions
+    flags = dict(locals())  # the parsed flags by name, for the library's inputs (see attnscan.cli.options)
+    from ..behaviour.defend import defend
     from ..models.loading import load_model
-    from ..prompts.sets import prompt_sets
-    from .options import quiet_libraries, user_errors
     from .progress import prompt_progress
 
     with user_errors():
-        GenerationOptions(max_new_tokens=max_new_tokens, batch_size=batch_size)  # checked before the model loads
-        if ppl_length < 2:
-            raise AttnscanError(f"--ppl-length must be at least 2 tokens, got {ppl_length}")
-        if dpi <= 0:
-            raise AttnscanError(f"--dpi must be positive, got {dpi}")
-        _check_layer_source(layers, from_detector, from_scan, by, top)
-        ks = _parse_ks(sweep) if sweep is not None else None
-        check_output_dir(out, overwrite, marker=META_FILE, what="defence results")
-        sets = prompt_sets(
-            benign,
-            jailbreak,
-            jailbreak_templates=jailbreak_templates,
-            requests=requests,
-            field=field,
-            multiline=multiline,
-            limit=limit,
-            seed=seed,
-        )
+        generation, ks = _check_defend_flags(flags)
+        sets = read_prompt_sets(flags)
         matcher = _matcher(refusal_phrases, refusal_window)
         labels = _judge_labels(judge, judge_refusal_labels)
         order, source = _file_order(from_detector, from_scan, by, model)
         quiet_libraries()
-        loaded = load_model(
-            model,
-            dtype=dtype,
-            device=device,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-        )
-        classifier = _judge(judge, labels, device, trust_remote_code, allow_pickle)
-        if layers is not None:
-            order = ordered_layers(layers, loaded.arch.n_layers)
-            source = {"kind": "layers", "layers": layers}
-        chosen = order[: top if top is not None else (DEFAULT_SCAN_TOP if from_scan is not None else len(order))]
-        source["bypassed"] = chosen
+        load = load_options(flags)
+        loaded = load_model(model, load)
+        classifier = _judge(judge, labels, load)
+        chosen, order, source = _bypassed(layers, top, from_scan, order, source, loaded.arch.n_layers)
         with prompt_progress(quiet) as progress:
             result = defend(
                 loaded,
                 sets["jailbreak"],
                 sets["benign"],
                 chosen,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                chat_template=chat_template,
-                system_prompt=system_prompt,
+                **asdict(generation),
                 ppl_texts=None if perplexity else False,
                 ppl_length=ppl_length,
                 matcher=matcher,
@@ -304,12 +255,50 @@ def defend_cmd(
             )
         result.info["layer_source"] = source
         result.save(out, overwrite=overwrite, dpi=dpi)
+    _print_defence(result, model, out)
+
+
+def _check_defend_flags(flags: Flags) -> tuple[GenerationOptions, list[int] | None]:
+    """Fail on a bad flag of ``defend`` before anything is read or loaded; return the generation options and the
+    sweep's ks (``None`` without ``--sweep``)."""
+    from .._io import check_output_dir
+    from ..behaviour.defend import META_FILE
+    from ..behaviour.generation import GenerationOptions
+
+    generation = options_from(GenerationOptions, flags)
+    if flags["ppl_length"] < 2:
+        raise AttnscanError(f"--ppl-length must be at least 2 tokens, got {flags['ppl_length']}")
+    if flags["dpi"] <= 0:
+        raise AttnscanError(f"--dpi must be positive, got {flags['dpi']}")
+    _check_layer_source(flags["layers"], flags["from_detector"], flags["from_scan"], flags["by"], flags["top"])
+    ks = _parse_ks(flags["sweep"]) if flags["sweep"] is not None else None
+    check_output_dir(flags["out"], flags["overwrite"], marker=META_FILE, what="defence results")
+    return generation, ks
+
+
+def _bypassed(
+    layers: str | None, top: int | None, from_scan: Path | None, order: list[int], source: dict[str, Any], n_layers: int
+) -> tuple[list[int], list[int], dict[str, Any]]:
+    """The layers to bypass, the ranking they come first in, and the record of where they came from: those of
+    ``--layers`` in the order given, else the first ``--top`` of a file's ranking (default: the scan's top
+    :data:`DEFAULT_SCAN_TOP`, all the layers a detector flagged)."""
+    if layers is not None:
+        order = ordered_layers(layers, n_layers)
+        source = {"kind": "layers", "layers": layers}
+    chosen = order[: top if top is not None else (DEFAULT_SCAN_TOP if from_scan is not None else len(order))]
+    return chosen, order, {**source, "bypassed": chosen}
+
+
+def _print_defence(result: DefenceResult, model: str, out: Path) -> None:
+    """The summary of ``defend`` on stdout: baseline vs bypass (and the sweep), and what was written."""
+    from rich.console import Console
+
     console = Console()
     console.print(defence_summary(result.table(), f"Layer bypass on {model}: baseline vs bypass"))
     if result.sweep is not None:
         console.print(defence_summary(result.sweep, "Sweep: bypass the first k ranked layers"))
     written = "defence.csv, responses.jsonl, defence.json"
-    written += ", sweep.csv, sweep_responses.jsonl, tradeoff.png" if ks is not None else ""
+    written += ", sweep.csv, sweep_responses.jsonl, tradeoff.png" if result.sweep is not None else ""
     typer.echo(f"wrote {out} ({written})")
 
 
@@ -361,7 +350,7 @@ def defence_summary(table: pd.DataFrame, title: str) -> Table:
 def ordered_layers(text: str, n_layers: int) -> list[int]:
     """Layers of ``--layers`` in the order given (spans ascending, repeats dropped), checked against the model.
 
-    Unlike :func:`attnscan.models.parse_layers` the order is kept: it is the sweep's ranking.
+    Unlike :func:`attnscan.models.loading.parse_layers` the order is kept: it is the sweep's ranking.
     """
     from ..models.loading import parse_layers
 
@@ -394,10 +383,9 @@ def _judge_labels(judge: str | None, refusal_labels: str | None) -> list[str] | 
     return [x.strip() for x in refusal_labels.split(",") if x.strip()] or None
 
 
-def _judge(
-    spec: str | None, refusal_labels: list[str] | None, device: str, trust_remote_code: bool, allow_pickle: bool
-) -> ClassifierJudge | None:
-    """The ``--judge`` classifier (``None`` without one)."""
+def _judge(spec: str | None, refusal_labels: list[str] | None, load: LoadOptions) -> ClassifierJudge | None:
+    """The ``--judge`` classifier (``None`` without one), on the model's device and with its code and pickle
+    permissions."""
     from ..behaviour.judges import ClassifierJudge
 
     if spec is None:
@@ -405,9 +393,9 @@ def _judge(
     return ClassifierJudge(
         spec,
         refusal_labels=refusal_labels,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
+        device=load.device,
+        trust_remote_code=load.trust_remote_code,
+        allow_pickle=load.allow_pickle,
     )
 
 

@@ -1,56 +1,310 @@
-"""``attnscan detect train|score|eval``: thin commands over :mod:`attnscan.detect_job` (see :func:`register`).
+"""``attnscan detect train|score|eval``: thin commands over :mod:`attnscan.detect.jobs` (registered on the app's
+``detect`` group by :mod:`attnscan.cli.main`), and the rich table of their per-layer results."""
 
-The shared option types live in :mod:`attnscan.cli`, which imports this module at its bottom; they are imported
-inside :func:`register`, and the commands are defined there (without postponed annotations, so typer sees the
-option types when the functions are made).
-"""
+from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
+from ..errors import AttnscanError
 from ..prompts.encoding import DEFAULT_LENGTH
+from .options import (
+    AssistantOpt,
+    BootstrapOpt,
+    ChatOpt,
+    DetectorArg,
+    DetectorBatchOpt,
+    DetectorLengthOpt,
+    DetectorModelOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FieldOpt,
+    LayersOpt,
+    LimitOpt,
+    ModelOpt,
+    MultilineOpt,
+    OtherModelOpt,
+    OverwriteFileOpt,
+    PickleOpt,
+    QuietOpt,
+    RemoteOpt,
+    RequestsOpt,
+    RevisionOpt,
+    ScoreDtypeOpt,
+    SeedOpt,
+    SourceOpt,
+    SystemOpt,
+    TemplatesOpt,
+    load_keywords,
+    quiet_libraries,
+    read_prompt_sets,
+    user_errors,
+)
 
-DetectorArg = Annotated[Path, typer.Argument(help="Detector directory written by 'attnscan detect train'.")]
-ModelOrNoneOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="Model spec (default: the model the detector was trained on).")
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from ..detect.store import TrainedDetector
+
+# --------------------------------------------------------------------------------------------------- train
+
+TrainOutOpt = Annotated[Path, typer.Option(help="Directory for the detector (created atomically).")]
+FeaturesOpt = Annotated[
+    str, typer.Option(help="'hidden' (residual stream) or 'attention' (per-prompt log-attention blocks).")
 ]
-DetLengthOpt = Annotated[int, typer.Option(help="Most tokens per prompt; longer prompts keep their --truncate end.")]
-DetBatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
-DetTruncateOpt = Annotated[str, typer.Option(help="Keep the 'head' or the 'tail' (default) of long prompts.")]
-BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% intervals.")]
-ScoreDtypeOpt = Annotated[
-    str | None,
-    typer.Option(help="auto, float32, bfloat16 or float16 (default: the dtype the detector was trained with)."),
+RankOpt = Annotated[int, typer.Option(help="Components of the CP decomposition.")]
+MaxIterOpt = Annotated[int, typer.Option(help="Most ALS iterations of the CP decomposition.")]
+LastKOpt = Annotated[int, typer.Option(help="Hidden features: the prompt's last K token positions.")]
+BlocksOpt = Annotated[int, typer.Option(help="Attention features: B x B blocks of the token grid.")]
+FoldsOpt = Annotated[int, typer.Option(help="Cross-validation folds.")]
+FlagThresholdOpt = Annotated[float, typer.Option(help="Flag a layer whose cross-validated AUROC reaches this.")]
+FlagOnOpt = Annotated[str, typer.Option(help="Flag and score with the 'cp' detector or the 'probe'.")]
+DetectorTruncateOpt = Annotated[str, typer.Option(help="Keep the 'head' or the 'tail' (default) of long prompts.")]
+TrainTopOpt = Annotated[int, typer.Option(help="Layers shown in the summary table.")]
+TrainOverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing detector in --out.")]
+
+
+def train_cmd(
+    out: TrainOutOpt,
+    benign: SourceOpt = None,
+    jailbreak: SourceOpt = None,
+    jailbreak_templates: TemplatesOpt = None,
+    requests: RequestsOpt = None,
+    model: ModelOpt = "smollm2-135m-instruct",
+    field: FieldOpt = None,
+    multiline: MultilineOpt = False,
+    assistant_name: AssistantOpt = "ChatGPT",
+    limit: LimitOpt = None,
+    seed: SeedOpt = 0,
+    layers: LayersOpt = "all",
+    features: FeaturesOpt = "hidden",
+    rank: RankOpt = 8,
+    max_iter: MaxIterOpt = 100,
+    last_k: LastKOpt = 8,
+    blocks: BlocksOpt = 16,
+    folds: FoldsOpt = 5,
+    threshold: FlagThresholdOpt = 0.9,
+    flag_on: FlagOnOpt = "cp",
+    bootstrap: BootstrapOpt = 1000,
+    length: DetectorLengthOpt = DEFAULT_LENGTH,
+    batch_size: DetectorBatchOpt = 8,
+    chat_template: ChatOpt = True,
+    system_prompt: SystemOpt = None,
+    truncate: DetectorTruncateOpt = "tail",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    revision: RevisionOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
+    top: TrainTopOpt = 8,
+    overwrite: TrainOverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train per-layer CP and probe detectors on benign vs jailbreak prompts and write them to --out."""
+    flags = dict(locals())  # the parsed flags by name, for the library's inputs (see attnscan.cli.options)
+    from ..detect.jobs import train_detector
+    from ..detect.store import check_detector_dir
+    from .progress import lazy_progress
+
+    with user_errors():
+        check_detector_dir(out, overwrite)
+        sets = read_prompt_sets(flags)
+        quiet_libraries()
+        with lazy_progress(quiet) as progress:
+            trained = train_detector(
+                model,
+                sets["benign"],
+                sets["jailbreak"],
+                out=out,
+                layers=layers,
+                features=features,  # type: ignore[arg-type]
+                rank=rank,
+                max_iter=max_iter,
+                last_k=last_k,
+                blocks=blocks,
+                folds=folds,
+                threshold=threshold,
+                flag_on=flag_on,  # type: ignore[arg-type]
+                seed=seed,
+                n_bootstrap=bootstrap,
+                length=length,
+                batch_size=batch_size,
+                chat_template=chat_template,
+                system_prompt=system_prompt,
+                truncate=truncate,  # type: ignore[arg-type]
+                overwrite=overwrite,
+                progress=progress,
+                **load_keywords(flags),
+            )
+    _print_trained(trained, features, threshold, top, out)
+
+
+def _print_trained(trained: TrainedDetector, features: str, threshold: float, top: int, out: Path) -> None:
+    """The summary of ``detect train`` on stdout: the top layers, the best and flagged ones, what was written."""
+    from rich.console import Console
+
+    by = f"{trained.primary}_auroc"
+    title = f"Top layers by cross-validated {trained.primary.upper()} AUROC ({features} features)"
+    Console().print(layer_rich_table(trained.table, title, top, by=by))
+    flagged = ", ".join(map(str, trained.flagged_layers)) or "none"
+    typer.echo(f"best layer {trained.best_layer}; flagged (AUROC >= {threshold}): {flagged}")
+    typer.echo(f"wrote {out} (detector.safetensors, detector.json, probe/, detection.csv)")
+
+
+# --------------------------------------------------------------------------------------------------- score
+
+PromptsOpt = Annotated[str, typer.Option(help="Prompts to score: builtin:NAME, a file, or hf:DS:SPLIT:COL.")]
+ScoreOutOpt = Annotated[Path, typer.Option(help="CSV file for the scores (written atomically).")]
+ScoreLayerOpt = Annotated[int | None, typer.Option(help="Layer to score at (default: the best layer).")]
+KindOpt = Annotated[
+    str | None, typer.Option("--detector", help="'cp' or 'probe' (default: the detector's primary kind).")
 ]
-OtherModelOpt = Annotated[
-    bool, typer.Option(help="Score with a model other than the training one (warns instead of refusing).")
-]
+ProbThresholdOpt = Annotated[float, typer.Option(help="A prompt is flagged when its probability reaches this.")]
 
 
-@contextlib.contextmanager
-def lazy_progress(quiet: bool, unit: str = "prompts") -> Iterator[Callable[[int, int, str], None] | None]:
-    """:func:`attnscan.progress.prompt_progress`, drawn from the first update on: errors found before any work
-    starts (bad options, layers, files) stay one clean line."""
-    from .progress import prompt_progress
+def score_cmd(
+    detector: DetectorArg,
+    prompts: PromptsOpt,
+    out: ScoreOutOpt,
+    model: DetectorModelOpt = None,
+    layer: ScoreLayerOpt = None,
+    kind: KindOpt = None,
+    threshold: ProbThresholdOpt = 0.5,
+    field: FieldOpt = None,
+    multiline: MultilineOpt = False,
+    assistant_name: AssistantOpt = "ChatGPT",
+    limit: LimitOpt = None,
+    seed: SeedOpt = 0,
+    batch_size: DetectorBatchOpt = 8,
+    dtype: ScoreDtypeOpt = None,
+    device: DeviceOpt = "auto",
+    allow_other_model: OtherModelOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
+    overwrite: OverwriteFileOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write each prompt's jailbreak probability (one layer, one detector) to a CSV file."""
+    flags = dict(locals())  # the parsed flags by name, for the library's inputs (see attnscan.cli.options)
+    from ..detect.jobs import score_prompts
+    from ..detect.store import check_output_file, load_trained, write_table
+    from ..prompts.sets import load_prompts
+    from .progress import lazy_progress
 
-    if quiet:
-        yield None
-        return
-    with contextlib.ExitStack() as stack:
-        bar: list[Callable[[int, int, str], None] | None] = []
+    with user_errors():
+        check_output_file(out, overwrite)
+        if kind is not None and kind not in ("cp", "probe"):
+            raise AttnscanError(f"--detector must be cp or probe, got {kind}")
+        trained = load_trained(detector)
+        ps = load_prompts(
+            prompts, "prompts", field=field, multiline=multiline, assistant_name=assistant_name, limit=limit, seed=seed
+        )
+        quiet_libraries()
+        with lazy_progress(quiet) as progress:
+            frame = score_prompts(
+                trained,
+                ps,
+                model=model,
+                layer=layer,
+                kind=kind,  # type: ignore[arg-type]
+                threshold=threshold,
+                batch_size=batch_size,
+                progress=progress,
+                allow_other_model=allow_other_model,
+                **load_keywords(flags),
+            )
+        write_table(frame, out, overwrite=overwrite)
+    n_flag = int(frame["flagged"].sum())
+    typer.echo(
+        f"scored {len(frame)} prompts with the {frame.attrs['kind']} detector at layer {frame.attrs['layer']}: "
+        f"{n_flag} flagged (prob >= {threshold}), mean prob {frame['prob'].mean():.3f}"
+    )
+    typer.echo(f"wrote {out}")
 
-        def update(done: int, total: int, label: str) -> None:
-            if not bar:
-                bar.append(stack.enter_context(prompt_progress(False, unit)))
-            if bar[0] is not None:
-                bar[0](done, total, label)
 
-        yield update
+# ---------------------------------------------------------------------------------------------------- eval
+
+EvalLayersOpt = Annotated[str, typer.Option(help="'all' (the detector's layers), or layers such as 3,7.")]
+EvalOutOpt = Annotated[Path | None, typer.Option(help="Also write the per-layer metrics to this CSV file.")]
+EvalTopOpt = Annotated[int, typer.Option(help="Layers shown in the table.")]
+
+
+def eval_cmd(
+    detector: DetectorArg,
+    benign: SourceOpt = None,
+    jailbreak: SourceOpt = None,
+    jailbreak_templates: TemplatesOpt = None,
+    requests: RequestsOpt = None,
+    model: DetectorModelOpt = None,
+    layers: EvalLayersOpt = "all",
+    field: FieldOpt = None,
+    multiline: MultilineOpt = False,
+    assistant_name: AssistantOpt = "ChatGPT",
+    limit: LimitOpt = None,
+    seed: SeedOpt = 0,
+    bootstrap: BootstrapOpt = 1000,
+    batch_size: DetectorBatchOpt = 8,
+    dtype: ScoreDtypeOpt = None,
+    device: DeviceOpt = "auto",
+    allow_other_model: OtherModelOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
+    out: EvalOutOpt = None,
+    top: EvalTopOpt = 10,
+    overwrite: OverwriteFileOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Evaluate the saved detectors (no refitting) on a new labelled set, e.g. prompts from another source."""
+    flags = dict(locals())  # the parsed flags by name, for the library's inputs (see attnscan.cli.options)
+    from ..detect.jobs import evaluate_detector
+    from ..detect.store import check_output_file, load_trained, write_table
+    from .progress import lazy_progress
+
+    with user_errors():
+        if out is not None:
+            check_output_file(out, overwrite)
+        trained = load_trained(detector)
+        sets = read_prompt_sets(flags)
+        quiet_libraries()
+        with lazy_progress(quiet) as progress:
+            frame = evaluate_detector(
+                trained,
+                sets["benign"],
+                sets["jailbreak"],
+                model=model,
+                layers=layers,
+                n_bootstrap=bootstrap,
+                seed=seed,
+                batch_size=batch_size,
+                progress=progress,
+                allow_other_model=allow_other_model,
+                **load_keywords(flags),
+            )
+        if out is not None:
+            write_table(frame, out, overwrite=overwrite)
+    _print_evaluation(frame, trained, len(sets["benign"]), len(sets["jailbreak"]), top, out)
+
+
+def _print_evaluation(frame: Any, trained: TrainedDetector, n_b: int, n_j: int, top: int, out: Path | None) -> None:
+    """The summary of ``detect eval`` on stdout: the top layers, training's best layer here and in training."""
+    from rich.console import Console
+
+    title = f"Saved detectors on {n_b} benign + {n_j} jailbreak prompts (top layers by CP AUROC)"
+    Console().print(layer_rich_table(frame, title, top, extra=True))
+    best = trained.best_layer
+    if best in set(frame["layer"]):
+        row = frame.set_index("layer").loc[best]
+        typer.echo(
+            f"training's best layer {best}: CP AUROC {row['cp_auroc']:.3f} here vs {row['cv_cp_auroc']:.3f} "
+            "cross-validated in training"
+        )
+    if out is not None:
+        typer.echo(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------------------------------- tables
 
 
 def _fmt_ci(value: float, low: float, high: float) -> str:
@@ -63,6 +317,8 @@ def layer_rich_table(frame: Any, title: str, top: int, by: str = "cp_auroc", ext
     """The ``top`` layers of a detection or evaluation table by ``by`` (descending), as a rich table that fits an
     80-column terminal (two-line headers; the evaluation table, ``extra``, shows the cross-validated AUROC of
     training in place of F1)."""
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     columns = ["layer", "CP AUROC\n[95% CI]", "CP\nTPR@5%"]
     columns += ["probe AUROC\n[95% CI]", "CV CP\nAUROC", "CV\nflag"] if extra else ["CP\nF1", "probe AUROC\n[95% CI]"]
@@ -88,285 +344,3 @@ def layer_rich_table(frame: Any, title: str, top: int, by: str = "cp_auroc", ext
         cells.append("[red]yes" if flagged is True or flagged == 1 else "no")
         table.add_row(*cells)
     return table
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``detect`` sub-app (``train``, ``score``, ``eval``) to ``app``."""
-    from rich.console import Console
-
-    from ..errors import AttnscanError
-    from .options import (
-        AssistantOpt,
-        ChatOpt,
-        DeviceOpt,
-        DtypeOpt,
-        FieldOpt,
-        LayersOpt,
-        LimitOpt,
-        ModelOpt,
-        MultilineOpt,
-        PickleOpt,
-        QuietOpt,
-        RemoteOpt,
-        RequestsOpt,
-        RevisionOpt,
-        SeedOpt,
-        SourceOpt,
-        SystemOpt,
-        TemplatesOpt,
-        quiet_libraries,
-        user_errors,
-    )
-
-    detect_app = typer.Typer(
-        name="detect",
-        help="Train per-layer jailbreak detectors on a model's internals, score prompts, evaluate on new sets.",
-        no_args_is_help=True,
-        add_completion=False,
-        pretty_exceptions_enable=False,
-    )
-
-    @detect_app.command("train")
-    def train_cmd(
-        out: Annotated[Path, typer.Option(help="Directory for the detector (created atomically).")],
-        benign: SourceOpt = None,
-        jailbreak: SourceOpt = None,
-        jailbreak_templates: TemplatesOpt = None,
-        requests: RequestsOpt = None,
-        model: ModelOpt = "smollm2-135m-instruct",
-        field: FieldOpt = None,
-        multiline: MultilineOpt = False,
-        assistant_name: AssistantOpt = "ChatGPT",
-        limit: LimitOpt = None,
-        seed: SeedOpt = 0,
-        layers: LayersOpt = "all",
-        features: Annotated[
-            str, typer.Option(help="'hidden' (residual stream) or 'attention' (per-prompt log-attention blocks).")
-        ] = "hidden",
-        rank: Annotated[int, typer.Option(help="Components of the CP decomposition.")] = 8,
-        max_iter: Annotated[int, typer.Option(help="Most ALS iterations of the CP decomposition.")] = 100,
-        last_k: Annotated[int, typer.Option(help="Hidden features: the prompt's last K token positions.")] = 8,
-        blocks: Annotated[int, typer.Option(help="Attention features: B x B blocks of the token grid.")] = 16,
-        folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
-        threshold: Annotated[float, typer.Option(help="Flag a layer whose cross-validated AUROC reaches this.")] = 0.9,
-        flag_on: Annotated[str, typer.Option(help="Flag and score with the 'cp' detector or the 'probe'.")] = "cp",
-        bootstrap: BootstrapOpt = 1000,
-        length: DetLengthOpt = DEFAULT_LENGTH,
-        batch_size: DetBatchOpt = 8,
-        chat_template: ChatOpt = True,
-        system_prompt: SystemOpt = None,
-        truncate: DetTruncateOpt = "tail",
-        dtype: DtypeOpt = "auto",
-        device: DeviceOpt = "auto",
-        revision: RevisionOpt = None,
-        trust_remote_code: RemoteOpt = False,
-        allow_pickle: PickleOpt = False,
-        top: Annotated[int, typer.Option(help="Layers shown in the summary table.")] = 8,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing detector in --out.")] = False,
-        quiet: QuietOpt = False,
-    ) -> None:
-        """Train per-layer CP and probe detectors on benign vs jailbreak prompts and write them to --out."""
-        from ..detect.jobs import train_detector
-        from ..detect.store import check_detector_dir
-        from ..prompts.sets import prompt_sets
-
-        with user_errors():
-            check_detector_dir(out, overwrite)
-            sets = prompt_sets(
-                benign,
-                jailbreak,
-                jailbreak_templates=jailbreak_templates,
-                requests=requests,
-                field=field,
-                multiline=multiline,
-                assistant_name=assistant_name,
-                limit=limit,
-                seed=seed,
-            )
-            quiet_libraries()
-            with lazy_progress(quiet) as progress:
-                trained = train_detector(
-                    model,
-                    sets["benign"],
-                    sets["jailbreak"],
-                    out=out,
-                    layers=layers,
-                    features=features,  # type: ignore[arg-type]
-                    rank=rank,
-                    max_iter=max_iter,
-                    last_k=last_k,
-                    blocks=blocks,
-                    folds=folds,
-                    threshold=threshold,
-                    flag_on=flag_on,  # type: ignore[arg-type]
-                    seed=seed,
-                    n_bootstrap=bootstrap,
-                    length=length,
-                    batch_size=batch_size,
-                    chat_template=chat_template,
-                    system_prompt=system_prompt,
-                    truncate=truncate,  # type: ignore[arg-type]
-                    overwrite=overwrite,
-                    progress=progress,
-                    dtype=dtype,
-                    device=device,
-                    revision=revision,
-                    trust_remote_code=trust_remote_code,
-                    allow_pickle=allow_pickle,
-                )
-        by = f"{trained.primary}_auroc"
-        title = f"Top layers by cross-validated {trained.primary.upper()} AUROC ({features} features)"
-        Console().print(layer_rich_table(trained.table, title, top, by=by))
-        flagged = ", ".join(map(str, trained.flagged_layers)) or "none"
-        typer.echo(f"best layer {trained.best_layer}; flagged (AUROC >= {threshold}): {flagged}")
-        typer.echo(f"wrote {out} (detector.safetensors, detector.json, probe/, detection.csv)")
-
-    @detect_app.command("score")
-    def score_cmd(
-        detector: DetectorArg,
-        prompts: Annotated[str, typer.Option(help="Prompts to score: builtin:NAME, a file, or hf:DS:SPLIT:COL.")],
-        out: Annotated[Path, typer.Option(help="CSV file for the scores (written atomically).")],
-        model: ModelOrNoneOpt = None,
-        layer: Annotated[int | None, typer.Option(help="Layer to score at (default: the best layer).")] = None,
-        kind: Annotated[
-            str | None, typer.Option("--detector", help="'cp' or 'probe' (default: the detector's primary kind).")
-        ] = None,
-        threshold: Annotated[float, typer.Option(help="A prompt is flagged when its probability reaches this.")] = 0.5,
-        field: FieldOpt = None,
-        multiline: MultilineOpt = False,
-        assistant_name: AssistantOpt = "ChatGPT",
-        limit: LimitOpt = None,
-        seed: SeedOpt = 0,
-        batch_size: DetBatchOpt = 8,
-        dtype: ScoreDtypeOpt = None,
-        device: DeviceOpt = "auto",
-        allow_other_model: OtherModelOpt = False,
-        trust_remote_code: RemoteOpt = False,
-        allow_pickle: PickleOpt = False,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
-        quiet: QuietOpt = False,
-    ) -> None:
-        """Write each prompt's jailbreak probability (one layer, one detector) to a CSV file."""
-        from ..detect.jobs import score_prompts
-        from ..detect.store import check_output_file, load_trained, write_table
-        from ..prompts.sets import load_prompts
-
-        with user_errors():
-            check_output_file(out, overwrite)
-            if kind is not None and kind not in ("cp", "probe"):
-                raise AttnscanError(f"--detector must be cp or probe, got {kind}")
-            trained = load_trained(detector)
-            ps = load_prompts(
-                prompts,
-                "prompts",
-                field=field,
-                multiline=multiline,
-                assistant_name=assistant_name,
-                limit=limit,
-                seed=seed,
-            )
-            quiet_libraries()
-            with lazy_progress(quiet) as progress:
-                frame = score_prompts(
-                    trained,
-                    ps,
-                    model=model,
-                    layer=layer,
-                    kind=kind,  # type: ignore[arg-type]
-                    threshold=threshold,
-                    batch_size=batch_size,
-                    progress=progress,
-                    allow_other_model=allow_other_model,
-                    dtype=dtype,
-                    device=device,
-                    trust_remote_code=trust_remote_code,
-                    allow_pickle=allow_pickle,
-                )
-            write_table(frame, out, overwrite=overwrite)
-        n_flag = int(frame["flagged"].sum())
-        typer.echo(
-            f"scored {len(frame)} prompts with the {frame.attrs['kind']} detector at layer {frame.attrs['layer']}: "
-            f"{n_flag} flagged (prob >= {threshold}), mean prob {frame['prob'].mean():.3f}"
-        )
-        typer.echo(f"wrote {out}")
-
-    @detect_app.command("eval")
-    def eval_cmd(
-        detector: DetectorArg,
-        benign: SourceOpt = None,
-        jailbreak: SourceOpt = None,
-        jailbreak_templates: TemplatesOpt = None,
-        requests: RequestsOpt = None,
-        model: ModelOrNoneOpt = None,
-        layers: Annotated[str, typer.Option(help="'all' (the detector's layers), or layers such as 3,7.")] = "all",
-        field: FieldOpt = None,
-        multiline: MultilineOpt = False,
-        assistant_name: AssistantOpt = "ChatGPT",
-        limit: LimitOpt = None,
-        seed: SeedOpt = 0,
-        bootstrap: BootstrapOpt = 1000,
-        batch_size: DetBatchOpt = 8,
-        dtype: ScoreDtypeOpt = None,
-        device: DeviceOpt = "auto",
-        allow_other_model: OtherModelOpt = False,
-        trust_remote_code: RemoteOpt = False,
-        allow_pickle: PickleOpt = False,
-        out: Annotated[Path | None, typer.Option(help="Also write the per-layer metrics to this CSV file.")] = None,
-        top: Annotated[int, typer.Option(help="Layers shown in the table.")] = 10,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
-        quiet: QuietOpt = False,
-    ) -> None:
-        """Evaluate the saved detectors (no refitting) on a new labelled set, e.g. prompts from another source."""
-        from ..detect.jobs import evaluate_detector
-        from ..detect.store import check_output_file, load_trained, write_table
-        from ..prompts.sets import prompt_sets
-
-        with user_errors():
-            if out is not None:
-                check_output_file(out, overwrite)
-            trained = load_trained(detector)
-            sets = prompt_sets(
-                benign,
-                jailbreak,
-                jailbreak_templates=jailbreak_templates,
-                requests=requests,
-                field=field,
-                multiline=multiline,
-                assistant_name=assistant_name,
-                limit=limit,
-                seed=seed,
-            )
-            quiet_libraries()
-            with lazy_progress(quiet) as progress:
-                frame = evaluate_detector(
-                    trained,
-                    sets["benign"],
-                    sets["jailbreak"],
-                    model=model,
-                    layers=layers,
-                    n_bootstrap=bootstrap,
-                    seed=seed,
-                    batch_size=batch_size,
-                    progress=progress,
-                    allow_other_model=allow_other_model,
-                    dtype=dtype,
-                    device=device,
-                    trust_remote_code=trust_remote_code,
-                    allow_pickle=allow_pickle,
-                )
-            if out is not None:
-                write_table(frame, out, overwrite=overwrite)
-        n_b, n_j = len(sets["benign"]), len(sets["jailbreak"])
-        title = f"Saved detectors on {n_b} benign + {n_j} jailbreak prompts (top layers by CP AUROC)"
-        Console().print(layer_rich_table(frame, title, top, extra=True))
-        best = trained.best_layer
-        if best in set(frame["layer"]):
-            row = frame.set_index("layer").loc[best]
-            typer.echo(
-                f"training's best layer {best}: CP AUROC {row['cp_auroc']:.3f} here vs {row['cv_cp_auroc']:.3f} "
-                "cross-validated in training"
-            )
-        if out is not None:
-            typer.echo(f"wrote {out}")
-
-    app.add_typer(detect_app, name="detect")

