@@ -12,9 +12,9 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from .._io import now_utc
 from ..errors import AttnscanError
 from .formatting import caption, finite
 from .maps import choose_factor, colormap_hex, maps_digest
@@ -366,7 +366,7 @@ def build_digest(
         "format": "attnscan-report",
         "version": 1,
         "title": str(title),
-        "generated": generated or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated": generated or now_utc(),
         "attnscan_version": __version__,
         "observations": [str(s) for s in observations],
         "models": models,
