@@ -50,10 +50,10 @@ lint: dev
 typecheck: dev
 	$(VENV)/bin/mypy
 
-pytest: dev
+pytest: dev models
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-test: dev
+test: dev models
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
