@@ -48,6 +48,7 @@ __all__ = [
     "CV_KINDS",
     "CvKind",
     "Folds",
+    "GroupIds",
     "check_cv",
     "check_folds",
     "fold_plans",
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 CvKind = Literal["grouped", "stratified"]
+GroupIds = npt.ArrayLike | Sequence[Any]
+"""One group id per prompt (any value; ``None`` or NaN for a prompt in a group of its own)."""
 CV_KINDS: tuple[str, ...] = ("grouped", "stratified")
 
 
@@ -149,7 +152,7 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def group_codes(groups: npt.ArrayLike | Sequence[Any], n: int | None = None) -> IntArray:
+def group_codes(groups: GroupIds, n: int | None = None) -> IntArray:
     """``int [N]``: one integer per prompt, equal for equal group ids, unique for each prompt without one (``None`` or
     NaN); codes follow the first appearance of each id."""
     values = np.asarray(groups, dtype=object)
@@ -165,9 +168,7 @@ def group_codes(groups: npt.ArrayLike | Sequence[Any], n: int | None = None) -> 
     return codes
 
 
-def grouped_folds(
-    y: npt.ArrayLike, groups: npt.ArrayLike | Sequence[Any], k: int, seed: int, *, stacklevel: int = 3
-) -> Folds:
+def grouped_folds(y: npt.ArrayLike, groups: GroupIds, k: int, seed: int, *, stacklevel: int = 3) -> Folds:
     """Stratified group ``k``-fold splits that hold out whole groups (the rule in the module docstring).
 
     ``y``: labels ``[N]`` (1 = jailbreak); ``groups``: a group id per prompt (``None``/NaN: a group of its own).
@@ -214,9 +215,9 @@ def fold_plans(
     y: npt.ArrayLike,
     k: int,
     seed: int,
-    groups: npt.ArrayLike | None = None,
+    groups: GroupIds | None = None,
     *,
-    more_groups: Mapping[str, npt.ArrayLike] | None = None,
+    more_groups: Mapping[str, GroupIds] | None = None,
     stacklevel: int = 3,
 ) -> dict[str, Folds]:
     """The cross-validations of a detection table, main one first under the key ``""``.

@@ -51,7 +51,7 @@ import pandas as pd
 
 from ..errors import AttnscanError
 from .detectors import CPDetector, Detector, FloatArray, IntArray, ProbeDetector, as_labels, check_both_classes
-from .folds import Folds, check_folds, fold_plans, grouped_folds, stratified_folds, usable_folds
+from .folds import Folds, GroupIds, check_folds, fold_plans, grouped_folds, stratified_folds, usable_folds
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -233,7 +233,7 @@ def cross_validate(
     seed: int = 0,
     n_bootstrap: int = 1000,
     *,
-    groups: npt.ArrayLike | None = None,
+    groups: GroupIds | None = None,
     folds: Folds | None = None,
 ) -> dict[str, Any]:
     """Out-of-fold detection metrics with bootstrap intervals.
@@ -453,7 +453,7 @@ def layer_detection_table(
     n_bootstrap: int = 1000,
     C: float = 1.0,
     max_iter: int = 100,
-    groups: npt.ArrayLike | None = None,
+    groups: GroupIds | None = None,
 ) -> pd.DataFrame:
     """Cross-validated CP and probe detection metrics for every layer.
 
