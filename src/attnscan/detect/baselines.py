@@ -31,8 +31,8 @@ import numpy.typing as npt
 import pandas as pd
 
 from .detectors import FloatArray
-from .folds import Folds
-from .metrics import auroc, bootstrap_intervals, out_of_fold, paired_auroc_difference
+from .folds import Folds, out_of_fold
+from .metrics import auroc, bootstrap_intervals, paired_auroc_difference
 
 __all__ = [
     "TEXT_MODEL",
@@ -45,7 +45,7 @@ TEXT_MODEL = "TF-IDF word 1-2-grams + logistic regression (C=1), fitted out of f
 
 class _TextModel:
     """TF-IDF of word 1- and 2-grams (single-character words kept) and a logistic regression: the fit/predict_proba
-    shape :func:`attnscan.detect.metrics.out_of_fold` expects, on an array of texts."""
+    shape :func:`attnscan.detect.folds.out_of_fold` expects, on an array of texts."""
 
     def fit(self, texts: npt.NDArray[Any], y: npt.NDArray[np.int64]) -> _TextModel:
         from sklearn.feature_extraction.text import TfidfVectorizer

@@ -27,14 +27,15 @@ Grouped folds (:func:`grouped_folds`)
   class lies in when that is below ``k``. A test fold may hold one class only: the scores are pooled out of fold.
 
 :func:`group_ids` turns a prompt set's per-prompt labels (:attr:`attnscan.prompts.sets.PromptSet.groups`) into such
-ids for a chain of keys (``("family", "template_id")``: the family, else the template).
+ids for a chain of keys (``("family", "template_id")``: the family, else the template). :func:`out_of_fold` scores
+every prompt with a model fitted on the other folds.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import AttnscanError
-from .detectors import IntArray, as_labels
+from .detectors import Detector, FloatArray, IntArray, as_labels
 
 __all__ = [
     "CV_KINDS",
@@ -55,6 +56,7 @@ __all__ = [
     "group_codes",
     "group_ids",
     "grouped_folds",
+    "out_of_fold",
     "stratified_folds",
     "usable_folds",
 ]
@@ -239,6 +241,22 @@ def fold_plans(
         plans[name] = grouped_folds(labels, ids, k, seed, stacklevel=stacklevel + 1)
     plans["stratified"] = stratified_folds(labels, k, seed, stacklevel=stacklevel + 1)
     return plans
+
+
+def out_of_fold(
+    make_detector: Callable[[], Detector], x: npt.NDArray[Any], labels: IntArray, folds: Folds
+) -> tuple[FloatArray, IntArray]:
+    """Out-of-fold probabilities ``float [N]`` and the fold of each prompt ``int [N]``: for each ``(train, test)``
+    split a fresh ``make_detector()`` is fitted on ``train`` and scores ``test``."""
+    oof = np.full(labels.shape, np.nan, dtype=np.float64)
+    fold = np.full(labels.shape, -1, dtype=np.int64)
+    for i, (train, test) in enumerate(folds):
+        detector = make_detector().fit(x[train], labels[train])
+        oof[test] = detector.predict_proba(x[test])
+        fold[test] = i
+    if (fold < 0).any():
+        raise AttnscanError(f"the folds leave {int((fold < 0).sum())} prompts unscored: every prompt needs a test fold")
+    return oof, fold
 
 
 def group_ids(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str | None] | None:

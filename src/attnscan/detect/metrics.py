@@ -51,7 +51,7 @@ import pandas as pd
 
 from ..errors import AttnscanError
 from .detectors import CPDetector, Detector, FloatArray, IntArray, ProbeDetector, as_labels, check_both_classes
-from .folds import Folds, GroupIds, check_folds, fold_plans, grouped_folds, stratified_folds, usable_folds
+from .folds import Folds, GroupIds, check_folds, fold_plans, grouped_folds, out_of_fold, stratified_folds, usable_folds
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -70,7 +70,6 @@ __all__ = [
     "layer_detection",
     "layer_detection_table",
     "metrics",
-    "out_of_fold",
     "paired_auroc_difference",
     "threshold_at_fpr",
     "tpr_at_fpr",
@@ -207,22 +206,6 @@ def threshold_at_fpr(y_true: npt.ArrayLike, score: npt.ArrayLike, fpr: float) ->
     v = -np.sort(-neg)[m]
     threshold = float(np.nextafter(v, np.inf))
     return threshold, float(np.mean(pos >= threshold)), float(np.mean(neg >= threshold))
-
-
-def out_of_fold(
-    make_detector: Callable[[], Detector], x: npt.NDArray[Any], labels: IntArray, folds: Folds
-) -> tuple[FloatArray, IntArray]:
-    """Out-of-fold probabilities ``float [N]`` and the fold of each prompt ``int [N]``: for each ``(train, test)``
-    split a fresh ``make_detector()`` is fitted on ``train`` and scores ``test``."""
-    oof = np.full(labels.shape, np.nan, dtype=np.float64)
-    fold = np.full(labels.shape, -1, dtype=np.int64)
-    for i, (train, test) in enumerate(folds):
-        detector = make_detector().fit(x[train], labels[train])
-        oof[test] = detector.predict_proba(x[test])
-        fold[test] = i
-    if (fold < 0).any():
-        raise AttnscanError(f"the folds leave {int((fold < 0).sum())} prompts unscored: every prompt needs a test fold")
-    return oof, fold
 
 
 def cross_validate(
