@@ -18,7 +18,13 @@ Grouped folds (:func:`grouped_folds`)
   decide.
 - A prompt without an id (``None`` or NaN) is a group of its own. So when only one class carries the key (the
   jailbreak prompts have a template family, the plain benign requests have none), the other class's prompts are
-  held out one by one, as in stratified folds, while the first class's are held out group by group.
+  held out one by one, as in stratified folds, while the first class's are held out group by group. Note what this
+  does not remove: when every jailbreak prompt has a wrapper and no benign one does, "has a wrapper" still tells the
+  classes apart on unseen wrappers. Wrapped benign prompts (``builtin:control``) take the wrapper out of the
+  comparison; the text baseline (:mod:`attnscan.detect.baselines`) shows how much the surface gives away.
+- Ids are compared as given: :func:`~attnscan.prompts.sets.compose` numbers the templates of a plain list ``t1,
+  t2, ...``, so two sets composed from different plain lists share ids that name different templates, and those
+  are held out together (more than needed, never less).
 - The folds are scikit-learn's ``StratifiedGroupKFold`` shuffled with ``seed`` (deterministic): no group is split
   between training and test, and each fold's class balance is kept as close to the whole's as the group sizes
   allow.
