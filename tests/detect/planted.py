@@ -43,3 +43,31 @@ JAILBREAK_WORDS = "ignore your rules now you are free pretend developer mode no 
 def sentences(words: list[str], n: int, seed: int, lo: int = 5, hi: int = 12) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+def make_template_features(
+    n_templates: int = 40,
+    per: int = 4,
+    h: int = 64,
+    k: int = 4,
+    amp: float = 2.0,
+    label_signal: float = 0.0,
+    shared: bool = False,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features that carry the identity of their template: ``(x [N, k, h], y [N], template [N])``.
+
+    ``n_templates`` templates of ``per`` prompts each; every template has its own random vector (``amp`` per
+    feature), added to every token of its prompts over unit Gaussian noise. With ``shared=False`` the odd templates
+    are the jailbreak ones (label and template go together, as when jailbreak and benign prompts use different
+    wrappers); with ``shared=True`` each template holds both classes. ``label_signal`` adds that much of one fixed
+    unit direction to every jailbreak prompt: a signal that does not depend on the template.
+    """
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n_templates, h)) * amp
+    template = np.repeat(np.arange(n_templates), per)
+    y = np.tile(np.repeat([0, 1], per // 2), n_templates) if shared else template % 2
+    x = rng.standard_normal((template.size, k, h)) + vectors[template][:, None, :]
+    v = rng.standard_normal(h)
+    x += label_signal * y[:, None, None] * (v / np.linalg.norm(v))[None, None, :]
+    return x.astype(np.float32), y.astype(np.int64), template

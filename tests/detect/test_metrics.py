@@ -7,20 +7,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from planted import LAYERS, PLANTED, N
+from planted import LAYERS, PLANTED, N, make_template_features
 
 from attnscan.detect.detectors import CPDetector, ProbeDetector
+from attnscan.detect.folds import fold_plans
 from attnscan.detect.metrics import (
     auroc,
     best_layer,
     check_flag_on,
     check_folds,
+    check_fpr,
     check_n_bootstrap,
     check_threshold,
     cross_validate,
     flagged_layers,
+    layer_detection,
     layer_detection_table,
     metrics,
+    paired_auroc_difference,
+    threshold_at_fpr,
     tpr_at_fpr,
 )
 from attnscan.errors import AttnscanError
@@ -199,3 +204,105 @@ def test_setting_checks() -> None:
         check_flag_on("svm")
     with pytest.raises(AttnscanError, match="flag_on must be 'cp' or 'probe'"):
         layer_detection_table(None, {0: np.zeros((4, 2))}, [0, 0, 1, 1], flag_on="svm")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------- grouped cross-validation
+
+
+def test_grouped_cv_does_not_reward_recognising_the_template() -> None:
+    """Acceptance: features carry their template's identity and the jailbreak and benign prompts use different
+    templates. Stratified folds see every template in training and score near 1; folds that hold out whole
+    templates score near chance, so the layer is not flagged."""
+    grouped = []
+    for seed in range(4):
+        x, y, template = make_template_features(seed=seed)
+        table = layer_detection_table(None, {0: x.mean(axis=1)}, y, flag_on="probe", groups=template, n_bootstrap=100)
+        row = table.iloc[0]
+        assert row["probe_auroc_stratified"] >= 0.95, row
+        assert row["probe_auroc"] < 0.75 and not row["flagged"], row
+        assert row["cv"] == "grouped" and row["n_groups"] == 40 and row["k"] == 5 and row["k_stratified"] == 5
+        grouped.append(row["probe_auroc"])
+    assert 0.3 <= float(np.mean(grouped)) <= 0.7, grouped
+
+
+def test_grouped_cv_still_finds_a_real_signal() -> None:
+    """Every template holds both classes and the jailbreak prompts share a direction that does not depend on the
+    template: holding out templates keeps the detectors' AUROC high."""
+    x, y, template = make_template_features(n_templates=20, per=6, h=32, label_signal=8.0, shared=True, seed=1)
+    table = layer_detection_table({0: x}, {0: x.mean(axis=1)}, y, groups=template, rank=2, max_iter=30, n_bootstrap=100)
+    row = table.iloc[0]
+    assert row["cp_auroc"] >= 0.9 and row["probe_auroc"] >= 0.9 and row["flagged"], row
+    assert row["cp_auroc_stratified"] >= 0.85 and row["probe_auroc_stratified"] >= 0.9, row
+
+
+def test_grouped_table_columns(features: Any) -> None:
+    tensors, pooled, y = features
+    groups = np.arange(y.size) // 4  # groups of 4 prompts of one class each
+    table = layer_detection_table(tensors, pooled, y, groups=groups, n_bootstrap=50)
+    side = [f"{p}_{m}_stratified" for p in ("cp", "probe") for m in ("auroc", "auroc_low", "auroc_high", "tpr5")]
+    main = [f"{p}_{m}" for p in ("cp", "probe") for m in ("auroc", "auroc_low", "auroc_high", "f1", "accuracy")]
+    assert set(side + main + ["cv", "n_groups", "k_stratified", "flagged"]) <= set(table.columns)
+    assert list(table.columns).index("flagged") < list(table.columns).index("k_stratified")
+    assert (table["n_groups"] == 20).all() and table.attrs["cv"] == "grouped"
+    assert table["flagged"].tolist() == (table["cp_auroc"] >= 0.9).tolist()
+    assert best_layer(table) == PLANTED
+    plain = layer_detection_table(tensors, pooled, y, n_bootstrap=50)
+    assert not any(c.endswith("_stratified") or c in ("cv", "n_groups") for c in plain.columns)
+
+
+def test_cross_validate_with_groups(features: Any) -> None:
+    _, pooled, y = features
+    groups = np.arange(y.size) // 4
+    res = cross_validate(lambda: ProbeDetector(), pooled[PLANTED], y, k=5, seed=0, n_bootstrap=50, groups=groups)
+    assert res["cv"] == "grouped" and res["n_groups"] == 20 and res["k"] == 5
+    for g in range(20):  # a group is scored by one fold's detector only
+        assert len(set(res["fold"][groups == g].tolist())) == 1
+    assert cross_validate(lambda: ProbeDetector(), pooled[PLANTED], y, n_bootstrap=0)["cv"] == "stratified"
+
+
+def test_layer_detection_keeps_out_of_fold_scores(features: Any) -> None:
+    _, pooled, y = features
+    groups = np.arange(y.size) // 4
+    plans = fold_plans(y, 5, 0, groups)
+    det = layer_detection(None, pooled, y, plans, flag_on="probe", n_bootstrap=0)
+    assert set(det.oof) == {(cv, "probe", layer) for cv in ("", "stratified") for layer in range(LAYERS)}
+    for layer in range(LAYERS):
+        row = det.table.set_index("layer").loc[layer]
+        assert row["probe_auroc"] == pytest.approx(auroc(y, det.oof[("", "probe", layer)]))
+        assert row["probe_auroc_stratified"] == pytest.approx(auroc(y, det.oof[("stratified", "probe", layer)]))
+    with pytest.raises(AttnscanError, match="main cross-validation"):
+        layer_detection(None, pooled, y, {"stratified": plans["stratified"]}, flag_on="probe")
+
+
+# ------------------------------------------------------------------------------------------- operating point
+
+
+def test_threshold_at_fpr() -> None:
+    neg = [i / 100 for i in range(20)]  # 0.00 … 0.19
+    pos = [0.185, 0.5, 0.1, 0.18]
+    y, s = [0] * 20 + [1] * 4, neg + pos
+    for target in (0.05, 0.1, 0.2, 0.5):
+        t, tpr, fpr = threshold_at_fpr(y, s, target)
+        flagged = np.asarray(s) >= t
+        assert tpr == tpr_at_fpr(y, s, target) == flagged[20:].mean()
+        assert fpr == flagged[:20].mean() <= target
+    t, tpr, fpr = threshold_at_fpr(y, s, 0.05)  # one benign prompt (0.19) may pass: just above 0.18
+    assert 0.18 < t <= 0.185 and tpr == 0.5 and fpr == 0.05
+    t, _, fpr = threshold_at_fpr(y, s, 0.01)  # none may pass: just above the highest benign score
+    assert 0.19 < t < 0.1900001 and fpr == 0.0
+    for bad in (0.0, -0.1, 0.6, float("nan")):
+        with pytest.raises(AttnscanError, match=r"--fpr must be in \(0, 0.5\]"):
+            check_fpr(bad)
+
+
+def test_paired_auroc_difference() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 60)
+    strong = y + rng.normal(0, 0.5, y.size)
+    weak = y + rng.normal(0, 2.0, y.size)
+    diff, low, high = paired_auroc_difference(y, strong, weak, 400, seed=0)
+    assert diff == pytest.approx(auroc(y, strong) - auroc(y, weak))
+    assert 0 < low <= diff <= high
+    same = paired_auroc_difference(y, strong, strong, 100, seed=0)
+    assert same == (0.0, 0.0, 0.0)
+    assert np.isnan(paired_auroc_difference(y, strong, weak, 0, seed=0)[1])

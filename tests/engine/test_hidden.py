@@ -157,6 +157,20 @@ def test_labelled_features(loaded: LoadedModel) -> None:
     assert [(s["role"], s["start"], s["stop"]) for s in feats.info["sets"]] == [("benign", 0, 2), ("jailbreak", 2, 5)]
 
 
+def test_group_labels_travel_with_the_features(loaded: LoadedModel, tmp_path: Path) -> None:
+    """A PromptSet's group labels are kept in features.json; prompts without labels leave no ``groups`` key."""
+    groups = tuple({"template_id": f"t{i % 2}", "request_id": f"r{i}"} for i in range(len(TEXTS)))
+    labelled_set = PromptSet("demo", tuple(TEXTS), "<memory>", groups=groups)
+    feats = extract_features(loaded, labelled_set, layers=[0], last_k=2, store=tmp_path / "f")
+    doc = json.loads((tmp_path / "f" / "features.json").read_text())
+    assert doc["info"]["groups"] == [dict(g) for g in groups] and feats.info["groups"] == doc["info"]["groups"]
+    plain = extract_features(loaded, PromptSet("demo", tuple(TEXTS), "<memory>"), layers=[0], last_k=2)
+    assert "groups" not in plain.info
+    both = labelled_features(loaded, TEXTS[:2], PromptSet("j", tuple(TEXTS[2:]), "<memory>", groups=groups[2:]))
+    assert both.info["groups"] == [{}, {}, *[dict(g) for g in groups[2:]]]
+    assert "groups" not in labelled_features(loaded, TEXTS[:2], TEXTS[2:], layers=[0]).info
+
+
 def test_bad_input(loaded: LoadedModel) -> None:
     with pytest.raises(AttnscanError, match="out of range"):
         extract_features(loaded, TEXTS, layers=[7])

@@ -197,10 +197,12 @@ def detector_inputs(
     batch_size: int = 8,
     progress: ProgressFn | None = None,
     store: str | os.PathLike[str] | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> DetectorInputs:
     """The detectors' inputs for ``texts`` under feature ``settings`` (a trained detector's ``meta["features"]``).
 
-    ``store`` streams hidden features to a features directory (see :mod:`attnscan.engine.hidden`); not for attention.
+    ``store`` streams hidden features to a features directory (see :mod:`attnscan.engine.hidden`), whose
+    ``features.json`` also records ``info`` (e.g. the prompts' ``groups``); neither is for attention.
     """
     kind = settings.get("kind")
     if kind == "hidden":
@@ -216,9 +218,10 @@ def detector_inputs(
             truncate=settings["truncate"],
             progress=progress,
             store=store,
+            info=info,
         )
-        info = {"chat_template_applied": bool(feats.info.get("chat_template")), "dtype": feats.info.get("dtype")}
-        return DetectorInputs(dict(feats.tensors), dict(feats.pooled), feats.lengths, info)
+        made = {"chat_template_applied": bool(feats.info.get("chat_template")), "dtype": feats.info.get("dtype")}
+        return DetectorInputs(dict(feats.tensors), dict(feats.pooled), feats.lengths, made)
     if kind == "attention":
         check_store(kind, store)
         caught = attention_blocks(
@@ -238,6 +241,6 @@ def detector_inputs(
         fill = float(settings["fill"])
         tensors = {layer: np.where(np.isnan(b), np.float32(fill), b) for layer, b in caught.blocks.items()}
         pooled = {layer: t.reshape(t.shape[0], -1) for layer, t in tensors.items()}
-        info = {"chat_template_applied": caught.chat_template, "dtype": str(loaded.dtype).removeprefix("torch.")}
-        return DetectorInputs(tensors, pooled, caught.lengths, info)
+        made = {"chat_template_applied": caught.chat_template, "dtype": str(loaded.dtype).removeprefix("torch.")}
+        return DetectorInputs(tensors, pooled, caught.lengths, made)
     raise AttnscanError(f"unknown feature kind {kind!r} in the detector's settings: re-train the detector")

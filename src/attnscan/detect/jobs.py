@@ -18,7 +18,6 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +30,35 @@ from .._types import ProgressFn, refuse_leftovers, take_options
 from ..engine.accumulate import DEFAULT_FLOOR, Align
 from ..engine.batching import check_batch_size
 from ..engine.hidden import DEFAULT_LAST_K
-from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
-from ..prompts.sets import PromptSet, PromptSource, as_prompt_set
-from .detectors import CPDetector, Kind, ProbeDetector, check_cp_params
+from ..prompts.sets import PromptSource, as_prompt_set
+from .baselines import add_baselines
+from .detectors import Kind
+from .folds import CvKind
 from .inputs import DEFAULT_BLOCKS, DetectorInputs, FeatureKind, check_store, detector_inputs, feature_settings
-from .metrics import (
-    METRIC_COLUMNS,
-    best_layer,
-    bootstrap_intervals,
-    check_flag_on,
-    check_folds,
-    check_n_bootstrap,
-    check_threshold,
-    flagged_layers,
-    layer_detection_table,
-    metrics,
-    usable_folds,
-)
+from .metrics import METRIC_COLUMNS, bootstrap_intervals, check_n_bootstrap, check_threshold, metrics
 from .store import (
-    JOB_FORMAT,
-    JOB_VERSION,
     TrainedDetector,
     check_detector_dir,
     load_trained,
-    model_record,
     preview,
     prompt_hash,
     save_trained,
     scoring_model,
+)
+from .training import (
+    CvPlan,
+    Fitted,
+    Training,
+    add_operating_points,
+    fit_layers,
+    labelled,
+    operating_points,
+    operating_record,
+    plan_cv,
+    train_records,
+    training_meta,
 )
 
 __all__ = [
@@ -73,6 +71,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------- train
 
 
+# Long only in its signature and docstring (every setting is a keyword the command line mirrors); the work is in
+# detect.training and detect.baselines.
 def train_detector(
     model: str | LoadedModel,
     benign: PromptSource,
@@ -101,6 +101,9 @@ def train_detector(
     store: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    cv: CvKind = "grouped",
+    baselines: bool | None = None,
+    fpr: float | None = None,
     load: LoadOptions | None = None,
     **keywords: Any,
 ) -> TrainedDetector:
@@ -109,13 +112,20 @@ def train_detector(
     1. Features of the benign (label 0) then jailbreak (label 1) prompts at ``layers`` (``features``: see
        :mod:`attnscan.detect.inputs`; ``last_k``, ``length``, ``chat_template``, ``system_prompt``, ``truncate`` for
        both kinds, ``blocks``, ``align``, ``floor`` for attention; ``store`` streams hidden features to disk).
-    2. Per layer, cross-validated CP (``rank``, ``max_iter``, ``C``) and probe metrics over ``folds`` stratified
-       folds with ``n_bootstrap`` resamples and ``seed`` (:func:`attnscan.detect.metrics.layer_detection_table`); a
-       layer is ``flagged`` when its ``flag_on`` AUROC is at least ``threshold``. ``folds`` shrinks, with a warning,
-       to the smaller set's size.
-    3. Final CP and probe detectors per layer, fitted on all prompts.
-    4. ``out`` written atomically (see :mod:`attnscan.detect.store`); an existing detector is replaced only with
-       ``overwrite``.
+    2. Per layer, cross-validated CP (``rank``, ``max_iter``, ``C``) and probe metrics over ``folds`` folds with
+       ``n_bootstrap`` resamples and ``seed`` (:func:`attnscan.detect.metrics.layer_detection`); a layer is
+       ``flagged`` when its ``flag_on`` AUROC is at least ``threshold``. ``cv="grouped"`` (default) holds out
+       whole template families and, beside them, whole requests when the prompt sets carry group labels, and falls
+       back to stratified folds when they carry none; ``cv="stratified"`` always stratifies (see
+       :mod:`attnscan.detect.training`). ``folds`` shrinks, with a warning, to what the classes or groups allow.
+    3. With ``baselines`` (default: when the prompts carry group labels), the prompt-length and TF-IDF text
+       baselines on the same folds (:mod:`attnscan.detect.baselines`). With ``fpr``, the score threshold at that
+       false-positive rate on the benign prompts' out-of-fold scores, per layer, and the TPR there (``*_op_*``
+       columns, ``meta["operating_point"]``); :func:`score_prompts` then flags with it.
+    4. Final CP and probe detectors per layer, fitted on all prompts.
+    5. ``out`` written atomically (see :mod:`attnscan.detect.store`); an existing detector is replaced only with
+       ``overwrite``. The prompts' group labels, when they carry any, go into ``meta["train_groups"]`` (and the
+       features directory of ``store``).
 
     ``model`` is a spec, loaded with ``load`` (:class:`~attnscan.models.loading.LoadOptions`; its fields ``dtype``,
     ``device``, ``revision`` ... may also be given as keywords), or a :class:`~attnscan.models.loading.LoadedModel`;
@@ -137,60 +147,66 @@ def train_detector(
         align=align,
         floor=floor,
     )
-    training = _Training(rank, C, max_iter, folds, seed, n_bootstrap, threshold, flag_on)
+    training = Training(rank, C, max_iter, folds, seed, n_bootstrap, threshold, flag_on, cv, fpr, baselines)
     check_batch_size(batch_size)
     check_store(features, store)
-    sets, texts, y = _labelled(benign, jailbreak, for_training=True)
+    sets, texts, y = labelled(benign, jailbreak, for_training=True)
+    records = train_records(sets)
     final = Path(out)
     check_detector_dir(final, overwrite)
+    plan = plan_cv(y, records, training)  # warns the caller once per cross-validation that needs fewer folds
 
     loaded = resolve_model(model, load)
-    chosen, inputs, t_features = _extract(loaded, texts, settings, layers, batch_size, progress, store)
+    info = {"groups": records} if records is not None else None
+    chosen, inputs, t_features = _extract(loaded, texts, settings, layers, batch_size, progress, store, info)
     t0 = time.perf_counter()
-    k_used = usable_folds(y, folds)  # warns the caller once when the smaller set is below ``folds``
-    table, cps, probes = _fit_layers(inputs, y, chosen, training, k_used, progress)
-    seconds = {"features": round(t_features, 3), "fitting": round(time.perf_counter() - t0, 3)}
-    meta = _training_meta(loaded, settings, chosen, inputs, sets, texts, y, training, k_used, table, started, seconds)
-    save_trained(final, overwrite, cps, probes, table, meta)
-    return TrainedDetector(table=table, detectors=cps, probes=probes, meta={**meta, "detector": "cp"}, path=final)
+    fitted = fit_layers(inputs, y, chosen, training, plan, progress)
+    meta = training_meta(loaded, settings, chosen, inputs, sets, texts, y, training, plan, fitted.table)
+    table = _reported(fitted, training, plan, texts, inputs, y, records, meta)
+    meta.update(
+        started=started,
+        finished=now_utc(),
+        seconds={"features": round(t_features, 3), "fitting": round(time.perf_counter() - t0, 3)},
+    )
+    save_trained(final, overwrite, fitted.cps, fitted.probes, table, meta)
+    return TrainedDetector(
+        table=table, detectors=fitted.cps, probes=fitted.probes, meta={**meta, "detector": "cp"}, path=final
+    )
 
 
-@dataclass(frozen=True)
-class _Training:
-    """The detector and cross-validation settings of a training run, checked when made."""
-
-    rank: int
-    C: float
-    max_iter: int
-    folds: int
-    seed: int
-    n_bootstrap: int
-    threshold: float
-    flag_on: Kind
-
-    def __post_init__(self) -> None:
-        check_flag_on(self.flag_on)
-        check_threshold(self.threshold, "an AUROC")
-        check_cp_params(self.rank, self.C, self.max_iter)
-        check_folds(self.folds)
-        check_n_bootstrap(self.n_bootstrap)
-
-
-def _labelled(
-    benign: PromptSource, jailbreak: PromptSource, *, for_training: bool = False
-) -> tuple[dict[str, PromptSet], list[str], npt.NDArray[np.int64]]:
-    """The two prompt sets, their texts (benign first) and labels (0 benign, 1 jailbreak); for training, each set
-    must hold the 2 prompts cross-validation needs."""
-    sets = {"benign": as_prompt_set(benign, "benign"), "jailbreak": as_prompt_set(jailbreak, "jailbreak")}
-    for name, ps in sets.items():
-        if for_training and len(ps) < 2:
-            raise AttnscanError(
-                f"training needs at least 2 {name} prompts for cross-validation, got {len(ps)} from {ps.source}: "
-                "add prompts (or raise --limit)"
-            )
-    texts = [*sets["benign"].texts, *sets["jailbreak"].texts]
-    y = np.asarray([0] * len(sets["benign"]) + [1] * len(sets["jailbreak"]), dtype=np.int64)
-    return sets, texts, y
+def _reported(
+    fitted: Fitted,
+    training: Training,
+    plan: CvPlan,
+    texts: Sequence[str],
+    inputs: DetectorInputs,
+    y: npt.NDArray[np.int64],
+    records: list[dict[str, Any]] | None,
+    meta: dict[str, Any],
+) -> pd.DataFrame:
+    """The detection table with the baseline and operating-point columns asked for, which ``meta`` also gets
+    (``baselines``, ``operating_point``), with the prompts' group labels (``train_groups``) when they carry any."""
+    t, table, best = training, fitted.table, int(meta["best_layer"])
+    if records is not None:
+        meta["train_groups"] = records
+    if t.baselines or (t.baselines is None and records is not None):
+        table, meta["baselines"] = add_baselines(
+            table,
+            texts,
+            inputs.lengths,
+            y,
+            plan.plans,
+            fitted.oof,
+            flag_on=t.flag_on,
+            best=best,
+            n_bootstrap=t.n_bootstrap,
+            seed=t.seed,
+        )
+    if t.fpr is not None:
+        points = operating_points(fitted, y, [int(x) for x in table["layer"]], t.fpr)
+        table = add_operating_points(table, points)
+        meta["operating_point"] = operating_record(points, t.fpr, best, t.flag_on, plan.plans[""].kind)
+    return table
 
 
 def _extract(
@@ -201,108 +217,15 @@ def _extract(
     batch_size: int,
     progress: ProgressFn | None,
     store: str | os.PathLike[str] | None,
+    info: Mapping[str, Any] | None,
 ) -> tuple[tuple[int, ...], DetectorInputs, float]:
     """The chosen layers, the detectors' inputs at them, and the seconds their extraction took."""
     chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
     t0 = time.perf_counter()
     inputs = detector_inputs(
-        loaded, texts, settings, layers=chosen, batch_size=batch_size, progress=progress, store=store
+        loaded, texts, settings, layers=chosen, batch_size=batch_size, progress=progress, store=store, info=info
     )
     return chosen, inputs, time.perf_counter() - t0
-
-
-def _fit_layers(
-    inputs: DetectorInputs,
-    y: npt.NDArray[np.int64],
-    chosen: Sequence[int],
-    training: _Training,
-    k_used: int,
-    progress: ProgressFn | None,
-) -> tuple[pd.DataFrame, dict[int, CPDetector], dict[int, ProbeDetector]]:
-    """Per layer, the cross-validated detection table row (over ``k_used`` folds) and the CP and probe detectors
-    fitted on all prompts."""
-    t = training
-    rows: list[pd.DataFrame] = []
-    cps: dict[int, CPDetector] = {}
-    probes: dict[int, ProbeDetector] = {}
-    if progress is not None:
-        progress(0, len(chosen), "fitting")
-    for i, layer in enumerate(chosen):
-        tensor, pooled = inputs.tensors[layer], inputs.pooled[layer]
-        rows.append(
-            layer_detection_table(
-                {layer: tensor},
-                {layer: pooled},
-                y,
-                rank=t.rank,
-                k=k_used,
-                seed=t.seed,
-                threshold=t.threshold,
-                flag_on=t.flag_on,
-                n_bootstrap=t.n_bootstrap,
-                C=t.C,
-                max_iter=t.max_iter,
-            )
-        )
-        cps[layer] = CPDetector(rank=t.rank, seed=t.seed, C=t.C, max_iter=t.max_iter).fit(tensor, y)
-        probes[layer] = ProbeDetector(C=t.C).fit(pooled, y)
-        if progress is not None:
-            progress(i + 1, len(chosen), "fitting")
-    table = pd.concat(rows, ignore_index=True)
-    table.attrs.update(rows[0].attrs, k=t.folds, k_used=k_used)
-    return table, cps, probes
-
-
-def _training_meta(
-    loaded: LoadedModel,
-    settings: Mapping[str, Any],
-    chosen: Sequence[int],
-    inputs: DetectorInputs,
-    sets: Mapping[str, PromptSet],
-    texts: Sequence[str],
-    y: npt.NDArray[np.int64],
-    training: _Training,
-    k_used: int,
-    table: pd.DataFrame,
-    started: str,
-    seconds: Mapping[str, float],
-) -> dict[str, Any]:
-    """The ``meta`` of a trained detector (see :mod:`attnscan.detect.store`): model, features, prompt sets,
-    training settings, best and flagged layers, timing."""
-    t = training
-    return {
-        "job": {"format": JOB_FORMAT, "version": JOB_VERSION},
-        "primary": t.flag_on,
-        "model": model_record(loaded),
-        "features": {**settings, "layers": list(chosen), **inputs.info},
-        "sets": [
-            {**sets["benign"].provenance(), "role": "benign", "label": 0},
-            {**sets["jailbreak"].provenance(), "role": "jailbreak", "label": 1},
-        ],
-        "train_prompt_hashes": sorted({prompt_hash(text) for text in texts}),
-        "training": {
-            "n": int(y.size),
-            "n_jailbreak": int(y.sum()),
-            "rank": t.rank,
-            "C": t.C,
-            "max_iter": t.max_iter,
-            "folds": t.folds,
-            "folds_used": k_used,
-            "seed": t.seed,
-            "n_bootstrap": t.n_bootstrap,
-            "threshold": t.threshold,
-            "flag_on": t.flag_on,
-            "tokens_min": int(inputs.lengths.min()),
-            "tokens_max": int(inputs.lengths.max()),
-            "tokens_mean": float(inputs.lengths.mean()),
-        },
-        "best_layer": best_layer(table, by=f"{t.flag_on}_auroc"),
-        "best_by": f"{t.flag_on}_auroc",
-        "flagged_layers": flagged_layers(table),
-        "started": started,
-        "finished": now_utc(),
-        "seconds": dict(seconds),
-    }
 
 
 # --------------------------------------------------------------------------------------------------- score / eval
@@ -315,7 +238,7 @@ def score_prompts(
     model: str | LoadedModel | None = None,
     layer: int | None = None,
     kind: Kind | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     batch_size: int = 8,
     progress: ProgressFn | None = None,
     allow_other_model: bool = False,
@@ -337,8 +260,10 @@ def score_prompts(
     Returns one row per prompt, in input order, with columns ``index`` (0-based position in ``prompts``),
     ``preview`` (:func:`~attnscan.detect.store.preview` of the text), ``n_tokens`` (tokens the model read, chat
     template included, after truncation), ``layer``, ``detector`` (``cp`` or ``probe``), ``prob`` (probability of
-    jailbreak, float in [0, 1]) and ``flagged`` (``prob >= threshold``). ``frame.attrs`` records the detector, the
-    model and its ``dtype``, and the prompt set.
+    jailbreak, float in [0, 1]) and ``flagged`` (``prob >= threshold``). ``threshold`` defaults to the detector's
+    operating point for that layer and kind when it was trained with ``fpr`` (``meta["operating_point"]``), else
+    0.5. ``frame.attrs`` records the detector, the model and its ``dtype``, the prompt set, the ``threshold`` and
+    where it came from (``threshold_from``: ``"given"``, ``"operating point (fpr=...)"`` or ``"default"``).
     """
     load = take_options(LoadOptions, load, keywords)
     refuse_leftovers("score_prompts", keywords)
@@ -346,7 +271,7 @@ def score_prompts(
     chosen_kind: Kind = kind or trained.primary
     chosen = trained.best_layer if layer is None else int(layer)
     det = trained.detector(chosen, chosen_kind)
-    check_threshold(threshold, "a probability")
+    threshold, threshold_from = _flag_threshold(trained, chosen, chosen_kind, threshold)
     ps = as_prompt_set(prompts, "prompts")
     loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
     inputs = detector_inputs(
@@ -370,11 +295,26 @@ def score_prompts(
         layer=chosen,
         kind=chosen_kind,
         threshold=threshold,
+        threshold_from=threshold_from,
         model=loaded.spec,
         dtype=str(loaded.dtype).removeprefix("torch."),
         prompts=ps.provenance(),
     )
     return frame
+
+
+def _flag_threshold(trained: TrainedDetector, layer: int, kind: Kind, threshold: float | None) -> tuple[float, str]:
+    """The probability threshold that flags a prompt, and where it comes from: ``threshold`` when given (checked),
+    else the detector's operating point for ``layer`` and ``kind`` when it has one, else 0.5."""
+    if threshold is not None:
+        check_threshold(threshold, "a probability")
+        return float(threshold), "given"
+    point = trained.meta.get("operating_point")
+    if isinstance(point, dict):
+        value = point.get("thresholds", {}).get(kind, {}).get(str(layer))
+        if value is not None:
+            return float(value), f"operating point (fpr={point.get('fpr')})"
+    return 0.5, "default"
 
 
 def evaluate_detector(
@@ -403,8 +343,9 @@ def evaluate_detector(
     predicts jailbreak), ``p_tpr1``/``p_tpr5`` (TPR at 1 %/5 % FPR) with ``p_tpr5_low``/``p_tpr5_high`` — the
     definitions of :func:`attnscan.detect.metrics.metrics` and :func:`attnscan.detect.metrics.cross_validate`
     (intervals resample prompts within each class, ``n_bootstrap`` times with ``seed``) — and, from training,
-    ``cv_cp_auroc``, ``cv_probe_auroc`` and ``cv_flagged``. Warns when evaluation prompts were among the training
-    prompts.
+    ``cv_cp_auroc``, ``cv_probe_auroc`` and ``cv_flagged`` (the main, grouped numbers when the detector was
+    trained with grouped folds: :attr:`~attnscan.detect.store.TrainedDetector.cv`). Warns when evaluation prompts
+    were among the training prompts.
 
     The model is found and loaded as in :func:`score_prompts` (``dtype=None`` means the dtype of training).
     """
@@ -414,7 +355,7 @@ def evaluate_detector(
     chosen = trained.check_layers(layers)
     check_n_bootstrap(n_bootstrap)
     check_threshold(threshold, "a probability")
-    sets, texts, y = _labelled(benign, jailbreak)
+    sets, texts, y = labelled(benign, jailbreak)
     overlap = _warn_overlap(trained, texts)
     loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
     inputs = detector_inputs(

@@ -11,11 +11,16 @@ Metrics (:func:`metrics`)
   jailbreak) whose FPR is at most the target. With fewer than 100 benign prompts, "FPR ≤ 1 %" means *no* benign
   prompt above the threshold.
 
-:func:`cross_validate` scores every prompt out of fold (stratified k-fold, shuffled with ``seed``; the detector,
-CP decomposition included, is fitted on the training folds only) and computes the metrics on the pooled
-out-of-fold scores. Pooling assumes the folds' models give comparably scaled probabilities, as is usual. Its 95 %
-intervals are percentile bootstrap intervals over prompts, resampled within each class (so each resample keeps the
-class counts) with ``seed``; they hold the fitted models fixed and so reflect the test-set sampling only.
+:func:`cross_validate` scores every prompt out of fold (stratified k-fold, shuffled with ``seed``, or, given
+``groups``, folds that hold out whole groups: :mod:`attnscan.detect.folds`; the detector, CP decomposition included,
+is fitted on the training folds only) and computes the metrics on the pooled out-of-fold scores. Pooling assumes
+the folds' models give comparably scaled probabilities, as is usual. Its 95 % intervals are percentile bootstrap
+intervals over prompts, resampled within each class (so each resample keeps the class counts) with ``seed``; they
+hold the fitted models fixed and so reflect the test-set sampling only. With grouped folds the prompts of a group
+are not independent, so these intervals are too narrow: read them as a lower bound on the uncertainty.
+
+:func:`threshold_at_fpr` picks the operating point of a score at a target false-positive rate;
+:func:`paired_auroc_difference` compares two scores of the same prompts (a detector and a baseline).
 
 Layer table (:func:`layer_detection_table`)
 -------------------------------------------
@@ -24,13 +29,20 @@ One row per layer with the CP and probe metrics (``cp_auroc``, ``cp_auroc_low``,
 ``flagged``: the layer's out-of-fold AUROC (of the CP detector, or of the probe with ``flag_on="probe"``) is at
 least ``threshold``. All layers share the same folds and bootstrap resamples. A flag says the layer's
 representations separate the two prompt sets; it is not a measurement of jailbreak success.
+
+Given ``groups``, the main columns (and so ``flagged`` and :func:`best_layer`) are the grouped numbers, ``cv`` and
+``n_groups`` say so, and the stratified numbers stand beside them as ``k_stratified`` and ``{kind}_{m}_stratified``
+for ``m`` in :data:`SIDE_COLUMNS` (auroc, auroc_low, auroc_high, tpr5). A large gap between the two says the
+detector recognises the groups (the wrappers) rather than what they share. :func:`layer_detection` does the same on
+ready-made plans (:func:`attnscan.detect.folds.fold_plans`: more groupings beside the main one) and keeps the
+out-of-fold scores.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -39,20 +51,27 @@ import pandas as pd
 
 from ..errors import AttnscanError
 from .detectors import CPDetector, Detector, FloatArray, IntArray, ProbeDetector, as_labels, check_both_classes
+from .folds import Folds, GroupIds, check_folds, fold_plans, grouped_folds, out_of_fold, stratified_folds, usable_folds
 
 __all__ = [
     "METRIC_COLUMNS",
+    "SIDE_COLUMNS",
+    "LayerDetection",
     "auroc",
     "best_layer",
     "bootstrap_intervals",
     "check_flag_on",
     "check_folds",
+    "check_fpr",
     "check_n_bootstrap",
     "check_threshold",
     "cross_validate",
     "flagged_layers",
+    "layer_detection",
     "layer_detection_table",
     "metrics",
+    "paired_auroc_difference",
+    "threshold_at_fpr",
     "tpr_at_fpr",
     "usable_folds",
 ]
@@ -147,12 +166,6 @@ def metrics(y_true: npt.ArrayLike, score: npt.ArrayLike, threshold: float = 0.5)
     }
 
 
-def check_folds(k: int) -> None:
-    """Refuse fewer than 2 cross-validation folds (:func:`usable_folds` checks ``k`` with this)."""
-    if k < 2:
-        raise AttnscanError(f"cross-validation needs at least 2 folds (k >= 2), got {k}")
-
-
 def check_n_bootstrap(n_bootstrap: int) -> None:
     """Refuse a negative number of bootstrap resamples (0 is allowed: no intervals, see
     :func:`bootstrap_intervals`)."""
@@ -172,29 +185,27 @@ def check_flag_on(flag_on: str) -> None:
         raise AttnscanError(f"flag_on must be 'cp' or 'probe', got {flag_on!r}")
 
 
-def usable_folds(y: IntArray, k: int) -> int:
-    """The number of stratified cross-validation folds the labels allow: ``k``, reduced (with a warning) to the
-    size of the smaller class when that is below ``k``.
+def check_fpr(fpr: float) -> None:
+    """Refuse a target false-positive rate for an operating point outside (0, 0.5]."""
+    if not 0.0 < fpr <= 0.5:
+        raise AttnscanError(f"--fpr must be in (0, 0.5], got {fpr}")
 
-    ``y`` is ``int [N]`` (1 = jailbreak, 0 = benign). Raises :class:`~attnscan.errors.AttnscanError` for ``k < 2``
-    or fewer than two prompts in either class. The warning names the caller's caller (``stacklevel=3``), so a
-    function that calls this for its user gets the user's line.
+
+def threshold_at_fpr(y_true: npt.ArrayLike, score: npt.ArrayLike, fpr: float) -> tuple[float, float, float]:
+    """The operating point of ``score [N]`` at a target false-positive rate: ``(threshold, tpr, fpr_achieved)``.
+
+    ``threshold`` is the lowest score threshold (``score >= threshold`` flags) that lets at most
+    ``floor(fpr · n_benign)`` benign prompts through: just above the (that + 1)-th highest benign score, so it is
+    the point :func:`tpr_at_fpr` picks and ``tpr`` equals ``tpr_at_fpr(y_true, score, fpr)``. ``fpr_achieved`` is
+    the benign share at or above it (at most ``fpr``).
     """
-    check_folds(k)
-    smallest = int(min(y.sum(), y.size - y.sum()))
-    if smallest < 2:
-        raise AttnscanError(
-            f"cross-validation needs at least 2 prompts of each class; got {y.size - int(y.sum())} benign and "
-            f"{int(y.sum())} jailbreak"
-        )
-    if smallest < k:
-        warnings.warn(
-            f"only {smallest} prompts in the smaller class: using {smallest}-fold instead of {k}-fold cross-validation",
-            UserWarning,
-            stacklevel=3,
-        )
-        return smallest
-    return k
+    check_fpr(fpr)
+    y, s = _split(y_true, score)
+    pos, neg = s[y == 1], s[y == 0]
+    m = math.floor(fpr * neg.size + 1e-9)
+    v = -np.sort(-neg)[m]
+    threshold = float(np.nextafter(v, np.inf))
+    return threshold, float(np.mean(pos >= threshold)), float(np.mean(neg >= threshold))
 
 
 def cross_validate(
@@ -204,6 +215,9 @@ def cross_validate(
     k: int = 5,
     seed: int = 0,
     n_bootstrap: int = 1000,
+    *,
+    groups: GroupIds | None = None,
+    folds: Folds | None = None,
 ) -> dict[str, Any]:
     """Out-of-fold detection metrics with bootstrap intervals.
 
@@ -215,24 +229,21 @@ def cross_validate(
             size when that is below ``k``.
         seed: seeds the fold assignment and the bootstrap.
         n_bootstrap: bootstrap resamples for the 95 % intervals (0 gives NaN intervals).
+        groups: a group id per prompt: hold out whole groups instead (:func:`attnscan.detect.folds.grouped_folds`:
+            ``k`` then shrinks to the number of groups a class lies in).
+        folds: ready-made splits (:class:`attnscan.detect.folds.Folds`) instead of ``k`` and ``groups``.
 
     Returns:
         The :func:`metrics` of the pooled out-of-fold probabilities, plus ``auroc_low``/``auroc_high`` and
         ``tpr5_low``/``tpr5_high`` (2.5 and 97.5 percentiles over resamples of prompts within each class), ``k``
-        (folds used), ``seed``, ``n_bootstrap``, ``oof_score`` (``float [N]``) and ``fold`` (``int [N]``).
+        (folds used), ``cv`` (``"stratified"`` or ``"grouped"``), ``n_groups`` (None for stratified folds),
+        ``seed``, ``n_bootstrap``, ``oof_score`` (``float [N]``) and ``fold`` (``int [N]``).
     """
-    from sklearn.model_selection import StratifiedKFold
-
     x = np.asarray(X)
     labels = as_labels(y, x.shape[0] if x.ndim else 0)
-    k_used = usable_folds(labels, int(k))
-    oof = np.full(labels.shape, np.nan, dtype=np.float64)
-    fold = np.full(labels.shape, -1, dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=k_used, shuffle=True, random_state=seed)
-    for i, (train, test) in enumerate(splitter.split(np.zeros(labels.size), labels)):
-        detector = make_detector().fit(x[train], labels[train])
-        oof[test] = detector.predict_proba(x[test])
-        fold[test] = i
+    if folds is None:
+        folds = stratified_folds(labels, k, seed) if groups is None else grouped_folds(labels, groups, k, seed)
+    oof, fold = out_of_fold(make_detector, x, labels, folds)
     out: dict[str, Any] = dict(metrics(labels, oof))
     auc_ci, tpr_ci = bootstrap_intervals(labels, oof, n_bootstrap, seed)
     out.update(
@@ -240,13 +251,25 @@ def cross_validate(
         auroc_high=auc_ci[1],
         tpr5_low=tpr_ci[0],
         tpr5_high=tpr_ci[1],
-        k=k_used,
+        k=folds.k,
+        cv=folds.kind,
+        n_groups=folds.n_groups,
         seed=seed,
         n_bootstrap=n_bootstrap,
         oof_score=oof,
         fold=fold,
     )
     return out
+
+
+def _resamples(y: IntArray, n_bootstrap: int, seed: int, chunk: int) -> Iterator[tuple[IntArray, IntArray]]:
+    """Bootstrap resamples of the prompts of ``y`` within each class, ``chunk`` at a time: the indices of the
+    jailbreak prompts drawn ``[b, n1]`` and of the benign ones ``[b, n0]``, from a generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        yield pos[rng.integers(0, pos.size, size=(b, pos.size))], neg[rng.integers(0, neg.size, size=(b, neg.size))]
 
 
 def bootstrap_intervals(
@@ -265,18 +288,32 @@ def bootstrap_intervals(
     nan = (float("nan"), float("nan"))
     if n_bootstrap <= 0:
         return nan, nan
-    rng = np.random.default_rng(seed)
-    pos, neg = score[y == 1], score[y == 0]
     aucs, tprs = [], []
-    for start in range(0, n_bootstrap, chunk):
-        b = min(chunk, n_bootstrap - start)
-        p = pos[rng.integers(0, pos.size, size=(b, pos.size))]
-        q = neg[rng.integers(0, neg.size, size=(b, neg.size))]
-        aucs.append(_auroc_rows(p, q))
-        tprs.append(_tpr_rows(p, q, 0.05))
+    for p, q in _resamples(y, n_bootstrap, seed, chunk):
+        aucs.append(_auroc_rows(score[p], score[q]))
+        tprs.append(_tpr_rows(score[p], score[q], 0.05))
     auc_ci = np.percentile(np.concatenate(aucs), [2.5, 97.5])
     tpr_ci = np.percentile(np.concatenate(tprs), [2.5, 97.5])
     return (float(auc_ci[0]), float(auc_ci[1])), (float(tpr_ci[0]), float(tpr_ci[1]))
+
+
+def paired_auroc_difference(
+    y: npt.ArrayLike, a: npt.ArrayLike, b: npt.ArrayLike, n_bootstrap: int, seed: int, chunk: int = 256
+) -> tuple[float, float, float]:
+    """``AUROC(a) − AUROC(b)`` of two scores of the same prompts, with its 95 % percentile bootstrap interval:
+    ``(difference, low, high)``. Each resample draws the same prompts (within each class, as in
+    :func:`bootstrap_intervals`) for both scores, so the interval accounts for their correlation. NaN interval for
+    ``n_bootstrap <= 0``."""
+    labels, sa = _split(y, a)
+    _, sb = _split(labels, b)
+    diff = float(_auroc_rows(sa[labels == 1][None], sa[labels == 0][None])[0])
+    diff -= float(_auroc_rows(sb[labels == 1][None], sb[labels == 0][None])[0])
+    if n_bootstrap <= 0:
+        return diff, float("nan"), float("nan")
+    draws = _resamples(labels, n_bootstrap, seed, chunk)
+    diffs = [_auroc_rows(sa[p], sa[q]) - _auroc_rows(sb[p], sb[q]) for p, q in draws]
+    low, high = np.percentile(np.concatenate(diffs), [2.5, 97.5])
+    return diff, float(low), float(high)
 
 
 # --------------------------------------------------------------------------------------------------- layer table
@@ -296,6 +333,96 @@ METRIC_COLUMNS = (
 )
 
 
+#: The metric names reported for each extra cross-validation beside the main one (the stratified folds beside the
+#: grouped ones, ...): ``{kind}_{name}_{cv}`` in :func:`layer_detection`, e.g. ``cp_auroc_low_stratified``.
+SIDE_COLUMNS = ("auroc", "auroc_low", "auroc_high", "tpr5")
+
+
+@dataclass
+class LayerDetection:
+    """What :func:`layer_detection` computed: the ``table`` (one row per layer) and the out-of-fold scores behind
+    it, ``oof[(cv, kind, layer)]`` ``float [N]`` (``cv``: ``""`` for the main folds, else the name of the extra
+    ones; ``kind``: ``"cp"`` or ``"probe"``)."""
+
+    table: pd.DataFrame
+    oof: dict[tuple[str, str, int], FloatArray]
+
+
+def _sources(
+    tensors: Mapping[int, npt.ArrayLike] | None, pooled: Mapping[int, npt.ArrayLike] | None, flag_on: str
+) -> tuple[dict[str, Mapping[int, npt.ArrayLike]], list[int]]:
+    """The detector inputs by kind (``cp``: tensors, ``probe``: pooled) and their layers (checked: the same)."""
+    check_flag_on(flag_on)
+    sources = {kind: x for kind, x in (("cp", tensors), ("probe", pooled)) if x is not None}
+    if not sources:
+        raise AttnscanError("give tensors (for the CP detector), pooled (for the probe), or both")
+    if flag_on not in sources:
+        raise AttnscanError(f"flag_on={flag_on!r} needs {'tensors' if flag_on == 'cp' else 'pooled'} features")
+    layer_sets = [sorted(int(layer) for layer in features) for features in sources.values()]
+    if len(layer_sets) == 2 and layer_sets[0] != layer_sets[1]:
+        raise AttnscanError(
+            f"tensors hold layers {layer_sets[0]} but pooled holds {layer_sets[1]}: give the same layers"
+        )
+    if not layer_sets[0]:
+        raise AttnscanError("no layers given")
+    return sources, layer_sets[0]
+
+
+def layer_detection(
+    tensors: Mapping[int, npt.ArrayLike] | None,
+    pooled: Mapping[int, npt.ArrayLike] | None,
+    y: npt.ArrayLike,
+    plans: Mapping[str, Folds],
+    *,
+    rank: int = 8,
+    seed: int = 0,
+    threshold: float = 0.9,
+    flag_on: Literal["cp", "probe"] = "cp",
+    n_bootstrap: int = 1000,
+    C: float = 1.0,
+    max_iter: int = 100,
+) -> LayerDetection:
+    """:func:`layer_detection_table` on ready-made cross-validation ``plans``
+    (:func:`~attnscan.detect.folds.fold_plans`), keeping the out-of-fold scores.
+
+    The main plan (``plans[""]``) gives the main columns, ``flagged`` and ``k`` (and, when grouped, ``cv`` and
+    ``n_groups``); each other plan ``s`` adds ``k_s`` (and ``n_groups_s`` when grouped) and ``{kind}_{m}_{s}`` for
+    ``m`` in :data:`SIDE_COLUMNS`.
+    """
+    makers: dict[str, Callable[[], Detector]] = {
+        "cp": lambda: CPDetector(rank=rank, seed=seed, C=C, max_iter=max_iter),
+        "probe": lambda: ProbeDetector(C=C),
+    }
+    sources, layers = _sources(tensors, pooled, flag_on)
+    if "" not in plans:
+        raise AttnscanError("plans need a main cross-validation under the key ''")
+    labels = as_labels(y)
+    oof: dict[tuple[str, str, int], FloatArray] = {}
+    rows: list[dict[str, Any]] = []
+    for layer in layers:
+        row: dict[str, Any] = {"layer": layer}
+        side: dict[str, Any] = {}
+        for name, folds in plans.items():
+            for kind, features in sources.items():
+                x = features[layer]
+                res = cross_validate(makers[kind], x, labels, seed=seed, n_bootstrap=n_bootstrap, folds=folds)
+                oof[(name, kind, layer)] = res["oof_score"]
+                if name == "":
+                    row.update(n=int(res["n"]), n_jailbreak=int(res["n_jailbreak"]), k=folds.k)
+                    row.update({"cv": folds.kind, "n_groups": folds.n_groups} if folds.kind == "grouped" else {})
+                    row.update({f"{kind}_{m}": res[m] for m in METRIC_COLUMNS})
+                    continue
+                side[f"k_{name}"] = folds.k
+                side.update({f"n_groups_{name}": folds.n_groups} if folds.kind == "grouped" else {})
+                side.update({f"{kind}_{m}_{name}": res[m] for m in SIDE_COLUMNS})
+        row["flagged"] = bool(row[f"{flag_on}_auroc"] >= threshold)
+        rows.append({**row, **side})
+    table = pd.DataFrame(rows)
+    table.attrs.update(rank=rank, seed=seed, threshold=threshold, flag_on=flag_on, n_bootstrap=n_bootstrap)
+    table.attrs.update(C=C, max_iter=max_iter, cv=plans[""].kind)
+    return LayerDetection(table, oof)
+
+
 def layer_detection_table(
     tensors: Mapping[int, npt.ArrayLike] | None,
     pooled: Mapping[int, npt.ArrayLike] | None,
@@ -309,6 +436,7 @@ def layer_detection_table(
     n_bootstrap: int = 1000,
     C: float = 1.0,
     max_iter: int = 100,
+    groups: GroupIds | None = None,
 ) -> pd.DataFrame:
     """Cross-validated CP and probe detection metrics for every layer.
 
@@ -319,45 +447,35 @@ def layer_detection_table(
         rank, max_iter: of the CP decomposition; ``C``: of both logistic regressions.
         k, seed, n_bootstrap: see :func:`cross_validate`; every layer uses the same folds and resamples.
         threshold, flag_on: ``flagged`` is ``{flag_on}_auroc >= threshold``.
+        groups: a group id per prompt (see :mod:`attnscan.detect.folds`): the main columns then hold out whole
+            groups, and the stratified numbers are reported beside them.
 
     Returns:
         One row per layer (ascending): ``layer``, ``n``, ``n_jailbreak``, ``k``, ``cp_<m>`` and ``probe_<m>`` for
         ``m`` in auroc, auroc_low, auroc_high, f1, accuracy, tpr1, tpr5, tpr5_low, tpr5_high, then ``flagged``.
-        ``table.attrs`` records the settings.
+        With ``groups`` these are the grouped numbers (``flagged`` and so :func:`best_layer` use them), ``cv``
+        (``"grouped"``) and ``n_groups`` follow ``k``, and the stratified ones are added as ``k_stratified``,
+        ``cp_auroc_stratified``, ``cp_auroc_low_stratified``, ``cp_auroc_high_stratified``,
+        ``cp_tpr5_stratified`` and the same for ``probe_``. ``table.attrs`` records the settings.
     """
     check_flag_on(flag_on)
-    sources: dict[str, tuple[Mapping[int, npt.ArrayLike], Callable[[], Detector]]] = {}
-    if tensors is not None:
-        sources["cp"] = (tensors, lambda: CPDetector(rank=rank, seed=seed, C=C, max_iter=max_iter))
-    if pooled is not None:
-        sources["probe"] = (pooled, lambda: ProbeDetector(C=C))
-    if not sources:
-        raise AttnscanError("give tensors (for the CP detector), pooled (for the probe), or both")
-    if flag_on not in sources:
-        raise AttnscanError(f"flag_on={flag_on!r} needs {'tensors' if flag_on == 'cp' else 'pooled'} features")
-    layer_sets = [sorted(int(layer) for layer in features) for features, _ in sources.values()]
-    if len(layer_sets) == 2 and layer_sets[0] != layer_sets[1]:
-        raise AttnscanError(
-            f"tensors hold layers {layer_sets[0]} but pooled holds {layer_sets[1]}: give the same layers"
-        )
-    if not layer_sets[0]:
-        raise AttnscanError("no layers given")
     labels = as_labels(y)
-    k_used = usable_folds(labels, int(k))  # warns once here rather than once per layer and detector
-    rows: list[dict[str, Any]] = []
-    for layer in layer_sets[0]:
-        row: dict[str, Any] = {"layer": layer}
-        for name, (features, make) in sources.items():
-            res = cross_validate(make, features[layer], labels, k=k_used, seed=seed, n_bootstrap=n_bootstrap)
-            row.update(n=int(res["n"]), n_jailbreak=int(res["n_jailbreak"]), k=res["k"])
-            row.update({f"{name}_{m}": res[m] for m in METRIC_COLUMNS})
-        row["flagged"] = bool(row[f"{flag_on}_auroc"] >= threshold)
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    table.attrs.update(
-        rank=rank, k=k, seed=seed, threshold=threshold, flag_on=flag_on, n_bootstrap=n_bootstrap, C=C, max_iter=max_iter
+    plans = fold_plans(labels, int(k), seed, groups)  # warns once here rather than once per layer and detector
+    detection = layer_detection(
+        tensors,
+        pooled,
+        labels,
+        plans,
+        rank=rank,
+        seed=seed,
+        threshold=threshold,
+        flag_on=flag_on,
+        n_bootstrap=n_bootstrap,
+        C=C,
+        max_iter=max_iter,
     )
-    return table
+    detection.table.attrs.update(k=k)
+    return detection.table
 
 
 def best_layer(table: pd.DataFrame, by: str = "cp_auroc") -> int:

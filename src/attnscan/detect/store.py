@@ -16,6 +16,14 @@ Detector directory (``train_detector(out=DIR)``; written atomically: complete or
 - ``detection.csv``: :func:`attnscan.detect.metrics.layer_detection_table` — cross-validated (out-of-fold) metrics
   per layer with bootstrap intervals and the ``flagged`` column.
 
+When the training prompts carry group labels (see :mod:`attnscan.detect.training`), the meta also holds
+``train_groups`` (each training prompt's labels, benign first), ``training["cv"]`` with ``training["cv_plans"]``
+(the folds behind the main and the side numbers), and, unless turned off, ``baselines`` (prompt length and TF-IDF
+text baselines, :mod:`attnscan.detect.baselines`); ``detection.csv`` then holds the grouped numbers in its main
+columns, the side ones (``*_stratified``, ``*_requests``) and the baseline columns. A detector trained with ``fpr``
+holds ``operating_point`` (the flagging threshold per layer and kind at that false-positive rate, used by
+``score_prompts``) and the ``{kind}_op_threshold``/``_op_tpr``/``_op_fpr`` columns.
+
 ``meta["model"]`` (:func:`model_record`) says which model the detector reads: :func:`scoring_model` finds and loads
 it again for scoring, and :func:`check_model` refuses another. Also here: the output files of scoring and
 evaluation (:func:`check_output_file`, :func:`write_table`, :func:`preview`).
@@ -355,6 +363,12 @@ class TrainedDetector:
     @property
     def flagged_layers(self) -> list[int]:
         return [int(x) for x in self.meta.get("flagged_layers", [])]
+
+    @property
+    def cv(self) -> str:
+        """The folds behind the main numbers: ``"grouped"`` or ``"stratified"`` (detectors that record none were
+        cross-validated with stratified folds)."""
+        return str(self.meta.get("training", {}).get("cv", "stratified"))
 
     @property
     def primary(self) -> Kind:

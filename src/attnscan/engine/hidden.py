@@ -21,6 +21,8 @@ batch into memory-mapped files on disk instead of RAM.
 On disk (:meth:`Features.save`, ``store=``) a features directory holds ``features.json`` (format tag, layers, K,
 lengths, optional labels, provenance) and one ``L{layer}.safetensors`` per layer with the tensors ``tokens``
 ``[N, K, H]`` and ``pooled`` ``[N, H]`` (float32). No pickle anywhere; any safetensors reader opens the files.
+When the prompts carry group labels (:attr:`attnscan.prompts.sets.PromptSet.groups`), ``info["groups"]`` holds
+one dict of them per prompt (``{}`` for the prompts of a set without any); prompts without labels leave it out.
 """
 
 from __future__ import annotations
@@ -371,6 +373,8 @@ def extract_features(
     meta = _feature_meta(loaded, enc, length, truncate, system_prompt, info)
     if isinstance(texts, PromptSet):
         meta.setdefault("sets", [{**texts.provenance(), "start": 0, "stop": n}])
+        if texts.groups:
+            meta.setdefault("groups", [dict(g) for g in texts.groups])
     label_arr = None if labels is None else np.asarray(labels, dtype=np.int64)
 
     with contextlib.ExitStack() as stack_ctx:
@@ -480,4 +484,6 @@ def labelled_features(
         {**sets["jailbreak"].provenance(), "role": "jailbreak", "label": 1, "start": nb, "stop": len(texts)},
     ]
     info = {**dict(options.pop("info", None) or {}), "sets": provenance}
+    if any(ps.groups for ps in sets.values()):
+        info["groups"] = [dict(g) for ps in sets.values() for g in (ps.groups or ({},) * len(ps))]
     return extract_features(loaded, texts, labels=labels, info=info, **options)
