@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-from attnscan.models.gguf_cache import cache_root
 from attnscan.testing.tiny import build_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,10 +26,6 @@ def attnscan_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One converted-GGUF cache for the whole session, away from the user's own cache."""
     path = tmp_path_factory.mktemp("attnscan-cache")
     return path
-
-
-USER_CACHE = cache_root()
-"""The user's own cache, read before any test isolates it: where ``make models`` keeps fetched models."""
 
 
 @pytest.fixture(autouse=True)
