@@ -64,6 +64,31 @@ FlagOnOpt = Annotated[str, typer.Option(help="Flag and score with the 'cp' detec
 DetectorTruncateOpt = Annotated[str, typer.Option(help="Keep the 'head' or the 'tail' (default) of long prompts.")]
 TrainTopOpt = Annotated[int, typer.Option(help="Layers shown in the summary table.")]
 TrainOverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing detector in --out.")]
+ControlOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Template-matched negatives: the jailbreak wrappers around harmless requests (e.g. builtin:control), "
+        "added to the benign side so that only the request can tell the classes apart."
+    ),
+]
+CvOpt = Annotated[
+    str,
+    typer.Option(
+        help="'grouped' (hold out whole template families, and beside them whole requests, when the prompts carry "
+        "group labels) or 'stratified'."
+    ),
+]
+FprOpt = Annotated[
+    float | None,
+    typer.Option(help="Calibrate the flagging threshold on the benign prompts for this false-positive rate."),
+]
+BaselinesOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--baselines/--no-baselines",
+        help="Prompt-length and TF-IDF text baselines on the same folds (default: when the prompts carry groups).",
+    ),
+]
 
 
 def train_cmd(
@@ -72,6 +97,7 @@ def train_cmd(
     jailbreak: SourceOpt = None,
     jailbreak_templates: TemplatesOpt = None,
     requests: RequestsOpt = None,
+    control: ControlOpt = None,
     model: ModelOpt = "smollm2-135m-instruct",
     field: FieldOpt = None,
     multiline: MultilineOpt = False,
@@ -88,6 +114,9 @@ def train_cmd(
     threshold: FlagThresholdOpt = 0.9,
     flag_on: FlagOnOpt = "cp",
     bootstrap: BootstrapOpt = 1000,
+    cv: CvOpt = "grouped",
+    fpr: FprOpt = 0.01,
+    baselines: BaselinesOpt = None,
     length: DetectorLengthOpt = DEFAULT_LENGTH,
     batch_size: DetectorBatchOpt = 8,
     chat_template: ChatOpt = True,
@@ -136,6 +165,10 @@ def train_cmd(
                 truncate=truncate,  # type: ignore[arg-type]
                 overwrite=overwrite,
                 progress=progress,
+                cv=cv,  # type: ignore[arg-type]
+                fpr=fpr,
+                baselines=baselines,
+                control=sets.get("control"),
                 **load_keywords(flags),
             )
     _print_trained(trained, features, threshold, top, out)
@@ -161,7 +194,13 @@ ScoreLayerOpt = Annotated[int | None, typer.Option(help="Layer to score at (defa
 KindOpt = Annotated[
     str | None, typer.Option("--detector", help="'cp' or 'probe' (default: the detector's primary kind).")
 ]
-ProbThresholdOpt = Annotated[float, typer.Option(help="A prompt is flagged when its probability reaches this.")]
+ProbThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="A prompt is flagged when its probability reaches this (default: the threshold calibrated at training "
+        "for its false-positive rate, else 0.5)."
+    ),
+]
 
 
 def score_cmd(
@@ -171,7 +210,7 @@ def score_cmd(
     model: DetectorModelOpt = None,
     layer: ScoreLayerOpt = None,
     kind: KindOpt = None,
-    threshold: ProbThresholdOpt = 0.5,
+    threshold: ProbThresholdOpt = None,
     field: FieldOpt = None,
     multiline: MultilineOpt = False,
     assistant_name: AssistantOpt = "ChatGPT",
@@ -219,7 +258,8 @@ def score_cmd(
     n_flag = int(frame["flagged"].sum())
     typer.echo(
         f"scored {len(frame)} prompts with the {frame.attrs['kind']} detector at layer {frame.attrs['layer']}: "
-        f"{n_flag} flagged (prob >= {threshold}), mean prob {frame['prob'].mean():.3f}"
+        f"{n_flag} flagged (prob >= {frame.attrs['threshold']:.3g}, {frame.attrs['threshold_from']}), "
+        f"mean prob {frame['prob'].mean():.3f}"
     )
     typer.echo(f"wrote {out}")
 

@@ -32,7 +32,7 @@ from ..engine.batching import check_batch_size
 from ..engine.hidden import DEFAULT_LAST_K
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
-from ..prompts.sets import PromptSource, as_prompt_set
+from ..prompts.sets import PromptSource, as_prompt_set, join_sets, warn_unmatched_control
 from .baselines import add_baselines
 from .detectors import Kind
 from .folds import CvKind
@@ -104,6 +104,7 @@ def train_detector(
     cv: CvKind = "grouped",
     baselines: bool | None = None,
     fpr: float | None = None,
+    control: PromptSource | None = None,
     load: LoadOptions | None = None,
     **keywords: Any,
 ) -> TrainedDetector:
@@ -129,7 +130,10 @@ def train_detector(
 
     ``model`` is a spec, loaded with ``load`` (:class:`~attnscan.models.loading.LoadOptions`; its fields ``dtype``,
     ``device``, ``revision`` ... may also be given as keywords), or a :class:`~attnscan.models.loading.LoadedModel`;
-    ``benign``/``jailbreak`` are prompt sources or PromptSets (each needs at least 2 prompts). The settings are
+    ``benign``/``jailbreak`` are prompt sources or PromptSets (each needs at least 2 prompts). ``control`` (the
+    same jailbreak wrappers around harmless requests, e.g. ``builtin:control``) joins the benign side as
+    template-matched negatives, so that only the request inside a wrapper can tell the classes apart; a control set
+    that shares no template with the jailbreak set is warned about. The settings are
     checked before the model loads (``layers``, which needs the model, just after). ``progress(done, total, label)``
     hears about extraction (prompts; ``"features"`` or ``"attention"``) and fitting (layers, ``"fitting"``).
     """
@@ -150,6 +154,11 @@ def train_detector(
     training = Training(rank, C, max_iter, folds, seed, n_bootstrap, threshold, flag_on, cv, fpr, baselines)
     check_batch_size(batch_size)
     check_store(features, store)
+    if control is not None:
+        jailbreak = as_prompt_set(jailbreak, "jailbreak")
+        negatives = as_prompt_set(control, "control")
+        warn_unmatched_control(jailbreak, negatives)
+        benign = join_sets(as_prompt_set(benign, "benign"), negatives, "benign+control")
     sets, texts, y = labelled(benign, jailbreak, for_training=True)
     records = train_records(sets)
     final = Path(out)

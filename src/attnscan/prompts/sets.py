@@ -112,6 +112,35 @@ def as_prompt_set(src: PromptSource, name: str) -> PromptSet:
     return src if isinstance(src, PromptSet) else load_prompts(src, name)
 
 
+def join_sets(first: PromptSet, second: PromptSet, name: str) -> PromptSet:
+    """``first`` then ``second`` as one set (their group labels kept; a prompt without labels gets none)."""
+    groups: tuple[dict[str, Any], ...] = ()
+    if first.groups or second.groups:
+        groups = (first.groups or tuple({} for _ in first.texts)) + (second.groups or tuple({} for _ in second.texts))
+    source = f"{first.source} + {second.source}"
+    details = {"parts": [first.provenance(), second.provenance()]}
+    return PromptSet(name, first.texts + second.texts, source, details, groups)
+
+
+def warn_unmatched_control(jailbreak: PromptSet, control: PromptSet, stacklevel: int = 3) -> None:
+    """Warn when a control set shares no jailbreak template with the jailbreak set: it then cannot make a
+    detector look past the wrappers (its point is the same wrappers around harmless requests)."""
+    jb, ctl = jailbreak.group("template_id"), control.group("template_id")
+    if jb is None or ctl is None:
+        warnings.warn(
+            f"the control set '{control.name}' ({control.source}) or the jailbreak set carries no template labels, "
+            "so attnscan cannot check that both use the same templates; compose both from the same templates "
+            "(--jailbreak-templates, builtin:control) so the detector must look past the wrappers",
+            stacklevel=stacklevel,
+        )
+    elif not ({t for t in jb if t is not None} & {t for t in ctl if t is not None}):
+        warnings.warn(
+            f"the control set '{control.name}' shares no template with the jailbreak set: it cannot teach the "
+            "detector to look past the wrappers; compose it from the jailbreak set's templates",
+            stacklevel=stacklevel,
+        )
+
+
 def _data_root() -> Any:
     return resources.files("attnscan.prompts") / "data"
 

@@ -1,0 +1,62 @@
+"""``attnscan detect train`` with group labels from the command line: a control set as template-matched negatives,
+grouped cross-validation, baselines and the calibrated operating point, and their bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from click.testing import Result
+from typer.testing import CliRunner
+
+from attnscan.cli import app
+
+runner = CliRunner()
+SMALL = ["--layers", "0", "--rank", "2", "--last-k", "2", "--max-iter", "10", "--bootstrap", "50", "--length", "64"]
+
+
+def _train(model: Path, out: Path, *extra: str) -> Result:
+    args = ["detect", "train", "--model", str(model), "--out", str(out), "--benign", "builtin:benign"]
+    return runner.invoke(app, [*args, "--jailbreak", "builtin:jailbreak", *SMALL, "--quiet", *extra])
+
+
+def test_control_grouped_cv_baselines_and_operating_point(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "det"
+    res = _train(tiny_model_dir, out, "--control", "builtin:control", "--limit", "24", "--fpr", "0.05")
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(out / "detection.csv")
+    assert table["cv"].iloc[0] != "stratified" and "cp_auroc_stratified" in table and "text_auroc" in table
+    meta = json.loads((out / "detector.json").read_text())["meta"]
+    assert [s["role"] for s in meta["sets"]] == ["benign", "jailbreak"]
+    assert "builtin:control" in meta["sets"][0]["source"] and meta["training"]["n"] == 72
+    assert meta["operating_point"]["fpr"] == 0.05 and "baselines" in meta
+    # the control prompts travel with their labels: benign requests first, then the wrapped harmless ones
+    families = [g.get("family") for g in meta["train_groups"][:48]]
+    assert families[:24] == [None] * 24 and all(f is not None for f in families[24:])
+
+    scores = tmp_path / "s.csv"
+    res = runner.invoke(
+        app, ["detect", "score", str(out), "--prompts", "builtin:control", "--limit", "5", "--out", str(scores)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "operating point" in res.output
+
+
+def test_bad_fpr_and_unmatched_control(tiny_model_dir: Path, tmp_path: Path) -> None:
+    res = _train(tiny_model_dir, tmp_path / "a", "--fpr", "0.7", "--limit", "8")
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == ["error: --fpr must be in (0, 0.5], got 0.7"]
+    assert not (tmp_path / "a").exists()
+    plain = tmp_path / "control.txt"
+    plain.write_text("\n".join(f"please tell me a story number {i}" for i in range(8)) + "\n")
+    res = runner.invoke(
+        app,
+        [
+            "detect", "train", "--model", str(tiny_model_dir), "--out", str(tmp_path / "b"),
+            "--benign", "builtin:benign", "--jailbreak", "builtin:jailbreak", "--control", str(plain),
+            "--limit", "8", *SMALL,
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "carries no template labels" in res.output
