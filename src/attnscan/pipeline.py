@@ -275,6 +275,7 @@ def _detect(
         system_prompt=opts.system_prompt,
         control=control,
         fpr=0.01,
+        folds=3,  # three grouped, request and stratified cross-validations per layer: 3 folds keep the main job short
     )
     return trained.table, _detection_note(trained, control is not None)
 
@@ -297,9 +298,7 @@ def _detection_note(trained: TrainedDetector, with_control: bool) -> str:
         f"{len(trained.flagged_layers)} of {len(table)} layers reach the flagging threshold."
     )
     if "cp_auroc_stratified" in row:
-        note += (
-            f" Stratified folds, which mix every wrapper into training, would report {row['cp_auroc_stratified']:.3f}."
-        )
+        note += f" Stratified folds (every wrapper seen in training) give {row['cp_auroc_stratified']:.3f}."
     if "text_auroc" in row:
         beats = bool(row.get("beats_text", False))
         note += (

