@@ -214,3 +214,17 @@ def test_layer_profile_stacks_its_legends_beside_the_panels(dpi: int) -> None:
     assert detection.y1 == pytest.approx(det_box.y1, abs=2)
     # The column is no wider than its widest legend (plus the gap to the axes).
     assert fig.bbox.x1 - shift_box.x1 < max(b.width for b in (models, verdicts, detection)) + 0.5 * inch
+
+
+def test_layer_profile_draws_the_text_baseline_when_the_table_has_one() -> None:
+    tables = {"GPT-J-6B": _table(28, 1), "Llama-3.1-8B": _table(32, 2)}
+    det = _detection(tables, threshold=0.9)
+    det["GPT-J-6B"]["text_auroc"] = 0.866  # one value per training, repeated on every layer row
+    fig = layer_profile_figure(tables, detection=det)
+    (line,) = [ln for ln in fig.axes[1].get_lines() if ln.get_label() == "_text_baseline"]
+    assert list(line.get_ydata()) == [0.866, 0.866] and line.get_linestyle() == "-."
+    assert "text baseline (TF-IDF, same folds)" in _texts(_legends(fig)["attnscan:legend:detection"])
+    assert _flat_levels(fig.axes[1]) == [0.5, 0.866, 0.9]
+    # without the column: no line, no legend entry
+    fig = layer_profile_figure(tables, detection=_detection(tables, threshold=0.9))
+    assert not any("text baseline" in t for t in _texts(_legends(fig)["attnscan:legend:detection"]))

@@ -54,6 +54,7 @@ class _Drawn:
     model_handles: list[Line2D] = field(default_factory=list)
     verdicts: list[str] = field(default_factory=list)  # in the order first seen
     levels: list[float] = field(default_factory=list)  # flag thresholds of the detection panel, each drawn once
+    text_baseline: bool = False  # some detection table carried the TF-IDF text baseline (drawn dash-dotted)
 
 
 def layer_profile_figure(
@@ -112,10 +113,11 @@ def layer_profile_figure(
             level = _detection_lines(det_ax, key, detection[key], depth, model_style(k), threshold)
             if level is not None and level not in drawn.levels:
                 drawn.levels.append(level)
+            drawn.text_baseline |= _text_baseline_line(det_ax, detection[key], model_style(k))
     ax.set_xlim(-0.03, 1.03)
     ax.set_xticks(np.linspace(0.0, 1.0, 5))
     if det_ax is not None:
-        _detection_axes(fig, det_ax, drawn.levels)
+        _detection_axes(fig, det_ax, drawn.levels, drawn.text_baseline)
     else:
         ax.set_xlabel(_DEPTH_LABEL, fontsize=FS_LABEL)
     ax.set_ylabel(ylabel if ylabel is not None else _YLABELS.get(value, value), fontsize=FS_LABEL)
@@ -184,7 +186,7 @@ def _style_axes(ax: Axes) -> None:
     ax.set_axisbelow(True)
 
 
-def _detection_axes(fig: Figure, det_ax: Axes, levels: Sequence[float]) -> None:
+def _detection_axes(fig: Figure, det_ax: Axes, levels: Sequence[float], text_baseline: bool = False) -> None:
     """The detection panel's chance line, limits, labels, threshold lines and its "Detection" legend."""
     from matplotlib.lines import Line2D
 
@@ -199,6 +201,10 @@ def _detection_axes(fig: Figure, det_ax: Axes, levels: Sequence[float]) -> None:
         Line2D([], [], color="#444444", marker="o", linestyle="", label="flagged layer"),
         Line2D([], [], color="black", linewidth=0.8, linestyle=":", label="chance (AUROC 0.50)"),
     ]
+    if text_baseline:
+        det_handles.append(
+            Line2D([], [], color="#444444", linewidth=1.0, linestyle="-.", label="text baseline (TF-IDF, same folds)")
+        )
     if levels:
         for level in levels:
             det_ax.axhline(level, color=THRESHOLD_COLOR, linewidth=0.8, zorder=1)
@@ -272,6 +278,17 @@ def _side_legend(fig: Figure, ax: Axes, handles: Sequence[Line2D], title: str, l
     ax.add_artist(legend)
     legend.set_clip_on(False)  # add_artist clips to the axes, which would hide it and keep it out of the layout
     return legend
+
+
+def _text_baseline_line(ax: Axes, table: pd.DataFrame, style: ModelStyle) -> bool:
+    """The model's TF-IDF text-baseline AUROC (the same for every layer: one per training) as a dash-dotted line
+    across the detection panel; whether the table had one. A detector under that line adds nothing a classifier of
+    the prompt text lacks."""
+    if "text_auroc" not in table.columns or not table["text_auroc"].notna().any():
+        return False
+    level = float(table["text_auroc"].dropna().iloc[0])
+    ax.axhline(level, color=style.color, linewidth=1.0, linestyle="-.", zorder=2, label="_text_baseline")
+    return True
 
 
 def _detection_lines(
