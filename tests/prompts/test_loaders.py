@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -170,3 +171,56 @@ def test_no_warning_for_clean_sets(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_prompts(f)
+
+
+def test_group_labels_from_file_columns(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "first wrapped request", "attack": "dan", "behavior_id": "b1", "risky": "true"},
+        {"prompt": "second wrapped request", "attack": "aim", "behavior_id": "b2", "risky": "no"},
+        {"prompt": "", "attack": "aim", "behavior_id": "b3", "risky": "no"},  # an empty prompt is dropped with its row
+    ]
+    csv_file, jsonl = tmp_path / "p.csv", tmp_path / "p.jsonl"
+    csv_file.write_text("prompt,attack,behavior_id,risky\n" + "\n".join(",".join(r.values()) for r in rows) + "\n")
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for path in (csv_file, jsonl):
+        ps = load_prompts(path, groups="family=attack,request_id=behavior_id,looks_risky=risky")
+        assert ps.texts == ("first wrapped request", "second wrapped request")
+        assert ps.groups == (
+            {"family": "dan", "request_id": "b1", "looks_risky": True},
+            {"family": "aim", "request_id": "b2", "looks_risky": False},
+        )
+        assert ps.provenance()["group_labels"] == ["family", "looks_risky", "request_id"]
+    assert load_prompts(csv_file).groups == ()  # no --groups, no labels
+
+
+@pytest.mark.parametrize(
+    ("groups", "words"),
+    [
+        ("family=no_such_column", "has no column 'no_such_column' for the group label family: available columns are "
+         "prompt, attack, behavior_id"),
+        ("colour=attack", "unknown group label 'colour' in --groups"),
+        ("family", "write LABEL=COLUMN"),
+    ],
+)  # fmt: skip
+def test_bad_group_columns_are_refused(tmp_path: Path, groups: str, words: str) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,attack,behavior_id\nhello there,dan,b1\n")
+    with pytest.raises(AttnscanError, match=re.escape(words)):
+        load_prompts(path, groups=groups)
+    txt = tmp_path / "p.txt"
+    txt.write_text("hello\n")
+    with pytest.raises(AttnscanError, match="plain text: it has no columns for --groups"):
+        load_prompts(txt, groups="family=attack")
+
+
+def test_groups_flag_on_the_command_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from attnscan.cli import app
+
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,attack\nhello there,dan\n")
+    args = ["scan", "--benign", str(path), "--jailbreak", str(path), "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, [*args, "--groups", "family=nope", "--model", "./no-such-model"])
+    assert res.exit_code == 2 and "has no column 'nope' for the group label family" in res.output
+    assert "available columns are prompt, attack" in res.output and not (tmp_path / "o").exists()

@@ -90,6 +90,13 @@ TemplatesOpt = Annotated[
 RequestsOpt = Annotated[str | None, typer.Option(help="Requests for --jailbreak-templates (default builtin:harmful).")]
 FieldOpt = Annotated[str | None, typer.Option(help="Column or key holding the prompt (json, jsonl, csv, parquet).")]
 MultilineOpt = Annotated[bool, typer.Option(help="In .txt files, prompts are separated by blank lines.")]
+GroupsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Columns of the prompt files that hold group labels, as LABEL=COLUMN,... with labels template_id, "
+        "family, request_id, category, looks_risky (e.g. family=attack,request_id=behavior_id)."
+    ),
+]
 AssistantOpt = Annotated[str, typer.Option(help="Fills {generator.name} placeholders of DAN-style templates.")]
 LimitOpt = Annotated[int | None, typer.Option(help="Use at most N prompts per set (deterministic by --seed).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for subsampling and statistics, recorded in the manifest.")]

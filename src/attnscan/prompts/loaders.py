@@ -1,6 +1,7 @@
 """Readers for prompt files and public benchmark layouts.
 
-Every reader returns a list of prompt texts. Which field holds the prompt is decided in this order:
+Every reader returns the prompt texts and, for each, the group labels read from the columns asked for
+(``--groups family=attack,request_id=behavior_id``). Which field holds the prompt is decided in this order:
 
 1. ``field=`` given by the user (``--field``): that column / key, or an error listing the available ones;
 2. a recognised public layout, by its columns:
@@ -30,7 +31,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +91,41 @@ def _pick_column(columns: Sequence[str], field: str | None, where: str) -> tuple
     )
 
 
-def _rows_to_texts(rows: Iterable[dict[str, Any]], columns: Sequence[str], field: str | None, where: str) -> list[str]:
+Rows = tuple[list[str], list[dict[str, Any]]]
+"""Prompt texts and, for each, the group labels read from the columns asked for (empty dicts when none were)."""
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # None or NaN
+
+
+def _rows_to_texts(
+    rows: Iterable[dict[str, Any]],
+    columns: Sequence[str],
+    field: str | None,
+    where: str,
+    groups: Mapping[str, str] | None = None,
+) -> Rows:
     column, context = _pick_column(columns, field, where)
-    texts = []
+    for label, name in (groups or {}).items():
+        if name not in columns:
+            raise AttnscanError(
+                f"{where} has no column '{name}' for the group label {label}: available columns are "
+                f"{', '.join(columns) if columns else 'none'}"
+            )
+    texts: list[str] = []
+    records: list[dict[str, Any]] = []
     for row in rows:
         value = row.get(column)
-        if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        if _missing(value):
             continue
         text = str(value)
         ctx = row.get(context) if context else None
         if isinstance(ctx, str) and ctx.strip():
             text = ctx.strip() + HARMBENCH_CONTEXT_SEPARATOR + text
         texts.append(text)
-    return texts
+        records.append({label: row.get(name) for label, name in (groups or {}).items() if not _missing(row.get(name))})
+    return texts, records
 
 
 def read_txt(path: Path, multiline: bool = False) -> list[str]:
@@ -114,20 +137,22 @@ def read_txt(path: Path, multiline: bool = False) -> list[str]:
     return [line.strip() for line in body.splitlines() if line.strip()]
 
 
-def _records_to_texts(items: list[Any], field: str | None, where: str) -> list[str]:
+def _records_to_texts(items: list[Any], field: str | None, where: str, groups: Mapping[str, str] | None) -> Rows:
     if all(isinstance(x, str) for x in items):
         if field is not None:
             raise AttnscanError(f"{where} is a list of strings: it has no field '{field}'; drop --field")
-        return [str(x) for x in items]
+        if groups:
+            raise AttnscanError(f"{where} is a list of strings: it has no columns for --groups; drop --groups")
+        return [str(x) for x in items], [{} for _ in items]
     if not all(isinstance(x, dict) for x in items):
         raise AttnscanError(f"{where} mixes strings and objects: give a list of strings or a list of objects")
     columns: list[str] = []
     for item in items:
         columns.extend(k for k in item if k not in columns)
-    return _rows_to_texts(items, columns, field, where)
+    return _rows_to_texts(items, columns, field, where, groups)
 
 
-def read_json(path: Path, field: str | None = None) -> list[str]:
+def read_json(path: Path, field: str | None = None, groups: Mapping[str, str] | None = None) -> Rows:
     """A JSON list of strings or of objects, or an object holding such a list under one key."""
     try:
         data = json.loads(_decode(path.read_bytes(), str(path)))
@@ -142,10 +167,10 @@ def read_json(path: Path, field: str | None = None) -> list[str]:
         data = next(iter(lists.values()))
     if not isinstance(data, list):
         raise AttnscanError(f"{path} holds a JSON {type(data).__name__}: give a list of strings or objects")
-    return _records_to_texts(data, field, str(path))
+    return _records_to_texts(data, field, str(path), groups)
 
 
-def read_jsonl(path: Path, field: str | None = None) -> list[str]:
+def read_jsonl(path: Path, field: str | None = None, groups: Mapping[str, str] | None = None) -> Rows:
     """One JSON string or object per line."""
     items = []
     for number, line in enumerate(_decode(path.read_bytes(), str(path)).splitlines(), start=1):
@@ -155,28 +180,30 @@ def read_jsonl(path: Path, field: str | None = None) -> list[str]:
             items.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise AttnscanError(f"{path} line {number} is not valid JSON ({exc.msg}): fix the line") from None
-    return _records_to_texts(items, field, str(path)) if items else []
+    return _records_to_texts(items, field, str(path), groups) if items else ([], [])
 
 
-def read_table(path: Path, field: str | None = None, delimiter: str | None = None) -> list[str]:
+def read_table(
+    path: Path, field: str | None = None, delimiter: str | None = None, groups: Mapping[str, str] | None = None
+) -> Rows:
     """CSV or TSV with a header row."""
     body = _decode(path.read_bytes(), str(path))
     delim = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
     reader = csv.DictReader(io.StringIO(body, newline=""), delimiter=delim)
     columns = list(reader.fieldnames or [])
     if not columns:
-        return []
-    return _rows_to_texts(reader, columns, field, str(path))
+        return [], []
+    return _rows_to_texts(reader, columns, field, str(path), groups)
 
 
-def read_parquet(path: Path, field: str | None = None) -> list[str]:
+def read_parquet(path: Path, field: str | None = None, groups: Mapping[str, str] | None = None) -> Rows:
     try:
         import pandas as pd
 
         frame = pd.read_parquet(path)
     except ImportError:
         raise AttnscanError("reading .parquet needs pyarrow: pip install pyarrow") from None
-    return _rows_to_texts(frame.to_dict("records"), [str(c) for c in frame.columns], field, str(path))
+    return _rows_to_texts(frame.to_dict("records"), [str(c) for c in frame.columns], field, str(path), groups)
 
 
 def read_hf(spec: str) -> tuple[list[str], str]:
@@ -211,6 +238,14 @@ READERS = {".txt": "txt", ".json": "json", ".jsonl": "jsonl", ".csv": "table", "
 
 def read_file(path: Path, field: str | None = None, multiline: bool = False) -> list[str]:
     """Read prompts from a file, choosing the reader by extension."""
+    return read_file_rows(path, field, multiline)[0]
+
+
+def read_file_rows(
+    path: Path, field: str | None = None, multiline: bool = False, groups: Mapping[str, str] | None = None
+) -> Rows:
+    """Read prompts from a file, choosing the reader by extension, with each prompt's group labels taken from the
+    columns ``groups`` names (label -> column; a missing column is refused with the list of columns)."""
     kind = READERS.get(path.suffix.lower())
     if kind is None:
         raise AttnscanError(
@@ -220,11 +255,14 @@ def read_file(path: Path, field: str | None = None, multiline: bool = False) -> 
     if kind == "txt":
         if field is not None:
             raise AttnscanError(f"{path} is plain text: it has no field '{field}'; drop --field")
-        return read_txt(path, multiline)
+        if groups:
+            raise AttnscanError(f"{path} is plain text: it has no columns for --groups; drop --groups")
+        texts = read_txt(path, multiline)
+        return texts, [{} for _ in texts]
     if kind == "json":
-        return read_json(path, field)
+        return read_json(path, field, groups)
     if kind == "jsonl":
-        return read_jsonl(path, field)
+        return read_jsonl(path, field, groups)
     if kind == "parquet":
-        return read_parquet(path, field)
-    return read_table(path, field)
+        return read_parquet(path, field, groups)
+    return read_table(path, field, groups=groups)

@@ -23,7 +23,7 @@ import hashlib
 import json
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -258,18 +258,23 @@ def load_prompts(
     assistant_name: str = "ChatGPT",
     limit: int | None = None,
     seed: int = 0,
+    groups: str | Mapping[str, str] | None = None,
 ) -> PromptSet:
     """Load a prompt set from a source (see the module docstring), a list of texts, or pass a PromptSet through.
 
-    Warns when the set holds duplicates (with their count); raises :class:`AttnscanError` when it is empty or
-    cannot be read.
+    ``groups`` (``"family=attack,request_id=behavior_id"`` or a mapping) names the file columns that hold the
+    prompts' group labels (:data:`GROUP_KEYS`); the built-in sets carry their own and ignore it. Warns when the
+    set holds duplicates (with their count); raises :class:`AttnscanError` when it is empty or cannot be read.
     """
+    columns = parse_groups(groups)
     if isinstance(src, PromptSet):
         ps = src
     elif not isinstance(src, (str, Path)):
         ps = PromptSet(name or "prompts", tuple(str(t) for t in src), "<memory>")
     else:
-        ps = _load_source(str(src), name, field=field, multiline=multiline, assistant_name=assistant_name)
+        ps = _load_source(
+            str(src), name, field=field, multiline=multiline, assistant_name=assistant_name, groups=columns
+        )
     ps = subsample(ps, limit, seed)
     duplicates = len(ps.texts) - len(set(ps.texts))
     if duplicates:
@@ -277,10 +282,34 @@ def load_prompts(
     return ps
 
 
-def _load_source(src: str, name: str | None, *, field: str | None, multiline: bool, assistant_name: str) -> PromptSet:
+def parse_groups(groups: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"family=attack,request_id=behavior_id"`` (or a mapping) -> ``{label: column}``, labels among
+    :data:`GROUP_KEYS`."""
+    if groups is None:
+        return {}
+    if isinstance(groups, str):
+        pairs: dict[str, str] = {}
+        for part in (p.strip() for p in groups.split(",") if p.strip()):
+            label, sep, column = part.partition("=")
+            if not sep or not label.strip() or not column.strip():
+                raise AttnscanError(f"cannot read --groups part '{part}': write LABEL=COLUMN, e.g. family=attack")
+            pairs[label.strip()] = column.strip()
+        groups = pairs
+    unknown = [label for label in groups if label not in GROUP_KEYS]
+    if unknown:
+        raise AttnscanError(f"unknown group label '{unknown[0]}' in --groups: use {', '.join(GROUP_KEYS)}")
+    return dict(groups)
+
+
+def _load_source(
+    src: str, name: str | None, *, field: str | None, multiline: bool, assistant_name: str, groups: Mapping[str, str]
+) -> PromptSet:
     if src.startswith("builtin:"):
         return _builtin(src.split(":", 1)[1], name)
+    records: list[dict[str, Any]] | None = None
     if src.startswith("hf:"):
+        if groups:
+            raise AttnscanError("--groups reads file columns; it does not apply to hf: sources")
         texts, dataset = loaders.read_hf(src)
         stem = dataset.rstrip("/").split("/")[-1]
     else:
@@ -289,14 +318,26 @@ def _load_source(src: str, name: str | None, *, field: str | None, multiline: bo
             raise AttnscanError(f"prompt file not found: {src}: check the path")
         if path.is_dir():
             raise AttnscanError(f"{src} is a directory: give a prompt file (.txt, .json, .jsonl, .csv, .tsv, .parquet)")
-        texts = loaders.read_file(path, field=field, multiline=multiline)
+        texts, records = loaders.read_file_rows(path, field=field, multiline=multiline, groups=groups or None)
         stem = path.stem
         src = str(path)
-    texts = [loaders.fill_placeholders(t, assistant_name).strip() for t in texts]
-    texts = [t for t in texts if t]
-    if not texts:
+    filled = [loaders.fill_placeholders(t, assistant_name).strip() for t in texts]
+    kept = [i for i, t in enumerate(filled) if t]
+    if not kept:
         raise AttnscanError(f"{src} holds no prompts: check the file, or pick the right column with --field")
-    return PromptSet(name or stem, tuple(texts), src)
+    labels = tuple(_label_values(records[i]) for i in kept) if records is not None and groups else ()
+    return PromptSet(name or stem, tuple(filled[i] for i in kept), src, groups=labels)
+
+
+def _label_values(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Group labels from file cells: ``looks_risky`` as a boolean, the others as text."""
+    out: dict[str, Any] = {}
+    for label, value in record.items():
+        if label == "looks_risky":
+            out[label] = str(value).strip().lower() in ("1", "true", "yes", "y")
+        else:
+            out[label] = str(value)
+    return out
 
 
 def prompt_sets(
@@ -311,16 +352,19 @@ def prompt_sets(
     assistant_name: str = "ChatGPT",
     limit: int | None = None,
     seed: int = 0,
+    groups: str | Mapping[str, str] | None = None,
 ) -> dict[str, PromptSet]:
     """The named sets of a scan: ``benign``, ``jailbreak`` and optionally ``control``.
 
     ``jailbreak`` may instead be composed from ``jailbreak_templates`` x ``requests`` (default
-    ``builtin:harmful``). ``limit``/``seed`` subsample each set deterministically.
+    ``builtin:harmful``). ``limit``/``seed`` subsample each set deterministically. ``groups`` names the columns of
+    the benign, jailbreak and control files that hold group labels (see :func:`load_prompts`); composed prompts are
+    labelled by composition.
     """
     opts: dict[str, Any] = {"field": field, "multiline": multiline, "assistant_name": assistant_name}
     if benign is None:
         raise AttnscanError("no benign prompts: pass --benign SRC (e.g. builtin:benign or a file)")
-    sets = {"benign": load_prompts(benign, "benign", **opts, limit=limit, seed=seed)}
+    sets = {"benign": load_prompts(benign, "benign", **opts, limit=limit, seed=seed, groups=groups)}
     if jailbreak_templates is not None:
         if jailbreak is not None:
             raise AttnscanError("give either --jailbreak or --jailbreak-templates (with --requests), not both")
@@ -331,9 +375,9 @@ def prompt_sets(
     elif jailbreak is not None:
         if requests is not None:
             raise AttnscanError("--requests only applies with --jailbreak-templates")
-        sets["jailbreak"] = load_prompts(jailbreak, "jailbreak", **opts, limit=limit, seed=seed)
+        sets["jailbreak"] = load_prompts(jailbreak, "jailbreak", **opts, limit=limit, seed=seed, groups=groups)
     else:
         raise AttnscanError("no jailbreak prompts: pass --jailbreak SRC or --jailbreak-templates FILE")
     if control is not None:
-        sets["control"] = load_prompts(control, "control", **opts, limit=limit, seed=seed)
+        sets["control"] = load_prompts(control, "control", **opts, limit=limit, seed=seed, groups=groups)
     return sets
