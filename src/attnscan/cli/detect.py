@@ -38,6 +38,7 @@ from .options import (
     SourceOpt,
     SystemOpt,
     TemplatesOpt,
+    function_keywords,
     load_keywords,
     quiet_libraries,
     read_prompt_sets,
@@ -148,29 +149,10 @@ def train_cmd(
                 model,
                 sets["benign"],
                 sets["jailbreak"],
-                out=out,
-                layers=layers,
-                features=features,  # type: ignore[arg-type]
-                rank=rank,
-                max_iter=max_iter,
-                last_k=last_k,
-                blocks=blocks,
-                folds=folds,
-                threshold=threshold,
-                flag_on=flag_on,  # type: ignore[arg-type]
-                seed=seed,
                 n_bootstrap=bootstrap,
-                length=length,
-                batch_size=batch_size,
-                chat_template=chat_template,
-                system_prompt=system_prompt,
-                truncate=truncate,  # type: ignore[arg-type]
-                overwrite=overwrite,
                 progress=progress,
-                cv=cv,  # type: ignore[arg-type]
-                fpr=fpr,
-                baselines=baselines,
                 control=sets.get("control"),
+                **function_keywords(train_detector, flags, skip=("control",)),
                 **load_keywords(flags),
             )
     _print_trained(trained, features, threshold, top, out)

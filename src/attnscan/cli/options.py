@@ -19,7 +19,7 @@ import inspect
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -178,6 +178,12 @@ def options_from(cls: type[T], flags: Flags, **values: Any) -> T:
     """An option object of the library (the dataclass ``cls``) whose fields take the flags of the same names;
     ``values`` (flags parsed first, such as ``batch_size``) win. Fields without a flag keep their defaults."""
     return cls(**{**option_keywords(cls, flags), **values})
+
+
+def function_keywords(function: Callable[..., Any], flags: Flags, *, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The flags named as keyword-only parameters of the library function ``function`` (but ``skip``)."""
+    named = inspect.signature(function).parameters.values()
+    return {p.name: flags[p.name] for p in named if p.kind is p.KEYWORD_ONLY and p.name in flags and p.name not in skip}
 
 
 def load_keywords(flags: Flags) -> dict[str, Any]:

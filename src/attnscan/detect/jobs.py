@@ -71,8 +71,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------- train
 
 
-# Long only in its signature and docstring (every setting is a keyword the command line mirrors); the work is in
-# detect.training and detect.baselines.
+# Long (about 110 lines) only in its signature and docstring: every setting is a keyword the command line mirrors;
+# the work is in detect.training and detect.baselines.
 def train_detector(
     model: str | LoadedModel,
     benign: PromptSource,
