@@ -341,7 +341,7 @@ def extract_features(
 ) -> Features:
     """Hidden-state features of each prompt at each chosen layer (``layers``: ``None``/``"all"``, ``"3,7"``, list).
 
-    Prompts are encoded like :func:`attnscan.prompts.encode` (chat template unless turned off) and cut to
+    Prompts are encoded like :func:`attnscan.prompts.encoding.encode` (chat template unless turned off) and cut to
     ``length`` tokens; by default the *tail* is kept (``truncate="tail"``), so the last-K slab always ends at the
     assistant turn the model is about to write. Returns :class:`Features` with ``tensors[L]`` ``float32 [N, K, H]``
     and ``pooled[L]`` ``float32 [N, H]``. With ``store`` the arrays are streamed to that directory (written
