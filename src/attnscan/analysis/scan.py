@@ -134,12 +134,11 @@ def scan(
     if distributed.requested() and load.device == "auto" and load.device_map is None:
         load = dataclasses.replace(load, device=str(distributed.local_device()))
     loaded = resolve_model(model, load)
-    layers = opts.layers
-    chosen = loaded.check_layers(
-        layers if not isinstance(layers, Sequence) or isinstance(layers, str) else list(layers)
-    )
+    chosen = loaded.check_layers(opts.layers)
     torch.manual_seed(opts.seed)
-    encoded = {name: _encode(loaded, ps, opts) for name, ps in sets.items()}
+    encoded: dict[str, Encoded] = {}
+    for name, ps in sets.items():  # a loop, not a comprehension: the warnings' stack levels point at the caller
+        encoded[name] = _encode(loaded, ps, opts)
     rank, world = distributed.setup(loaded.device)
     collectors = {
         name: GridCollector(

@@ -108,7 +108,7 @@ def attention_blocks(
     check_align(align)
     check_floor(floor)
     check_batch_size(batch_size)
-    chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
+    chosen = loaded.check_layers(layers)
     enc = encode(
         loaded.tokenizer,
         prompt_texts,

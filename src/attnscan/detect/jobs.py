@@ -229,7 +229,7 @@ def _extract(
     info: Mapping[str, Any] | None,
 ) -> tuple[tuple[int, ...], DetectorInputs, float]:
     """The chosen layers, the detectors' inputs at them, and the seconds their extraction took."""
-    chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
+    chosen = loaded.check_layers(layers)
     t0 = time.perf_counter()
     inputs = detector_inputs(
         loaded, texts, settings, layers=chosen, batch_size=batch_size, progress=progress, store=store, info=info

@@ -393,7 +393,7 @@ class TrainedDetector:
         if layers is None or (isinstance(layers, str) and layers.strip().lower() in ("", "all")):
             return self.layers
         n_layers = int(self.meta.get("model", {}).get("n_layers") or max(self.layers) + 1)
-        chosen = parse_layers(layers if isinstance(layers, str) else list(layers), n_layers)
+        chosen = parse_layers(layers, n_layers)
         missing = [layer for layer in chosen if layer not in self.detectors]
         if missing:
             raise AttnscanError(

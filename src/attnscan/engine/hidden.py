@@ -355,7 +355,7 @@ def extract_features(
         raise AttnscanError(f"last_k must be at least 1, got {last_k}")
     check_batch_size(batch_size)
     check_truncate(truncate)
-    chosen = loaded.check_layers(layers if layers is None or isinstance(layers, str) else list(layers))
+    chosen = loaded.check_layers(layers)
     enc = encode(
         loaded.tokenizer,
         prompt_texts,

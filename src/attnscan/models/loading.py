@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,12 @@ class LoadedModel:
         param: torch.Tensor = next(self.model.parameters())
         return param.dtype
 
-    def check_layers(self, layers: str | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:
+    def check_layers(self, layers: str | Sequence[int] | None) -> tuple[int, ...]:
         """Resolve ``"all"``, ``None``, ``"3,7,18"`` or a list into sorted layer indices, or raise a usage error."""
         return parse_layers(layers, self.arch.n_layers)
 
 
-def parse_layers(layers: str | list[int] | tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
+def parse_layers(layers: str | Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
     """Parse a layer selection against a model with ``n_layers`` layers (negative indices count from the end)."""
     if layers is None or (isinstance(layers, str) and layers.strip().lower() in ("", "all")):
         return tuple(range(n_layers))
