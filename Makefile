@@ -1,14 +1,17 @@
 # attnscan: two commands on a fresh machine.
 #   make demo   set-up + the main job on the embedded model
 #   make test   set-up + ruff, mypy and the whole test suite
+#   make study  the paper's experiment on the refusing Qwen2.5-Coder-0.5B (fetched first), beside SmolLM2
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 OUT ?= attnscan-out
+STUDY_OUT ?= attnscan-study
+STUDY_MODEL ?= qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup dev constraints models demo test lint typecheck pytest bench clean
+.PHONY: setup dev constraints models demo study test lint typecheck pytest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +46,9 @@ models: setup
 demo: setup
 	$(VENV)/bin/attnscan run --model smollm2-135m-instruct --out $(OUT) --overwrite
 
+study: models
+	$(VENV)/bin/attnscan study --model $(STUDY_MODEL) --out $(STUDY_OUT) --overwrite
+
 lint: dev
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
@@ -63,4 +69,4 @@ bench: setup
 	$(PY) bench/capture.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .mypy_cache .ruff_cache .pytest_cache src/*.egg-info
+	rm -rf $(VENV) $(OUT) $(STUDY_OUT) .mypy_cache .ruff_cache .pytest_cache src/*.egg-info

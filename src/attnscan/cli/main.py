@@ -18,7 +18,7 @@ import typer
 from ..engine.accumulate import DEFAULT_FLOOR
 from ..errors import AttnscanError
 from ..prompts.encoding import DEFAULT_LENGTH
-from . import behave, detect
+from . import behave, detect, study
 from .options import (
     AlignOpt,
     AssistantOpt,
@@ -400,6 +400,7 @@ def _register() -> None:
         "behave": behave.behave_cmd,
         "defend": behave.defend_cmd,
         "fetch": fetch_cmd,
+        "study": study.study_cmd,
     }
     for name, command in commands.items():
         app.command(name)(command)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["trade_off_figure"]
 
 
-def trade_off_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure:
+def trade_off_figure(table: pd.DataFrame, *, title: str | None = None, marked: pd.DataFrame | None = None) -> Figure:
     """Jailbreak refusal rate (y) against benign retention (x), one point per row labelled ``k=…``.
 
     ``table`` is :func:`attnscan.behaviour.defend.sweep`'s output (columns ``k``, ``jailbreak_refusal_rate``,
@@ -28,6 +28,10 @@ def trade_off_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure
     the right is better.
     Rows at the same point share one label (``k=2,4``); each label goes to the first of a few spots around its
     point that keeps it clear of the other labels and points (:func:`_place_labels`).
+
+    ``marked`` adds other settings as separate markers with a legend, e.g. a study's chosen layers and its
+    random-layer controls (columns ``role``, ``jailbreak_refusal_rate``, ``benign_retention``; roles starting with
+    ``random`` are drawn as hollow squares, any other as a star).
     """
     from matplotlib.figure import Figure
 
@@ -47,6 +51,8 @@ def trade_off_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure
     ks = table["k"].to_numpy()
     ax.plot(x, y, color="0.6", linewidth=1, zorder=2)
     ax.scatter(x, y, c=["tab:gray" if k == 0 else "tab:red" for k in ks], zorder=3)
+    if marked is not None and not marked.empty:
+        _draw_marked(ax, marked)
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("benign retention (share of benign prompts answered)")
@@ -58,6 +64,18 @@ def trade_off_figure(table: pd.DataFrame, *, title: str | None = None) -> Figure
         groups.setdefault((float(xi), float(yi)), []).append(int(k))
     _place_labels(fig, ax, [(xy, "k=" + ",".join(map(str, members))) for xy, members in groups.items()])
     return fig
+
+
+def _draw_marked(ax: Axes, marked: pd.DataFrame) -> None:
+    """The extra settings of :func:`trade_off_figure`: random controls as hollow squares, the rest as stars."""
+    is_random = marked["role"].astype(str).str.startswith("random")
+    for rows, style in (
+        (marked[is_random], {"marker": "s", "facecolors": "none", "edgecolors": "tab:blue", "label": "random layers"}),
+        (marked[~is_random], {"marker": "*", "s": 160, "color": "tab:orange", "label": "chosen layers"}),
+    ):
+        if not rows.empty:
+            ax.scatter(rows["benign_retention"], rows["jailbreak_refusal_rate"], zorder=4, **style)  # type: ignore[arg-type]
+    ax.legend(loc="lower left", fontsize=8, frameon=False)
 
 
 # Spots for a label, as (x, y) offsets in points from its point, tried in this order: right above, left above,
