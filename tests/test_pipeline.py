@@ -164,8 +164,8 @@ def test_run_checks_the_detector_on_the_control_set(two_models: tuple[Path, Path
     assert bullets[1].startswith("- Wrapper effect (control vs benign prompts")
     assert bullets[2].startswith("- Combined effect (jailbreak vs benign prompts")
     assert "Without a control set" not in notes
-    assert res.stdout.index("Effects in tiny-llama, request effect first") < res.stdout.index("request effect: jailb")
-    assert res.stdout.index("(request effect: jailbreak vs control)") < res.stdout.index("(combined: jailbreak vs")
+    assert res.stdout.index("Effects in tiny-llama, request effect first") < res.stdout.index("(request: jailbreak")
+    assert res.stdout.index("(request: jailbreak vs control)") < res.stdout.index("(combined: jailbreak vs benign)")
     effects = (tmp_path / "with" / "tiny-llama" / "effects.csv").read_text().splitlines()[0].split(",")
     assert {"request_effect", "wrapper_effect", "request_verdict"} <= set(effects)
     # The report rebuilt from the run reads the saved effects and leads the same way.

@@ -220,8 +220,8 @@ def match_lengths(
         raise AttnscanError(
             f"--match-length found {len(pairs)} pair{'' if len(pairs) == 1 else 's'} of prompts within "
             f"{tolerance:.0%} of each other's token length ({_ranges_text(match)}{_truncation_hint(match)}): the "
-            "statistics need at least 2; add prompts of similar lengths, raise --match-tolerance, or drop "
-            "--match-length"
+            "statistics need at least 2; use benign prompts of similar lengths or raise --match-tolerance, or drop "
+            "--match-length and read the request effect (jailbreak vs a control set of the same wrappers)"
         )
     return match
 

@@ -83,7 +83,7 @@ def headline_table(label: str, comparisons: Mapping[str, Any]) -> Table:
             f"L{int(by_effect['layer'])} {by_effect['effect']:+.2f} q={q:.2g}",
             f"L{int(by_shift['layer'])} {by_shift['signed_shift']:+.2f}",
         )
-    table.caption = "signif.: layers with BH q < alpha; effect: standardized; shift: signed block shift, nats"
+    table.caption = "signif.: BH q < alpha; effect: standardized; shift: signed block shift (nats)"
     table.caption_justify = "left"
     return table
 
@@ -101,7 +101,7 @@ def run_summary(tables: Mapping[str, Any], effects: Mapping[str, Any]) -> Group:
         if label in effects:
             split = split_effects(effects[label])
             parts.append(headline_table(label, {**split, "combined": table}))
-            title = f"Top layers of {label} (request effect: jailbreak vs control)"
+            title = f"Top layers of {label} (request: jailbreak vs control)"
             parts.append(summary_table({label: split["request"]}, titles={label: title}))
     combined = {k: f"Top layers of {k} (combined: jailbreak vs benign)" for k in tables if k in effects}
     parts.append(summary_table(tables, titles=combined))
