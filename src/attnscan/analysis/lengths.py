@@ -4,7 +4,7 @@ A jailbreak prompt is usually a long wrapper around a short request, so a benign
 attention maps is partly a difference of prompt length. :func:`match_lengths` pairs every kept jailbreak prompt with
 a benign prompt (and, when the scan has a control set, a control prompt) of about the same token count; the prompts
 without a partner are left out of the scan. Pairs are one-to-one, so the kept sets have equally many prompts and
-the permutation tests compare two samples of the same length distribution.
+their length distributions agree to within the caliper (sorted, the kept lengths of two sets differ by at most it).
 
 **Method.** A partner of a jailbreak prompt of ``n`` tokens must have a length ``m`` within the caliper
 ``|m - n| <= max(min_tokens, tolerance * n)``. Among the one-to-one pairings that respect the caliper, the one with
@@ -12,7 +12,8 @@ the most pairs is taken, and among those the one with the smallest total length 
 over both sets sorted by length: both ends of the caliper window grow with ``n``, so some best pairing never
 crosses and the programme finds it exactly). With a control set the jailbreak prompts are first paired with benign
 prompts, then the paired ones with control prompts the same way; a jailbreak prompt without a control partner is
-left out with its benign partner (two exact steps, not one exact three-way pairing).
+left out with its benign partner (two exact steps, not one exact three-way pairing). The programme keeps one
+int64 per pair of prompts it weighs (8 MB for 1000 jailbreak and 1000 benign prompts).
 
 **Lengths** are grid lengths: token counts after the chat template and truncation to the grid length T, which are
 what the model saw. Prompts cut to T all have length T; they can only pair with prompts of about T tokens.
@@ -96,8 +97,9 @@ class LengthMatch:
         return out
 
     def record(self) -> dict[str, Any]:
-        """The bundle manifest's ``length_matching`` section: method, caliper, what was kept and the length
-        distributions before and after."""
+        """The bundle manifest's ``length_matching`` section: method, caliper, the pairs (``pair_indices``, prompt
+        indices in ``pair_order``), and per set the prompts kept of all, how many of all were cut to the grid, and
+        the length distributions before and after."""
         kept = self.kept
         diffs = self.pair_differences()
         return {
