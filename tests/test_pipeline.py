@@ -72,8 +72,12 @@ def test_run_with_two_models_writes_everything(two_models: tuple[Path, Path], tm
     assert [r[0] for r in manifest["rows"]] == ["tiny-llama", "tiny-gpt2"]  # most significant layer of each model
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Top layers of tiny-llama" in res.stdout and "Top layers of tiny-gpt2" in res.stdout
-    assert "Strongest shift per model" in res.stdout
-    assert "proxy" in (out / "observations.md").read_text()
+    assert "Largest |signed block shift| per model, jailbreak vs benign (the layer profile's measure)" in res.stdout
+    notes = (out / "observations.md").read_text()
+    assert "proxy" in notes
+    # No control set: the mixture of wrapper, length and request is said once per model, and the way out named.
+    assert notes.count("Without a control set this shift mixes the jailbreak wrapper, the prompt length") == 2
+    assert "Effects in" not in res.stdout  # no headline table of effects without a control set
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "tiny-llama" in page and "tiny-gpt2" in page
     # Detectors were trained per model (the default) and their AUROC is in the report and under the profile.
@@ -153,13 +157,36 @@ def test_run_checks_the_detector_on_the_control_set(two_models: tuple[Path, Path
     assert res.exit_code == 0, res.stderr
     notes = (tmp_path / "with" / "observations.md").read_text()
     assert "jailbreak vs benign prompts and control prompts" in notes, notes
+    # The request effect leads the observations and the terminal summary; the wrapper effect follows, then the
+    # combined jailbreak-vs-benign shift.
+    bullets = [line for line in notes.splitlines() if line.startswith("- ")]
+    assert bullets[0].startswith("- Request effect (jailbreak vs control prompts")
+    assert bullets[1].startswith("- Wrapper effect (control vs benign prompts")
+    assert bullets[2].startswith("- Combined effect (jailbreak vs benign prompts")
+    assert "Without a control set" not in notes
+    assert res.stdout.index("Effects in tiny-llama, request effect first") < res.stdout.index("(request: jailbreak")
+    assert res.stdout.index("(request: jailbreak vs control)") < res.stdout.index("(combined: jailbreak vs benign)")
+    effects = (tmp_path / "with" / "tiny-llama" / "effects.csv").read_text().splitlines()[0].split(",")
+    assert {"request_effect", "wrapper_effect", "request_verdict"} <= set(effects)
+    # The report rebuilt from the run reads the saved effects and leads the same way.
+    page = tmp_path / "again.html"
+    assert runner.invoke(app, ["report", str(tmp_path / "with"), "--out", str(page)]).exit_code == 0
+    assert page.read_text().index("Request effect (jailbreak vs control") < page.read_text().index("Combined effect")
     assert "stratified folds" in notes  # files without group labels cannot hold out wrappers
     meta = json.loads((tmp_path / "with" / "tiny-llama" / "detector" / "detector.json").read_text())["meta"]
     assert meta["training"]["n"] == 36 and "+" in meta["sets"][0]["source"]
     manifest = json.loads((tmp_path / "with" / "manifest.json").read_text())
     assert manifest["options"]["detect"] is True and manifest["options"]["align"] == "relative"
-    res = runner.invoke(app, [*args, "--no-detect", "--alpha", "1e-9", "--out", str(tmp_path / "without")])
+    extra = ["--no-detect", "--alpha", "1e-9", "--match-length", "--match-tolerance", "0.6"]
+    res = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / "without")])
     assert res.exit_code == 0, res.stderr
+    # --match-length: the bundle says what was kept; the observations say lengths were matched.
+    matched = json.loads((tmp_path / "without" / "tiny-llama" / "manifest.json").read_text())["length_matching"]
+    assert matched["pair_order"] == ["jailbreak", "benign", "control"] and matched["tolerance"] == 0.6
+    assert matched["sets"]["benign"]["of"] == 12 and 2 <= matched["pairs"] == matched["sets"]["control"]["kept"]
+    assert "Prompts were paired by token length" in (tmp_path / "without" / "observations.md").read_text()
+    assert "of matched length" in (tmp_path / "without" / "observations.md").read_text()
+    assert json.loads((tmp_path / "without" / "manifest.json").read_text())["options"]["match_length"] is True
     # The verdict thresholds are options: nothing passes q < 1e-9 with 200 permutations.
     verdicts = (tmp_path / "without" / "summary.csv").read_text()
     assert verdicts.count("no significant shift") == 3 and "vulnerable" not in verdicts

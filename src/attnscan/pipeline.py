@@ -4,11 +4,13 @@ Output directory (default ``attnscan-out/``), written atomically as a whole:
 
 - ``manifest.json``: what ran (models, prompt sets, options, versions, timestamps) and where each part is;
 - ``<model>/``: one results bundle per model (see :mod:`attnscan.analysis.result`), its ``layers.csv`` with the
-  statistics;
+  statistics of jailbreak vs benign and, with a control set, ``effects.csv``: per layer the request effect
+  (``request_*`` columns, jailbreak vs control) and the wrapper effect (``wrapper_*``, control vs benign);
 - ``summary.csv``: every model's layer table, one row per (model, layer);
 - ``figure.png``: Benign / Jailbreak / Difference rows for the chosen (model, layer) pairs;
 - ``layers.png``: the signed shift with its 95 % interval against relative layer depth, one line per model;
-- ``observations.md``: the observations generated from the numbers;
+- ``observations.md``: the observations generated from the numbers (with a control set they lead with the request
+  effect, then the wrapper effect, then the combined jailbreak-vs-benign shift);
 - ``report.html``: the self-contained interactive report (see :mod:`attnscan.views.report`).
 """
 
@@ -66,7 +68,8 @@ class RunOutput:
 
 
 def compare_models(tables: Mapping[str, Any], results: Mapping[str, ScanResult]) -> list[str]:
-    """One sentence per model on its strongest shift, with the layer's relative depth, for side-by-side reading."""
+    """One sentence on each model's largest |signed block shift| (jailbreak vs benign, the measure the layer profile
+    draws), with the layer's relative depth, for side-by-side reading."""
     if len(tables) < 2:
         return []
     parts = []
@@ -80,7 +83,11 @@ def compare_models(tables: Mapping[str, Any], results: Mapping[str, ScanResult])
             f"{label}: layer {int(top['layer'])} ({depth:.0%} depth), shift {top['signed_shift']:+.2f} nats, "
             f"verdict {top['verdict']}"
         )
-    return ["Strongest shift per model — " + "; ".join(parts) + "."]
+    return [
+        "Largest |signed block shift| per model, jailbreak vs benign (the layer profile's measure) — "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def run(
@@ -117,6 +124,10 @@ def run(
     only the first few dozen positions; relative alignment compares whole prompts over the whole grid, as the
     reference figure does, and keeps every stretched row a probability distribution so that length alone does not
     shift the maps (see :mod:`attnscan.engine.accumulate`).
+
+    ``match_length`` (a field of :class:`~attnscan.analysis.scan.ScanOptions`) scans only prompts paired by token
+    length across the sets (:mod:`attnscan.analysis.lengths`); the detectors of ``detect`` still train on the whole
+    sets.
 
     ``thresholds`` decide the verdicts (:class:`attnscan.analysis.statistics.VerdictThresholds`: q level, share of
     cells that must move one way, cell tolerance).
@@ -316,12 +327,19 @@ def _detection_note(trained: TrainedDetector, with_control: bool) -> str:
     return note
 
 
-def _notes(tables: Mapping[str, Any], results: Mapping[str, ScanResult], extra: Sequence[str] = ()) -> list[str]:
-    """The observations of every model's table, then the comparison of the models and ``extra`` sentences, before
-    the last observation (the closing caveat)."""
+def _notes(
+    tables: Mapping[str, Any],
+    results: Mapping[str, ScanResult],
+    extra: Sequence[str] = (),
+    effects: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The observations of every model's table (leading with the request effect of ``effects[label]`` for a
+    control scan), then the comparison of the models and ``extra`` sentences, before the last observation (the
+    closing caveat)."""
     notes: list[str] = []
     for label, table in tables.items():
-        notes.extend(observations(table, results[label], model_name=label if len(tables) > 1 else None))
+        name = label if len(tables) > 1 else None
+        notes.extend(observations(table, results[label], model_name=name, effects=(effects or {}).get(label)))
     notes[-1:] = compare_models(tables, results) + list(extra) + notes[-1:]
     return notes
 
@@ -338,7 +356,7 @@ def _write_run(job: _Job, scanned: _Scanned, staging: Path | None) -> RunOutput:
         for k, r in results.items()
         if (e := effects_table(r, seed=seed, n_permutations=n_permutations, thresholds=thresholds)) is not None
     }
-    notes = _notes(tables, results, scanned.notes)
+    notes = _notes(tables, results, scanned.notes, effects)
     chosen = parse_rows(job.rows, list(results))
     with atomic_dir(job.out, overwrite=job.overwrite) as tmp:
         for label, result in results.items():
@@ -394,7 +412,8 @@ def make_report(
         raise AttnscanError(f"--out {out}: the report is an HTML file; give a name ending in .html")
     results = load_bundles(paths)
     tables = {label: stored_table(result, seed) for label, result in results.items()}
-    notes = _notes(tables, results)
+    effects = {label: e for label, result in results.items() if (e := _stored_effects(result)) is not None}
+    notes = _notes(tables, results, effects=effects)
     prompts = {label: texts for label, result in results.items() if (texts := prompts_from_manifest(result))}
     detection = {label: t for label, result in results.items() if (t := stored_detection(result)) is not None}
     html_text = build_report(
@@ -407,3 +426,13 @@ def make_report(
         examples=EXAMPLES if examples is None else examples,
     )
     return write_report(out, html_text)
+
+
+def _stored_effects(result: ScanResult) -> Any | None:
+    """The effects table a run saved beside a bundle (``effects.csv``), if any; a control scan without one has its
+    effects computed by the observations."""
+    if result.path is None or not (result.path / "effects.csv").is_file():
+        return None
+    import pandas as pd
+
+    return pd.read_csv(result.path / "effects.csv")

@@ -211,3 +211,61 @@ def test_detection_table_fits_an_80_column_terminal(extra: bool) -> None:
     assert [r.split("│")[1].strip() for r in rows] == ["1", "2", "0"]  # by CP AUROC, descending
     assert "0.999 [0.995-1.000]" in rows[0] and rows[0].rstrip("│ ").endswith("yes")
     assert ("0.998" in rows[0]) is extra  # the cross-validated AUROC of training, in the evaluation table only
+
+
+def test_headline_table_leads_with_the_request_effect_and_fits_80_columns() -> None:
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from attnscan.cli.summary import headline_table
+
+    def frame(effects: list[float], shifts: list[float], verdicts: list[str]) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "layer": [0, 12, 24, 28],
+                "effect": effects,
+                "signed_shift": shifts,
+                "q_signed": [0.5, 0.0012, 0.02, 0.3],
+                "q_abs": [0.6, 0.004, 0.01, 0.2],
+                "verdict": verdicts,
+            }
+        )
+
+    ns = "no significant shift"
+    comparisons = {  # given out of order: the table still puts the request effect first
+        "combined": frame([0.5, -1.2, 2.0, 3.31], [0.1, -0.2, 1.25, 0.9], ["mixed", ns, "vulnerable", "vulnerable"]),
+        "request": frame([0.2, 0.61, -0.1, 0.3], [0.01, 0.05, -0.02, 0.08], [ns] * 4),
+        "wrapper": frame([0.1, 0.2, 3.1, 1.0], [0.0, 0.1, 1.2, 0.4], [ns, ns, "vulnerable", ns]),
+    }
+    buf = io.StringIO()
+    Console(file=buf, width=80, color_system=None).print(headline_table("a-model-with-a-long-name-7b", comparisons))
+    text = buf.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+    assert [r[0] for r in rows] == ["request", "wrapper", "combined"]
+    assert rows[0] == ["request", "jailbreak − control", "0/4", "L12 +0.61 q=0.0012", "L28 +0.08"]
+    assert rows[2][2:] == ["3/4", "L28 +3.31 q=0.2", "L24 +1.25"]  # largest |effect| and largest |shift| differ
+
+
+def test_scan_matches_lengths_on_request(tiny_model_dir: Path, tmp_path: Path) -> None:
+    benign = tmp_path / "b.txt"
+    benign.write_text("\n".join(" ".join(["tell", "me"] * k) for k in range(1, 9)) + "\n")
+    jail = tmp_path / "j.txt"
+    jail.write_text("\n".join(" ".join(["ignore", "your", "rules"] * k) for k in range(2, 8)) + "\n")
+    out = tmp_path / "o"
+    res = _scan(tiny_model_dir, benign, jail, out, "--length", "48", "--match-length", "--match-tolerance", "0.2")
+    assert res.exit_code == 0, res.stderr  # type: ignore[attr-defined]
+    assert "paired by token length" in res.stdout  # type: ignore[attr-defined]
+    record = json.loads((out / "manifest.json").read_text())["length_matching"]
+    assert record["tolerance"] == 0.2 and record["sets"]["benign"]["of"] == 8
+    assert record["pairs"] == record["sets"]["jailbreak"]["kept"] == record["sets"]["benign"]["kept"] >= 2
+    res = _scan(tiny_model_dir, benign, jail, tmp_path / "bad", "--match-length", "--match-tolerance", "2")
+    _one_line_error(res, "--match-tolerance must lie in [0, 1)")
+    # Jailbreaks cut to the grid cannot pair with the short benign prompts: one line saying what to do.
+    benign.write_text("\n".join(" ".join(["tell", "me"] * k) for k in range(1, 4)) + "\n")
+    jail.write_text("\n".join(" ".join(["ignore", "your", "rules"] * k) for k in range(4, 8)) + "\n")
+    res = _scan(tiny_model_dir, benign, jail, tmp_path / "cut", "--length", "12", "--match-length")
+    _one_line_error(res, "were cut to the grid length 12, a longer --length keeps them whole")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "cut").exists()

@@ -1,7 +1,9 @@
 """The observations: short factual English sentences written from a :func:`~attnscan.analysis.statistics.layer_table`
 (a figure's "Key Observations"), and the note on what grid positions mean for a scan.
 
-The numbers all come from :mod:`attnscan.analysis.statistics`; this module only words them. Nothing is called
+The numbers all come from :mod:`attnscan.analysis.statistics`; this module only words them. With a control set the
+sentences lead with the request effect (jailbreak vs control), then the wrapper effect (control vs benign), then the
+combined jailbreak-vs-benign shift; every "shifts most" names its measure. Nothing is called
 vulnerable, resilient or mixed unless its q-value is below alpha, and every list ends with the caveat that an
 attention shift is a proxy for jailbreak success.
 """
@@ -13,7 +15,18 @@ import numpy.typing as npt
 import pandas as pd  # type: ignore[import-untyped]
 
 from ..errors import AttnscanError
-from .statistics import MIXED, NO_SHIFT, RESILIENT, VERDICTS, VULNERABLE, ScanData, VerdictThresholds
+from .statistics import (
+    COMPARISONS,
+    MIXED,
+    NO_SHIFT,
+    RESILIENT,
+    VERDICTS,
+    VULNERABLE,
+    ScanData,
+    VerdictThresholds,
+    effects_table,
+    split_effects,
+)
 
 
 def _key_ranges(reach_keys: npt.NDArray[np.int64], relative: bool = False) -> list[tuple[str, npt.NDArray[np.int64]]]:
@@ -173,24 +186,147 @@ def _scan_sentences(result: ScanData, layer: int, a: str, b: str, tol: float) ->
     note = alignment_note(result, a, b)
     if note:
         out.append(note)
+    matched = _matching_sentence(result)
+    if matched:
+        out.append(matched)
     return out
 
 
-def observations(table: pd.DataFrame, result: ScanData | None = None, model_name: str | None = None) -> list[str]:
+def _profile_sentence(table: pd.DataFrame, top: pd.Series) -> str | None:
+    """Where the largest signed block shift is (the measure the layer profile draws), beside the top layer chosen by
+    standardized effect size, so a reader of both sees which measure picks which layer."""
+    shift = table["signed_shift"].abs()
+    if not shift.notna().any():
+        return None
+    peak = table.loc[shift.fillna(-np.inf).idxmax()]
+    layer, top_layer = int(peak["layer"]), int(top["layer"])
+    size = f"{peak['signed_shift']:+.2f} nats"
+    if layer == top_layer:
+        return f"Layer {layer} also has the largest |signed block shift| ({size}), the measure the layer profile draws."
+    q = float(np.fmin(peak["q_signed"], peak["q_abs"]))
+    return (
+        f"The layer profile draws the signed block shift, whose largest magnitude is at layer {layer} ({size}, effect "
+        f"{peak['effect']:+.2f}, q = {q:.2g}); layer {top_layer} leads by standardized effect size, which divides the "
+        "shift by the spread of the per-prompt scores."
+    )
+
+
+def _matching_sentence(result: ScanData) -> str | None:
+    """What ``--match-length`` kept, from the manifest."""
+    record = result.manifest.get("length_matching")
+    if not isinstance(record, dict):
+        return None
+    sets = record.get("sets", {})
+    kept = ", ".join(f"{v.get('kept')} of {v.get('of')} {k}" for k, v in sets.items())
+    return (
+        f"Prompts were paired by token length (--match-length): {kept} prompts kept, every partner within "
+        f"{record.get('max_pair_difference')} tokens of its jailbreak prompt "
+        f"(mean difference {float(record.get('mean_pair_difference', 0.0)):.1f})."
+    )
+
+
+def _no_control_sentence(result: ScanData | None, a: str, b: str) -> str | None:
+    """Without a control set, the plain statement that the jailbreak-vs-benign shift is not the request's alone."""
+    if result is None or "control" in result.sets or (a, b) != COMPARISONS["combined"]:
+        return None
+    if isinstance(result.manifest.get("length_matching"), dict):
+        return (
+            "Without a control set this shift mixes what the jailbreak wrapper does with what the request does (the "
+            "prompt lengths were matched); add --control builtin:control (the same wrappers around harmless "
+            "requests) to separate the request from the wrapper."
+        )
+    return (
+        "Without a control set this shift mixes the jailbreak wrapper, the prompt length and the request: add "
+        "--control builtin:control (the same wrappers around harmless requests) to separate the request from the "
+        "wrapper, and --match-length to pair prompts of similar length."
+    )
+
+
+_EFFECT_NAMES = {
+    "request": "Request effect (jailbreak vs control prompts: the same wrappers around harmful vs harmless requests)",
+    "wrapper": "Wrapper effect (control vs benign prompts: what the wrapper adds to a harmless request)",
+    "combined": "Combined effect (jailbreak vs benign prompts: wrapper, prompt length and request together)",
+    "combined matched": "Combined effect (jailbreak vs benign prompts of matched length: wrapper and request together)",
+}
+
+
+def _effect_sentence(kind: str, table: pd.DataFrame, alpha: float) -> str:
+    """One comparison of a control scan in one sentence: how many layers shift significantly, the layer that shifts
+    most by standardized effect size, and where the signed block shift is largest."""
+    n = len(table)
+    sig = table[table["verdict"] != NO_SHIFT]
+    if sig.empty:
+        head = f"no layer shifts significantly ({n} tested; no Benjamini–Hochberg q below {alpha:g})"
+    else:
+        counts = {v: int((table["verdict"] == v).sum()) for v in (VULNERABLE, MIXED, RESILIENT)}
+        head = (
+            f"{len(sig)} of {n} layers shift significantly (q < {alpha:g}: {counts[VULNERABLE]} vulnerable, "
+            f"{counts[MIXED]} mixed, {counts[RESILIENT]} resilient)"
+        )
+    top, measure = _top_layer(table, sig)
+    verdict = str(top["verdict"])
+    q = float(np.fmin(top["q_signed"], top["q_abs"]))
+    status = "not significant" if verdict == NO_SHIFT else verdict
+    text = (
+        f"{_EFFECT_NAMES[kind]}: {head}; the layer that shifts most ({measure}) is layer {int(top['layer'])} "
+        f"(effect {top['effect']:+.2f}, signed block shift {top['signed_shift']:+.2f} nats, 95% CI "
+        f"{top['ci_low']:+.2f} to {top['ci_high']:+.2f}, q = {q:.2g}, {status})"
+    )
+    shift = table["signed_shift"].abs()
+    if shift.notna().any():
+        peak = table.loc[shift.fillna(-np.inf).idxmax()]
+        if int(peak["layer"]) != int(top["layer"]):
+            text += (
+                f"; the largest |signed block shift|, the layer profile's measure, is at layer {int(peak['layer'])} "
+                f"({peak['signed_shift']:+.2f} nats)"
+            )
+    return text + "."
+
+
+def _effects_of(result: ScanData | None, table: pd.DataFrame, effects: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The effects table of a control scan: ``effects`` when given, else computed from ``result`` with the settings
+    ``table`` records; None without a control set."""
+    if effects is not None or result is None or "control" not in result.sets:
+        return effects
+    attrs = table.attrs
+    th = attrs.get("thresholds")
+    return effects_table(
+        result,
+        n_permutations=int(attrs.get("n_permutations", 1000)),
+        n_bootstrap=int(attrs.get("n_bootstrap", 1000)),
+        seed=int(attrs.get("seed", 0)),
+        thresholds=VerdictThresholds(**th) if isinstance(th, dict) else None,
+    )
+
+
+def observations(
+    table: pd.DataFrame,
+    result: ScanData | None = None,
+    model_name: str | None = None,
+    effects: pd.DataFrame | None = None,
+) -> list[str]:
     """Short factual sentences from a :func:`~attnscan.analysis.statistics.layer_table` (a figure's "Key
     Observations").
 
-    They say how many layers shift significantly and how, which layer shifts most (and by which measure: the
-    standardized effect size, or the mean absolute log difference when no layer has one) and in which direction,
-    where on the key axis its difference is largest (when ``result`` is given: first token, then thirds of the
-    reached key positions), and end with the caveat that an attention shift is a proxy for jailbreak success.
-    Nothing is called vulnerable, resilient or mixed unless its q-value is below alpha.
+    With a control set (``effects``, an :func:`~attnscan.analysis.statistics.effects_table`, computed from
+    ``result`` when it has a ``control`` set and ``effects`` is not given) they lead with the request effect
+    (jailbreak vs control), then the wrapper effect (control vs benign), each in one sentence, and then describe
+    ``table`` (jailbreak vs benign) as the combined effect. Without one they say plainly that the
+    jailbreak-vs-benign shift mixes wrapper, length and request.
+
+    For ``table`` they say how many layers shift significantly and how, which layer shifts most (and by which
+    measure: the standardized effect size, or the mean absolute log difference when no layer has one) and in which
+    direction, where the largest signed block shift is (the measure the layer profile draws) when another layer has
+    it, where on the key axis the top layer's difference is largest (when ``result`` is given: first token, then
+    thirds of the reached key positions), and end with the caveat that an attention shift is a proxy for jailbreak
+    success. Nothing is called vulnerable, resilient or mixed unless its q-value is below alpha.
 
     Args:
         table: the output of :func:`~attnscan.analysis.statistics.layer_table` (its ``attrs`` name the sets and
             alpha).
-        result: the scan the table came from, for the key-position sentence.
+        result: the scan the table came from, for the key-position, alignment and length-matching sentences.
         model_name: named in the first sentence when given.
+        effects: the scan's effects table (see above).
     """
     if "verdict" not in table.columns or "layer" not in table.columns:
         raise AttnscanError("observations needs a table from layer_table (columns 'layer' and 'verdict')")
@@ -200,10 +336,22 @@ def observations(table: pd.DataFrame, result: ScanData | None = None, model_name
     tol = float(table.attrs.get("thresholds", {}).get("tol", VerdictThresholds().tol))
     if len(table) == 0:
         return [_lead(model_name, "No layers were captured, so there is nothing to compare.")]
+    out: list[str] = []
+    effects = _effects_of(result, table, effects) if (a, b) == COMPARISONS["combined"] else None
+    if effects is not None:
+        parts = split_effects(effects)
+        out += [_lead(model_name, _effect_sentence("request", parts["request"], alpha))]
+        out += [_effect_sentence("wrapper", parts["wrapper"], alpha)]
     sig = table[table["verdict"] != NO_SHIFT]
     top, measure = _top_layer(table, sig)
     layer = int(top["layer"])
-    out = [_lead(model_name, _count_sentence(table, sig, a, b, alpha)), _top_sentence(top, measure, a, b, tol)]
+    count = _count_sentence(table, sig, a, b, alpha)
+    if effects is not None:
+        matched = result is not None and isinstance(result.manifest.get("length_matching"), dict)
+        name = _EFFECT_NAMES["combined matched" if matched else "combined"]
+        count = f"{name}: {count[0].lower()}{count[1:]}"
+    out += [count if out else _lead(model_name, count), _top_sentence(top, measure, a, b, tol)]
+    out += [s for s in (_no_control_sentence(result, a, b), _profile_sentence(table, top)) if s]
     if not sig.empty:
         out.append(_groups_sentence(table))
     out.append(

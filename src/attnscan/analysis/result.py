@@ -4,8 +4,10 @@ Bundle layout (the public contract; a notebook reads it with ``safetensors`` and
 
 ``manifest.json``
     attnscan version, model spec and provenance, architecture facts, dtype, device, grid length T, alignment,
-    statistic, floor, captured layers, prompt sets (name, source, count, sha256), chat template on/off, seed,
-    command line and timestamps.
+    statistic, floor, captured layers, prompt sets (name, source, count and sha256 of the whole set; token lengths
+    of the prompts scanned), chat template on/off, seed, command line and timestamps; after ``--match-length`` also
+    ``length_matching`` (:meth:`attnscan.analysis.lengths.LengthMatch.record`: method, caliper, pairs, prompts kept
+    per set and the length distributions before and after).
 ``maps.safetensors``
     for each set S and captured layer L: ``S/L{L}/mean`` float32 [T, T] mean attention probability over heads and
     prompts (NaN where no prompt contributes); ``S/L{L}/count`` int32 [T, T] prompts contributing to the cell

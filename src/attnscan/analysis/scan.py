@@ -25,6 +25,7 @@ from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Encoded, Truncate, check_truncate, encode, shared_prefix, warn_truncated
 from ..prompts.sets import MIN_STAT_PROMPTS, SHORT_PROMPT_TOKENS, PromptSet, PromptSource, load_prompts
+from .lengths import LengthMatch, check_tolerance, match_lengths
 from .result import ScanResult
 
 
@@ -62,7 +63,9 @@ class ScanOptions:
     (:func:`attnscan.prompts.encoding.encode`). ``padding_side``: where a batch pads. ``align``: ``absolute`` (token
     i on row i) or ``relative`` (each prompt stretched over the grid). ``floor``: of the log statistics.
     ``summary_blocks``: per-prompt block summaries per side. ``seed``: torch's seed. ``checkpoint`` (a directory),
-    ``checkpoint_every`` (batches) and ``resume``: see :func:`scan`.
+    ``checkpoint_every`` (batches) and ``resume``: see :func:`scan`. ``match_length``: scan only prompts paired by
+    token length across the sets, each partner within ``match_tolerance`` (a share of the jailbreak prompt's length,
+    at least 2 tokens) of its jailbreak prompt (:mod:`attnscan.analysis.lengths`).
     """
 
     layers: str | Sequence[int] | None = "all"
@@ -79,6 +82,8 @@ class ScanOptions:
     checkpoint: str | Path | None = None
     checkpoint_every: int = 20
     resume: bool = False
+    match_length: bool = False
+    match_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         if self.length <= 0:
@@ -92,6 +97,7 @@ class ScanOptions:
         check_floor(self.floor)
         check_truncate(self.truncate)
         check_align(self.align)
+        check_tolerance(self.match_tolerance)
         if self.padding_side not in ("right", "left"):
             raise AttnscanError(f"--padding-side must be right or left, got {self.padding_side}")
 
@@ -122,6 +128,11 @@ def scan(
     :class:`attnscan.engine.checkpoint.Interrupted`); ``resume=True`` continues from that checkpoint, refusing one
     made with other settings. Under ``torchrun`` (``WORLD_SIZE > 1``) each process scans a shard of every set and
     the accumulators are summed across processes; every process returns the whole result.
+
+    With ``match_length`` only prompts paired by token length are scanned (:func:`attnscan.analysis.lengths.
+    match_lengths`; an :class:`~attnscan.errors.AttnscanError` when fewer than 2 pairs exist, a warning when less
+    than half of a set is kept); the manifest's ``length_matching`` records the pairs and the length distributions
+    before and after, and the kept prompts keep their indices in their sets (``prompt_ids``).
     """
     started = now_utc()
     opts = take_options(ScanOptions, options, keywords)
@@ -136,9 +147,13 @@ def scan(
     loaded = resolve_model(model, load)
     chosen = loaded.check_layers(opts.layers)
     torch.manual_seed(opts.seed)
-    encoded: dict[str, Encoded] = {}
+    encoded = {name: _encode(loaded, ps, opts) for name, ps in sets.items()}
+    matched = _match(encoded, opts)
+    if matched is not None and (note := matched.warning()) is not None:
+        warnings.warn(note, stacklevel=2)
+    kept = matched.kept if matched is not None else {n: tuple(range(len(e.ids))) for n, e in encoded.items()}
     for name, ps in sets.items():  # a loop, not a comprehension: the warnings' stack levels point at the caller
-        encoded[name] = _encode(loaded, ps, opts)
+        _warn_set(ps, _subset(encoded[name], kept[name]), opts)
     rank, world = distributed.setup(loaded.device)
     collectors = {
         name: GridCollector(
@@ -154,18 +169,23 @@ def scan(
         for name, enc in encoded.items()
     }
     settings = _checkpoint_settings(loaded, opts, chosen, sets, world)
+    if matched is not None:  # the same sets scanned in part: a resume must keep the same prompts
+        settings["length_matching"] = {"tolerance": opts.match_tolerance, "kept": matched.kept}
     t0 = time.perf_counter()
-    size = _collect(loaded, encoded, collectors, opts, settings, rank, world, progress, on_notice)
+    size = _collect(loaded, encoded, kept, collectors, opts, settings, (rank, world), progress, on_notice)
     for collector in collectors.values():
         distributed.reduce_collector(collector)
     accs = {name: c.result() for name, c in collectors.items()}
-    manifest = _manifest(loaded, opts, chosen, sets, encoded, world, size, time.perf_counter() - t0)
+    scanned = {name: _subset(enc, kept[name]) for name, enc in encoded.items()}
+    manifest = _manifest(loaded, opts, chosen, sets, scanned, world, size, time.perf_counter() - t0)
+    if matched is not None:
+        manifest["length_matching"] = matched.record()
     return ScanResult(accs, {**manifest, "started": started, "finished": now_utc()})
 
 
 def _encode(loaded: LoadedModel, ps: PromptSet, opts: ScanOptions) -> Encoded:
-    """One set's token ids on the grid, with warnings for sets too small, prompts too short and prompts cut."""
-    enc = encode(
+    """One set's token ids on the grid."""
+    return encode(
         loaded.tokenizer,
         ps.texts,
         opts.length,
@@ -173,6 +193,29 @@ def _encode(loaded: LoadedModel, ps: PromptSet, opts: ScanOptions) -> Encoded:
         system_prompt=opts.system_prompt,
         truncate=opts.truncate,
     )
+
+
+def _match(encoded: Mapping[str, Encoded], opts: ScanOptions) -> LengthMatch | None:
+    """The prompts paired by length (``match_length``), else None."""
+    if not opts.match_length:
+        return None
+    return match_lengths(
+        {name: enc.lengths for name, enc in encoded.items()},
+        opts.match_tolerance,
+        truncated={name: enc.truncated for name, enc in encoded.items()},
+        grid=opts.length,
+    )
+
+
+def _subset(enc: Encoded, kept: Sequence[int]) -> Encoded:
+    """The prompts ``kept`` of an encoded set (all of them when nothing was left out)."""
+    if len(kept) == len(enc.ids):
+        return enc
+    return Encoded(tuple(enc.ids[i] for i in kept), tuple(enc.full_lengths[i] for i in kept), enc.chat_template)
+
+
+def _warn_set(ps: PromptSet, enc: Encoded, opts: ScanOptions) -> None:
+    """Warn about the scanned prompts of a set (``enc``): too few, too short, or cut to the grid."""
     if len(enc.ids) < MIN_STAT_PROMPTS:
         warnings.warn(
             f"set '{ps.name}' has only {len(enc.ids)} prompts: the statistics need at least {MIN_STAT_PROMPTS} "
@@ -185,7 +228,6 @@ def _encode(loaded: LoadedModel, ps: PromptSet, opts: ScanOptions) -> Encoded:
             f"{short} of {len(enc.ids)} {ps.name} prompts are shorter than {SHORT_PROMPT_TOKENS} tokens", stacklevel=3
         )
     warn_truncated(enc, opts.length, opts.truncate, f"{ps.name} prompts", stacklevel=4)
-    return enc
 
 
 def _checkpoint_settings(
@@ -220,17 +262,20 @@ def _checkpoint_settings(
 def _collect(
     loaded: LoadedModel,
     encoded: Mapping[str, Encoded],
+    kept: Mapping[str, Sequence[int]],
     collectors: Mapping[str, GridCollector],
     opts: ScanOptions,
     settings: dict[str, Any],
-    rank: int,
-    world: int,
+    place: tuple[int, int],
     progress: ProgressFn | None,
     on_notice: NoticeFn | None,
 ) -> int:
-    """Run this process's shard of every set through the model into the collectors, checkpointing as asked.
+    """Run this process's shard of the ``kept`` prompts of every set through the model into the collectors
+    (``place``: this process's rank and the world size), checkpointing as asked.
 
     Returns the batch size in use at the end (automatic sizes may have halved)."""
+    rank, world = place
+    mine = {name: [ids[i] for i in distributed.shard(len(ids), rank, world)] for name, ids in kept.items()}
     ckpt = checkpoint_file(opts.checkpoint, rank) if opts.checkpoint is not None else None
     done = 0
     if opts.resume and ckpt is not None:
@@ -240,14 +285,14 @@ def _collect(
                 on_notice(f"resuming from {ckpt}: {done} prompts already scanned")
         elif on_notice is not None:
             on_notice(f"no checkpoint at {ckpt}: starting from the beginning")
-    total = sum(len(distributed.shard(len(e.ids), rank, world)) for e in encoded.values())
+    total = sum(len(ids) for ids in mine.values())
     size = opts.batch_size if opts.batch_size is not None else _auto_batch_size(loaded, opts.length)
     pad = pad_token_id(loaded.tokenizer, loaded.model)
     batches = 0
     with stop_on_signals(ckpt is not None) as stop:
         for name, enc in encoded.items():
             collector = collectors[name]
-            todo = [i for i in distributed.shard(len(enc.ids), rank, world) if not bool(collector.seen[i])]
+            todo = [i for i in mine[name] if not bool(collector.seen[i])]
 
             def on_batch(n: int, _name: str = name) -> None:
                 nonlocal done, batches

@@ -348,7 +348,34 @@ def effects_table(
     return merged
 
 
+#: The comparisons of a scan with a control set (the jailbreak wrappers around harmless requests), in the order the
+#: observations and the run summary give them, as ``name: (a, b)`` of :func:`layer_table`.
+COMPARISONS: dict[str, tuple[str, str]] = {
+    "request": ("jailbreak", "control"),
+    "wrapper": ("control", "benign"),
+    "combined": ("jailbreak", "benign"),
+}
+
+
+def split_effects(effects: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The two layer tables inside an :func:`effects_table` (or its saved ``effects.csv``), as ``{"request": ...,
+    "wrapper": ...}`` with their own column names and ``attrs`` (``a`` and ``b`` filled in when a saved file lost
+    them)."""
+    out: dict[str, pd.DataFrame] = {}
+    for name in ("request", "wrapper"):
+        prefix = f"{name}_"
+        columns = [c for c in effects.columns if str(c).startswith(prefix)]
+        if "layer" not in effects.columns or not columns:
+            raise AttnscanError(f"an effects table needs 'layer' and '{prefix}*' columns: give one from effects_table")
+        table = effects[["layer", *columns]].rename(columns={c: str(c).removeprefix(prefix) for c in columns})
+        a, b = COMPARISONS[name]
+        table.attrs.update({"a": a, "b": b, **dict(effects.attrs.get(name, {}))})
+        out[name] = table
+    return out
+
+
 __all__ = [
+    "COMPARISONS",
     "MIXED",
     "NO_SHIFT",
     "RESILIENT",
@@ -358,4 +385,5 @@ __all__ = [
     "VerdictThresholds",
     "effects_table",
     "layer_table",
+    "split_effects",
 ]

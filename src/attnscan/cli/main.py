@@ -33,6 +33,8 @@ from .options import (
     LayersOpt,
     LengthOpt,
     LimitOpt,
+    MatchLengthOpt,
+    MatchToleranceOpt,
     MaxMemoryOpt,
     ModelOpt,
     MultilineOpt,
@@ -57,10 +59,11 @@ from .options import (
     read_prompt_sets,
     user_errors,
 )
+from .summary import run_summary, summary_table
+
+__all__ = ["app", "run", "summary_table"]
 
 if TYPE_CHECKING:
-    from rich.console import Group
-
     from ..analysis.result import ScanResult
     from ..analysis.scan import ScanOptions
     from ..models.loading import LoadOptions
@@ -120,6 +123,8 @@ def scan_cmd(
     revision: RevisionOpt = None,
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
+    match_length: MatchLengthOpt = False,
+    match_tolerance: MatchToleranceOpt = 0.1,
     seed: SeedOpt = 0,
     checkpoint: CheckpointOpt = None,
     checkpoint_every: CheckpointEveryOpt = 20,
@@ -156,6 +161,9 @@ def scan_cmd(
         distributed.teardown()
     if main_rank:
         counts = ", ".join(f"{k} {v.n_prompts} prompts" for k, v in result.sets.items())
+        matched = result.manifest.get("length_matching")
+        if matched:
+            counts += f" (paired by token length: {matched['pairs']} pairs, see length_matching in the manifest)"
         typer.echo(f"wrote {out}: {len(result.layers)} layers x T={result.length}, {counts}")
 
 
@@ -223,6 +231,8 @@ def run_cmd(
     chat_template: ChatOpt = True,
     system_prompt: SystemOpt = None,
     align: AlignOpt = "relative",
+    match_length: MatchLengthOpt = False,
+    match_tolerance: MatchToleranceOpt = 0.1,
     permutations: PermutationsOpt = 1000,
     detect: DetectOpt = True,
     alpha: AlphaOpt = 0.05,
@@ -276,47 +286,12 @@ def _print_run(output: RunOutput, out: Path) -> None:
     """The summary of a run on stdout: each model's top layers, the observations and what was written."""
     from rich.console import Console
 
-    Console().print(summary_table(output.tables))
+    Console().print(run_summary(output.tables, output.effects))
     for line in output.observations:
         typer.echo(f"- {line}")
     typer.echo(
         f"wrote {out}/ (figure.png, layers.png, report.html, summary.csv, observations.md, one bundle per model)"
     )
-
-
-_SHORT_VERDICTS = {"no significant shift": "n.s."}
-
-
-def summary_table(tables: dict[str, Any], top: int = 5) -> Group:
-    """Rich tables of each model's top layers (one table a model): significant ones by rank, else the largest shifts.
-
-    Sized for an 80-column terminal: the shift is the block shift in nats with its bootstrap 95 % interval, and
-    ``%+`` / ``%-`` are the shares of cells where jailbreak attention is higher / lower."""
-    from rich.console import Group
-    from rich.table import Table
-
-    styles = {"vulnerable": "red", "resilient": "blue", "mixed": "magenta", "no significant shift": "dim"}
-    out = []
-    for label, frame in tables.items():
-        table = Table(title=f"Top layers of {label} (jailbreak vs benign)", title_justify="left")
-        for col in ("layer", "verdict", "shift [95% CI]", "effect", "q", "%+", "%-"):
-            table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
-        order = frame.assign(_k=frame["rank"].fillna(1e9), _e=-frame["signed_shift"].abs()).sort_values(["_k", "_e"])
-        for _, row in order.head(top).iterrows():
-            q = min(row["q_signed"], row["q_abs"])
-            table.add_row(
-                str(int(row["layer"])),
-                f"[{styles.get(row['verdict'], '')}]{_SHORT_VERDICTS.get(row['verdict'], row['verdict'])}",
-                f"{row['signed_shift']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]",
-                f"{row['effect']:+.2f}",
-                f"{q:.2g}",
-                f"{row['frac_pos']:.0%}",
-                f"{row['frac_neg']:.0%}",
-            )
-        if (order.head(top)["verdict"] == "no significant shift").any():
-            table.caption, table.caption_justify = "n.s.: no significant shift", "left"
-        out.append(table)
-    return Group(*out)
 
 
 # ------------------------------------------------------------------------------------------ figure, report

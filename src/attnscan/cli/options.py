@@ -112,6 +112,13 @@ TruncateOpt = Annotated[str, typer.Option(help="Keep the 'head' or the 'tail' of
 AlignOpt = Annotated[str, typer.Option(help="'absolute' (token i on row i) or 'relative' (stretched to T).")]
 PaddingOpt = Annotated[str, typer.Option(help="Pad batches on the 'right' or the 'left'.")]
 FloorOpt = Annotated[float, typer.Option(help="Floor of the log-attention maps.")]
+MatchLengthOpt = Annotated[
+    bool,
+    typer.Option(help="Scan only prompts paired by token length across the sets (the rest are left out)."),
+]
+MatchToleranceOpt = Annotated[
+    float, typer.Option(help="With --match-length: largest length difference, as a share of the jailbreak prompt's.")
+]
 
 # detectors (attnscan detect): no grid, a fixed batch size, scoring follows the training run
 DetectorArg = Annotated[Path, typer.Argument(help="Detector directory written by 'attnscan detect train'.")]
