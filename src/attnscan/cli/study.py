@@ -49,9 +49,9 @@ def _names(text: str) -> tuple[str, ...]:
 def study_cmd(
     model: StudyModelOpt = "qwen2.5-coder-0.5b-instruct",
     out: StudyOutOpt = Path("attnscan-study"),
-    requests: Annotated[int, typer.Option(help="Bare harmful requests drawn from the built-in set.")] = 16,
+    requests: Annotated[int, typer.Option(help="Bare harmful requests drawn from the built-in set.")] = 12,
     wraps: Annotated[int, typer.Option(help="Jailbreak templates each request is wrapped in.")] = 2,
-    benign: Annotated[int, typer.Option(help="Benign requests (half of them risky-looking).")] = 16,
+    benign: Annotated[int, typer.Option(help="Benign requests (half of them risky-looking).")] = 12,
     scan_limit: Annotated[int, typer.Option(help="Prompts per set for the attention scan and the detectors.")] = 24,
     length: Annotated[int, typer.Option(help="Token grid of the scan and the detectors (prompts cut to it).")] = 448,
     compare: Annotated[
@@ -61,7 +61,9 @@ def study_cmd(
     sweep: Annotated[str, typer.Option(help="Also bypass the first k ranked layers for each k.")] = "1,2,4",
     random_draws: Annotated[int, typer.Option(help="Random layer sets bypassed as a control.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy answer length in tokens.")] = 32,
-    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(help="Prompts per generation batch (decoding on a CPU is memory-bound: larger is faster).")
+    ] = 32,
     seed: Annotated[int, typer.Option(help="Seed for every sample the study draws.")] = 0,
     dpi: Annotated[int, typer.Option(help="Resolution of the figures.")] = 200,
     dtype: DtypeOpt = "auto",

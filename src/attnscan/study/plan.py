@@ -43,9 +43,9 @@ class StudyOptions:
     operating point at 1 % false positives).
     """
 
-    requests: int = 16
+    requests: int = 12
     wraps: int = 2
-    benign: int = 16
+    benign: int = 12
     scan_limit: int = 24
     length: int = DEFAULT_LENGTH
     compare: tuple[str, ...] = DEFAULT_COMPARE
@@ -53,7 +53,7 @@ class StudyOptions:
     sweep: tuple[int, ...] = (1, 2, 4)
     random_draws: int = 3
     max_new_tokens: int = 32
-    batch_size: int = 8
+    batch_size: int = 32
     seed: int = 0
     dpi: int = 200
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
