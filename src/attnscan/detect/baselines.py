@@ -13,9 +13,10 @@ prompts and, for the text one, the same folds:
   main folds of the detectors (vocabulary included) and scored on the held-out prompts. Beside it,
   ``text_auroc_<cv>`` on each other cross-validation of the table (``text_auroc_stratified``, ``text_auroc_requests``).
 - ``text_margin`` (with ``text_margin_low``/``text_margin_high``): the layer's detector AUROC (``flag_on``'s, main
-  folds) minus ``text_auroc``, with a paired bootstrap interval (the same resampled prompts for both scores,
-  :func:`attnscan.detect.metrics.paired_auroc_difference`); ``beats_text`` is ``text_margin_low > 0``: the interval
-  of the difference lies above zero (False without bootstrap resamples, ``n_bootstrap=0``: nothing shown).
+  folds) minus ``text_auroc``, with a paired bootstrap interval (the same resampled prompts, or whole groups under
+  grouped folds, for both scores: :func:`attnscan.detect.bootstrap.paired_auroc_difference`); ``beats_text`` is
+  ``text_margin_low > 0``: the interval of the difference lies above zero (False without bootstrap resamples,
+  ``n_bootstrap=0``: nothing shown).
 
 These are columns of ``detection.csv`` (the baselines repeated on every layer row) and ``meta["baselines"]`` (the
 baselines and the best layer's comparison).
@@ -87,14 +88,17 @@ def add_baselines(
     out = table.copy()
     text = {name: text_scores(texts, y, folds) for name, folds in plans.items()}
     length = auroc(y, np.asarray(lengths, dtype=np.float64))
-    (low, high), _ = bootstrap_intervals(y, text[""], n_bootstrap, seed)
+    codes = plans[""].codes  # grouped folds: the intervals resample whole groups, as the detectors' do
+    (low, high), _ = bootstrap_intervals(y, text[""], n_bootstrap, seed, groups=codes)
     record: dict[str, Any] = {"length_auroc": length, "text_auroc": auroc(y, text[""])}
     record.update(text_auroc_low=low, text_auroc_high=high)
     record.update({f"text_auroc_{name}": auroc(y, scores) for name, scores in text.items() if name})
     for name, value in record.items():
         out[name] = value
     margins = {
-        int(layer): paired_auroc_difference(y, detector_oof[("", flag_on, int(layer))], text[""], n_bootstrap, seed)
+        int(layer): paired_auroc_difference(
+            y, detector_oof[("", flag_on, int(layer))], text[""], n_bootstrap, seed, groups=codes
+        )
         for layer in out["layer"]
     }
     for j, name in enumerate(("text_margin", "text_margin_low", "text_margin_high")):
