@@ -125,6 +125,36 @@ def test_groups_baselines_and_operating_point_are_saved(
     assert load_trained(grouped.path).table.columns.tolist() == csv.columns.tolist()
 
 
+def test_families_stability_and_training_prompts_are_saved(
+    grouped: TrainedDetector, labelled_sets: dict[str, PromptSet]
+) -> None:
+    assert grouped.path is not None
+    point, record = grouped.meta["operating_point"], grouped.meta["families"]
+    assert (record["layer"], record["kind"], record["threshold"]) == (point["layer"], "cp", point["threshold"])
+    saved = pd.read_csv(grouped.path / "families.csv")
+    families = grouped.families
+    assert families is not None and saved["subset"].tolist() == families["subset"].tolist()
+    rows = {(r.role, r.subset): r for r in saved.itertuples()}
+    # the same out-of-fold scores and threshold as the operating point: the overall rates are its TPR and FPR
+    assert rows[("jailbreak", "all")].rate == pytest.approx(point["tpr"])
+    assert rows[("benign", "all")].rate == pytest.approx(point["fpr_oof"])
+    per_family = saved[(saved.role == "jailbreak") & saved.subset.str.startswith("family=")]
+    assert per_family["subset"].tolist() == ["family=fam-0", "family=fam-1", "family=fam-2"]
+    assert per_family["n"].sum() == 24 and per_family["flagged"].sum() == rows[("jailbreak", "all")].flagged
+    assert (saved["rate_low"] <= saved["rate"]).all() and (saved["rate"] <= saved["rate_high"]).all()
+
+    stability = grouped.meta["stability"]
+    assert stability["layer"] == grouped.best_layer and stability["kind"] == "cp"
+    assert stability["resampled"] == "groups" and stability["resamples"] == 5 and stability["folds"] == 3
+    assert -1.0 <= stability["spearman_min"] <= stability["spearman_mean"] <= 1.0
+
+    prompts = load_trained(grouped.path).training_prompts()
+    assert prompts is not None
+    texts, labels = prompts
+    assert texts == [*labelled_sets["benign"].texts, *labelled_sets["jailbreak"].texts]
+    assert labels.tolist() == [0] * 16 + [1] * 24
+
+
 def test_store_keeps_the_groups(loaded: LoadedModel, labelled_sets: dict[str, PromptSet], tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -140,6 +170,8 @@ def test_store_keeps_the_groups(loaded: LoadedModel, labelled_sets: dict[str, Pr
     assert Features.load(tmp_path / "feats").info["groups"] == det.meta["train_groups"]
     assert "baselines" not in det.meta and "text_auroc" not in det.table.columns
     assert "operating_point" not in det.meta and "cp_op_threshold" not in det.table.columns
+    assert "families" not in det.meta and det.families is None and "stability" in det.meta
+    assert det.path is not None and not (det.path / "families.csv").exists()
 
 
 def test_score_uses_the_operating_point(grouped: TrainedDetector, loaded: LoadedModel) -> None:

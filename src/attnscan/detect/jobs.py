@@ -34,11 +34,14 @@ from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
 from ..prompts.sets import PromptSource, as_prompt_set, join_sets, warn_unmatched_control
 from .baselines import add_baselines
-from .detectors import Kind
+from .detectors import CPDetector, Kind, ProbeDetector
 from .folds import CvKind
 from .inputs import DEFAULT_BLOCKS, DetectorInputs, FeatureKind, check_store, detector_inputs, feature_settings
 from .metrics import METRIC_COLUMNS, bootstrap_intervals, check_n_bootstrap, check_threshold, metrics
+from .rates import rate_records, subset_rates
+from .stability import rank_stability
 from .store import (
+    FAMILIES_CSV,
     TrainedDetector,
     check_detector_dir,
     load_trained,
@@ -171,13 +174,13 @@ def train_detector(
     t0 = time.perf_counter()
     fitted = fit_layers(inputs, y, chosen, training, plan, progress)
     meta = training_meta(loaded, settings, chosen, inputs, sets, texts, y, training, plan, fitted.table)
-    table = _reported(fitted, training, plan, texts, inputs, y, records, meta)
+    table, tables = _reported(fitted, training, plan, texts, inputs, y, records, meta)
     meta.update(
         started=started,
         finished=now_utc(),
         seconds={"features": round(t_features, 3), "fitting": round(time.perf_counter() - t0, 3)},
     )
-    save_trained(final, overwrite, fitted.cps, fitted.probes, table, meta)
+    save_trained(final, overwrite, fitted.cps, fitted.probes, table, meta, tables=tables, prompts=(texts, y))
     return TrainedDetector(
         table=table, detectors=fitted.cps, probes=fitted.probes, meta={**meta, "detector": "cp"}, path=final
     )
@@ -192,10 +195,14 @@ def _reported(
     y: npt.NDArray[np.int64],
     records: list[dict[str, Any]] | None,
     meta: dict[str, Any],
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """The detection table with the baseline and operating-point columns asked for, which ``meta`` also gets
-    (``baselines``, ``operating_point``), with the prompts' group labels (``train_groups``) when they carry any."""
+    (``baselines``, ``operating_point``), with the prompts' group labels (``train_groups``) when they carry any;
+    the rank stability of the chosen layer's detector (``meta["stability"]``); and, with an operating point, the
+    flag rates per family and risky benign prompts (``meta["families"]``, and as ``families.csv`` in the tables
+    returned beside the detection table)."""
     t, table, best = training, fitted.table, int(meta["best_layer"])
+    tables: dict[str, pd.DataFrame] = {}
     if records is not None:
         meta["train_groups"] = records
     if t.baselines or (t.baselines is None and records is not None):
@@ -215,7 +222,33 @@ def _reported(
         points = operating_points(fitted, y, [int(x) for x in table["layer"]], t.fpr)
         table = add_operating_points(table, points)
         meta["operating_point"] = operating_record(points, t.fpr, best, t.flag_on, plan.plans[""].kind)
-    return table
+        oof = fitted.oof[("", t.flag_on, best)]
+        tables[FAMILIES_CSV] = subset_rates(y, oof, points[t.flag_on][best][0], records)
+        meta["families"] = {
+            "layer": best,
+            "kind": t.flag_on,
+            "threshold": points[t.flag_on][best][0],
+            "from": "out-of-fold scores of the training prompts (main folds)",
+            "rows": rate_records(tables[FAMILIES_CSV]),
+        }
+    meta["stability"] = {"layer": best, "kind": t.flag_on, **_stability(inputs, y, best, training, plan)}
+    return table, tables
+
+
+def _stability(
+    inputs: DetectorInputs, y: npt.NDArray[np.int64], layer: int, training: Training, plan: CvPlan
+) -> dict[str, Any]:
+    """:func:`~attnscan.detect.stability.rank_stability` of the primary detector at ``layer`` on the main folds."""
+    t = training
+    if t.flag_on == "cp":
+        return rank_stability(
+            lambda: CPDetector(rank=t.rank, seed=t.seed, C=t.C, max_iter=t.max_iter),
+            inputs.tensors[layer],
+            y,
+            plan.plans[""],
+            seed=t.seed,
+        )
+    return rank_stability(lambda: ProbeDetector(C=t.C), inputs.pooled[layer], y, plan.plans[""], seed=t.seed)
 
 
 def _extract(
