@@ -13,6 +13,8 @@ import pytest
 from planted import BENIGN_WORDS, JAILBREAK_WORDS, sentences
 
 import attnscan.detect.jobs as job
+from attnscan.detect.bootstrap import bootstrap_intervals
+from attnscan.detect.evaluation import eval_codes
 from attnscan.detect.store import META_FILE, TrainedDetector, load_trained
 from attnscan.engine.hidden import Features
 from attnscan.errors import AttnscanError
@@ -153,6 +155,35 @@ def test_families_stability_and_training_prompts_are_saved(
     texts, labels = prompts
     assert texts == [*labelled_sets["benign"].texts, *labelled_sets["jailbreak"].texts]
     assert labels.tolist() == [0] * 16 + [1] * 24
+
+
+def test_evaluation_on_held_out_families(grouped: TrainedDetector, loaded: LoadedModel) -> None:
+    """New wrappers around new requests: the saved threshold, per-family rates and wrapper-resampled intervals."""
+    assert grouped.path is not None
+    texts = tuple(sentences(BENIGN_WORDS + JAILBREAK_WORDS, 10, 30, 8, 14))  # some look like jailbreaks
+    benign = PromptSet(
+        "calm", texts, "calm", {}, tuple({"request_id": f"c{i}", "looks_risky": i < 4} for i in range(10))
+    )
+    jail = compose(_templates(4, seed=31), _requests("harmful", 3, 32))
+    frame = job.evaluate_detector(grouped.path, benign, jail, model=loaded, n_bootstrap=200)
+    top, point = frame.attrs["headline"], grouped.meta["operating_point"]
+    assert top["layer"] == grouped.best_layer and top["intervals"] == "whole wrappers resampled"
+    assert top["threshold"] == point["threshold"] and top["threshold_from"] == "operating point (fpr=0.1)"
+    assert top["fpr_target"] == 0.1
+    rates = pd.DataFrame(frame.attrs["families"]).set_index(["role", "subset"])
+    assert rates.loc[("jailbreak", "all"), "rate"] == pytest.approx(top["tpr"])
+    assert rates.loc[("benign", "all"), "rate"] == pytest.approx(top["fpr"])
+    assert rates.loc[("benign", "looks_risky"), "n"] == 4 and rates.loc[("benign", "other"), "n"] == 6
+    families = [s for r, s in rates.index if r == "jailbreak" and s != "all"]
+    assert families == ["family=fam-0", "family=fam-1"] and rates.loc[("jailbreak", "family=fam-0"), "n"] == 6
+    # the intervals resample the 2 families (the benign prompts one by one), not the 12 jailbreak prompts
+    codes = eval_codes([*benign.groups, *jail.groups])
+    assert codes is not None and len(set(codes[10:].tolist())) == 2 and len(set(codes[:10].tolist())) == 10
+    prob = job.score_prompts(grouped.path, [*benign.texts, *jail.texts], model=loaded)["prob"].to_numpy()
+    y = np.repeat([0, 1], [10, 12])
+    grouped_ci, _ = bootstrap_intervals(y, prob, 200, 0, groups=codes)
+    assert (top["auroc_low"], top["auroc_high"]) == pytest.approx(grouped_ci)
+    assert (top["auroc_low"], top["auroc_high"]) != pytest.approx(bootstrap_intervals(y, prob, 200, 0)[0])
 
 
 def test_store_keeps_the_groups(loaded: LoadedModel, labelled_sets: dict[str, PromptSet], tmp_path: Path) -> None:

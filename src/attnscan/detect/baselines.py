@@ -20,6 +20,10 @@ prompts and, for the text one, the same folds:
 
 These are columns of ``detection.csv`` (the baselines repeated on every layer row) and ``meta["baselines"]`` (the
 baselines and the best layer's comparison).
+
+On new prompts (:func:`~attnscan.detect.jobs.evaluate_detector`) the text baseline is the same model fitted on all
+the detector's training prompts (:func:`held_out_text_scores`), so detector and baseline have seen the same data;
+``length_auroc`` is again the raw length's AUROC.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .metrics import auroc, bootstrap_intervals, paired_auroc_difference
 __all__ = [
     "TEXT_MODEL",
     "add_baselines",
+    "held_out_text_scores",
     "text_scores",
 ]
 
@@ -111,3 +116,12 @@ def add_baselines(
     record["beats_text"] = bool(margin_low > 0)
     out.attrs.update(table.attrs)
     return out, record
+
+
+def held_out_text_scores(
+    train_texts: Sequence[str], train_y: npt.NDArray[np.int64], texts: Sequence[str]
+) -> FloatArray:
+    """The text baseline for new prompts: TF-IDF + logistic regression fitted on ``train_texts`` (labels
+    ``train_y``, the detector's training prompts), its probabilities ``float [N]`` for ``texts``."""
+    model = _TextModel().fit(np.asarray(list(train_texts), dtype=object), np.asarray(train_y, dtype=np.int64))
+    return model.predict_proba(np.asarray(list(texts), dtype=object))

@@ -35,9 +35,10 @@ from ..prompts.encoding import DEFAULT_LENGTH, Truncate
 from ..prompts.sets import PromptSource, as_prompt_set, join_sets, warn_unmatched_control
 from .baselines import add_baselines
 from .detectors import CPDetector, Kind, ProbeDetector
+from .evaluation import eval_codes, flag_threshold, headline, layer_row, text_baseline
 from .folds import CvKind
 from .inputs import DEFAULT_BLOCKS, DetectorInputs, FeatureKind, check_store, detector_inputs, feature_settings
-from .metrics import METRIC_COLUMNS, bootstrap_intervals, check_n_bootstrap, check_threshold, metrics
+from .metrics import check_n_bootstrap, check_threshold
 from .rates import rate_records, subset_rates
 from .stability import rank_stability
 from .store import (
@@ -313,7 +314,7 @@ def score_prompts(
     chosen_kind: Kind = kind or trained.primary
     chosen = trained.best_layer if layer is None else int(layer)
     det = trained.detector(chosen, chosen_kind)
-    threshold, threshold_from = _flag_threshold(trained, chosen, chosen_kind, threshold)
+    threshold, threshold_from = flag_threshold(trained, chosen, chosen_kind, threshold)
     ps = as_prompt_set(prompts, "prompts")
     loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
     inputs = detector_inputs(
@@ -345,20 +346,6 @@ def score_prompts(
     return frame
 
 
-def _flag_threshold(trained: TrainedDetector, layer: int, kind: Kind, threshold: float | None) -> tuple[float, str]:
-    """The probability threshold that flags a prompt, and where it comes from: ``threshold`` when given (checked),
-    else the detector's operating point for ``layer`` and ``kind`` when it has one, else 0.5."""
-    if threshold is not None:
-        check_threshold(threshold, "a probability")
-        return float(threshold), "given"
-    point = trained.meta.get("operating_point")
-    if isinstance(point, dict):
-        value = point.get("thresholds", {}).get(kind, {}).get(str(layer))
-        if value is not None:
-            return float(value), f"operating point (fpr={point.get('fpr')})"
-    return 0.5, "default"
-
-
 def evaluate_detector(
     detector_dir: str | os.PathLike[str] | TrainedDetector,
     benign: PromptSource,
@@ -378,16 +365,21 @@ def evaluate_detector(
 ) -> pd.DataFrame:
     """Score a new labelled dataset with the saved detectors (no refitting): the generalisation test.
 
-    For every chosen layer (default: all the detector holds) both saved detectors score the benign (0) and
-    jailbreak (1) prompts, whose features are computed with the detector's recorded settings. Returns one row per
-    layer with ``layer``, ``n``, ``n_jailbreak``, then for ``p`` in ``cp``/``probe``: ``p_auroc`` with its 95 %
-    bootstrap interval ``p_auroc_low``/``p_auroc_high``, ``p_f1`` and ``p_accuracy`` (``prob >= threshold``
-    predicts jailbreak), ``p_tpr1``/``p_tpr5`` (TPR at 1 %/5 % FPR) with ``p_tpr5_low``/``p_tpr5_high`` — the
-    definitions of :func:`attnscan.detect.metrics.metrics` and :func:`attnscan.detect.metrics.cross_validate`
-    (intervals resample prompts within each class, ``n_bootstrap`` times with ``seed``) — and, from training,
-    ``cv_cp_auroc``, ``cv_probe_auroc`` and ``cv_flagged`` (the main, grouped numbers when the detector was
-    trained with grouped folds: :attr:`~attnscan.detect.store.TrainedDetector.cv`). Warns when evaluation prompts
-    were among the training prompts.
+    The detector is judged at the layer and kind training chose (:mod:`attnscan.detect.evaluation`: the headline,
+    ``frame.attrs["headline"]``), beside the prompt-length and text baselines on the same prompts (the text one
+    fitted on the training prompts), with the flag rates per attack family and on risky-looking benign prompts at
+    the saved threshold (``frame.attrs["families"]``: rows of :func:`attnscan.detect.rates.subset_rates`).
+
+    Every chosen layer (default: all the detector holds) also gets a row, for reading, not for choosing a layer on
+    these prompts: ``layer``, ``n``, ``n_jailbreak``, ``trained_layer`` (the headline's layer), then for ``p`` in
+    ``cp``/``probe``: ``p_auroc`` with its 95 % bootstrap interval ``p_auroc_low``/``p_auroc_high``, ``p_f1`` and
+    ``p_accuracy`` (``prob >= threshold`` predicts jailbreak), ``p_tpr1``/``p_tpr5`` (TPR at 1 %/5 % FPR) with
+    ``p_tpr5_low``/``p_tpr5_high`` — the definitions of :func:`attnscan.detect.metrics.metrics`; intervals resample
+    ``n_bootstrap`` times with ``seed``, whole wrappers when the prompts carry template families or templates —
+    then, from training, ``cv_cp_auroc``, ``cv_probe_auroc`` and ``cv_flagged`` (the main, grouped numbers when the
+    detector was trained with grouped folds: :attr:`~attnscan.detect.store.TrainedDetector.cv`), and the primary
+    detector's ``text_margin`` over the text baseline with ``text_margin_low``/``text_margin_high`` and
+    ``beats_text`` (None without a text baseline). Warns when evaluation prompts were among the training prompts.
 
     The model is found and loaded as in :func:`score_prompts` (``dtype=None`` means the dtype of training).
     """
@@ -398,14 +390,25 @@ def evaluate_detector(
     check_n_bootstrap(n_bootstrap)
     check_threshold(threshold, "a probability")
     sets, texts, y = labelled(benign, jailbreak)
+    records = train_records(sets)
     overlap = _warn_overlap(trained, texts)
     loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
+    needed = sorted({*chosen, trained.best_layer})
     inputs = detector_inputs(
-        loaded, texts, trained.meta["features"], layers=chosen, batch_size=batch_size, progress=progress
+        loaded, texts, trained.meta["features"], layers=needed, batch_size=batch_size, progress=progress
     )
-    cv = trained.table.set_index("layer") if "layer" in trained.table.columns else pd.DataFrame()
-    rows = [_evaluation_row(trained, layer, inputs, y, cv, threshold, n_bootstrap, seed) for layer in chosen]
+    text = text_baseline(trained, texts)
+    codes = eval_codes(records)
+    rows = [
+        layer_row(
+            trained, layer, inputs, y, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed, codes=codes, text=text
+        )
+        for layer in chosen
+    ]
     frame = pd.DataFrame(rows)
+    top, families = headline(
+        trained, inputs, y, records, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed, text=text
+    )
     frame.attrs.update(
         detector=str(trained.path) if trained.path else None,
         model=loaded.spec,
@@ -415,6 +418,8 @@ def evaluate_detector(
         seed=seed,
         threshold=threshold,
         train_overlap=overlap,
+        headline=top,
+        families=rate_records(families),
     )
     return frame
 
@@ -431,31 +436,3 @@ def _warn_overlap(trained: TrainedDetector, texts: Sequence[str]) -> int:
             stacklevel=3,
         )
     return overlap
-
-
-def _evaluation_row(
-    trained: TrainedDetector,
-    layer: int,
-    inputs: DetectorInputs,
-    y: npt.NDArray[np.int64],
-    cv: pd.DataFrame,
-    threshold: float,
-    n_bootstrap: int,
-    seed: int,
-) -> dict[str, Any]:
-    """One layer's row of :func:`evaluate_detector`: both saved detectors' metrics with bootstrap intervals, and
-    the layer's cross-validated AUROCs and flag from training (``cv``: the training table indexed by layer)."""
-    row: dict[str, Any] = {"layer": layer, "n": int(y.size), "n_jailbreak": int(y.sum())}
-    pairs: tuple[tuple[Kind, npt.NDArray[Any]], ...] = (
-        ("cp", inputs.tensors[layer]),
-        ("probe", inputs.pooled[layer]),
-    )
-    for kind_name, x in pairs:
-        prob = trained.detector(layer, kind_name).predict_proba(x)
-        m = metrics(y, prob, threshold=threshold)
-        (auc_lo, auc_hi), (tpr_lo, tpr_hi) = bootstrap_intervals(y, prob, n_bootstrap, seed)
-        m.update(auroc_low=auc_lo, auroc_high=auc_hi, tpr5_low=tpr_lo, tpr5_high=tpr_hi)
-        row.update({f"{kind_name}_{name}": m[name] for name in METRIC_COLUMNS})
-    for col in ("cp_auroc", "probe_auroc", "flagged"):
-        row[f"cv_{col}"] = cv.at[layer, col] if layer in cv.index and col in cv.columns else np.nan
-    return row
