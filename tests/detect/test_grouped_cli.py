@@ -34,6 +34,25 @@ def test_control_grouped_cv_baselines_and_operating_point(tiny_model_dir: Path, 
     # the control prompts travel with their labels: benign requests first, then the wrapped harmless ones
     families = [g.get("family") for g in meta["train_groups"][:48]]
     assert families[:24] == [None] * 24 and all(f is not None for f in families[24:])
+    # the terminal shows the text baseline beside the detectors, the margin at the best layer, the flag rates
+    assert "CP − text" in res.output and "Baseline AUROCs on the same folds: prompt length alone" in res.output
+    assert (
+        f"The CP detector at layer {meta['best_layer']} " in res.output and "operating point at FPR 0.05" in res.output
+    )
+    assert "Flag rates at the operating point" in res.output and "looks_risky" in res.output
+    assert "family=" in res.output and "families.csv" in res.output and "Stability: 5 refits" in res.output
+    rates = pd.read_csv(out / "families.csv")
+    assert {"jailbreak", "benign"} == set(rates["role"]) and "looks_risky" in set(rates["subset"])
+
+    evaluated = tmp_path / "eval.csv"
+    args = ["detect", "eval", str(out), "--benign", "builtin:benign", "--jailbreak", "builtin:jailbreak"]
+    res = runner.invoke(app, [*args, "--limit", "12", "--seed", "5", "--bootstrap", "50", "--out", str(evaluated)])
+    assert res.exit_code == 0, res.output
+    assert (
+        f"layer {meta['best_layer']} (chosen in training)" in res.output and "(whole wrappers resampled)" in res.output
+    )
+    assert "operating point (fpr=0.05)" in res.output and "fitted on the 72 training prompts" in res.output
+    assert "Flag rates at the saved threshold" in res.output and "Stability in training" in res.output
 
     scores = tmp_path / "s.csv"
     res = runner.invoke(

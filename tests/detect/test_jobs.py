@@ -426,6 +426,7 @@ def test_cli_train_score_eval(tiny_model_dir: Path, prompt_files: dict[str, Path
     res = runner.invoke(app, [*_train_args(tiny_model_dir, prompt_files, det), "--bootstrap", "100", "--quiet"])
     assert res.exit_code == 0, res.stderr
     assert "CP AUROC" in res.stdout and re.search(r"best layer \d", res.stdout) and f"wrote {det}" in res.stdout
+    assert "no text baseline" in res.stdout and "Stability: 5 refits" in res.stdout  # unlabelled: baselines off
     assert res.stderr == ""  # --quiet: no progress bar, and no warnings
     meta = json.loads((det / META_FILE).read_text())["meta"]
     assert meta["model"]["kind"] == "local" and meta["model"]["load_spec"] == str(tiny_model_dir.resolve())
@@ -448,9 +449,14 @@ def test_cli_train_score_eval(tiny_model_dir: Path, prompt_files: dict[str, Path
     args += ["--jailbreak", str(prompt_files["new_jail"]), "--out", str(metrics_csv), "--bootstrap", "100", "--quiet"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.stderr
-    assert "Saved detectors on 6 benign + 6 jailbreak prompts" in res.stdout and "training's best layer" in res.stdout
+    out = res.stdout
+    best = load_trained(det).best_layer
+    assert f"The detector as trained: layer {best} (chosen in training), CP, on 6 benign + 6 jailbreak" in out
+    assert "for reading only" in out and "CP − text" in out and "Text baseline: TF-IDF" in out
+    assert re.search(r"The CP detector (beats|does not beat) the text baseline", out)
     table = pd.read_csv(metrics_csv)
     assert table["layer"].tolist() == [0, 1, 2] and table["cp_auroc"].max() >= 0.9
+    assert table["trained_layer"].tolist() == [layer == best for layer in (0, 1, 2)]
 
     # a second score to the same file is refused; nothing is rewritten
     before = scores.read_text()
