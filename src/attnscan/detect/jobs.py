@@ -126,11 +126,15 @@ def train_detector(
     3. With ``baselines`` (default: when the prompts carry group labels), the prompt-length and TF-IDF text
        baselines on the same folds (:mod:`attnscan.detect.baselines`). With ``fpr``, the score threshold at that
        false-positive rate on the benign prompts' out-of-fold scores, per layer, and the TPR there (``*_op_*``
-       columns, ``meta["operating_point"]``); :func:`score_prompts` then flags with it.
-    4. Final CP and probe detectors per layer, fitted on all prompts.
+       columns, ``meta["operating_point"]``); :func:`score_prompts` then flags with it. At that threshold, the
+       flag rates per attack family and on risky-looking benign prompts, from the best layer's out-of-fold scores
+       (:mod:`attnscan.detect.rates`: ``families.csv``, ``meta["families"]``).
+    4. Final CP and probe detectors per layer, fitted on all prompts; and the rank stability of the best layer's
+       primary detector under resampled training sets (:mod:`attnscan.detect.stability`, ``meta["stability"]``).
     5. ``out`` written atomically (see :mod:`attnscan.detect.store`); an existing detector is replaced only with
        ``overwrite``. The prompts' group labels, when they carry any, go into ``meta["train_groups"]`` (and the
-       features directory of ``store``).
+       features directory of ``store``); the prompts themselves into ``train_prompts.jsonl``, for the text
+       baseline of :func:`evaluate_detector`.
 
     ``model`` is a spec, loaded with ``load`` (:class:`~attnscan.models.loading.LoadOptions`; its fields ``dtype``,
     ``device``, ``revision`` ... may also be given as keywords), or a :class:`~attnscan.models.loading.LoadedModel`;
