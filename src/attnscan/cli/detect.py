@@ -275,6 +275,7 @@ def eval_cmd(
     layers: EvalLayersOpt = "all",
     field: FieldOpt = None,
     multiline: MultilineOpt = False,
+    groups: GroupsOpt = None,
     assistant_name: AssistantOpt = "ChatGPT",
     limit: LimitOpt = None,
     seed: SeedOpt = 0,
