@@ -92,3 +92,17 @@ def test_bad_fpr_and_unmatched_control(tiny_model_dir: Path, tmp_path: Path) -> 
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "carries no template labels" in res.output
+
+
+def test_group_column_that_does_not_exist(tmp_path: Path) -> None:
+    """Refused with the columns there are, before any model loads (the model path does not exist)."""
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,attack\nhello there,dan\nhow are you,dan\n")
+    args = ["detect", "train", "--model", "./no-such-model", "--out", str(tmp_path / "d"), "--benign", str(path)]
+    res = runner.invoke(app, [*args, "--jailbreak", str(path), "--groups", "family=nope", "--quiet"])
+    assert res.exit_code == 2 and not (tmp_path / "d").exists()
+    assert res.output.strip().splitlines() == [
+        f"error: {path} has no column 'nope' for the group label family: available columns are prompt, attack"
+    ]
+    res = runner.invoke(app, [*args, "--jailbreak", str(path), "--fpr", "0", "--quiet"])
+    assert res.exit_code == 2 and res.output.strip() == "error: --fpr must be in (0, 0.5], got 0.0"
