@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._io import atomic_dir, check_output_dir, now_utc, write_json
 from ._types import ProgressFn, refuse_leftovers, take_options
@@ -48,9 +48,6 @@ from .views.digest import DEFAULT_TITLE, EXAMPLES
 from .views.labels import unique_label
 from .views.report import build_report, write_report
 from .views.run_figures import draw
-
-if TYPE_CHECKING:
-    from .detect.store import TrainedDetector
 
 DEFAULT_LIMIT = 40
 
@@ -270,6 +267,7 @@ def _detect(
     cross-validation holds out whole template families when the prompts carry group labels, and the detectors are
     compared with a prompt-length and a TF-IDF text baseline on the same folds."""
     from .detect.jobs import train_detector
+    from .detect.summary import detection_note
 
     control = sets.get("control")
     trained = train_detector(
@@ -286,45 +284,10 @@ def _detect(
         system_prompt=opts.system_prompt,
         control=control,
         fpr=0.01,
+        baselines=True,  # a detector is reported beside what the prompt text alone gives, labelled prompts or not
         folds=3,  # three grouped, request and stratified cross-validations per layer: 3 folds keep the main job short
     )
-    return trained.table, _detection_note(trained, control is not None)
-
-
-def _detection_note(trained: TrainedDetector, with_control: bool) -> str:
-    """What the detectors of a run found, in the terms a reviewer needs: against what, on which folds, and whether
-    they beat reading the prompt text."""
-    table, best = trained.table, trained.best_layer
-    row = table.loc[table["layer"] == best].iloc[0]
-    negatives = (
-        "benign prompts and control prompts (the same jailbreak wrappers around harmless requests)"
-        if with_control
-        else "benign prompts"
-    )
-    folds = "holding out whole template families" if trained.cv == "grouped" else "stratified folds"
-    note = (
-        f"Detection from hidden states, jailbreak vs {negatives}: the CP detector is best at layer {best} "
-        f"(cross-validated AUROC {row['cp_auroc']:.3f}, 95% CI {row['cp_auroc_low']:.3f} to "
-        f"{row['cp_auroc_high']:.3f}, {folds}; the pooled-state probe {row['probe_auroc']:.3f}); "
-        f"{len(trained.flagged_layers)} of {len(table)} layers reach the flagging threshold."
-    )
-    if "cp_auroc_stratified" in row:
-        note += f" Stratified folds (every wrapper seen in training) give {row['cp_auroc_stratified']:.3f}."
-    if "text_auroc" in row:
-        beats = bool(row.get("beats_text", False))
-        note += (
-            f" Baselines on the same folds: prompt length alone {row['length_auroc']:.3f}, a TF-IDF text classifier "
-            f"{row['text_auroc']:.3f}; the detector {'beats' if beats else 'does not beat'} the text baseline "
-            f"(difference {row['text_margin']:+.3f}, 95% CI {row['text_margin_low']:+.3f} to "
-            f"{row['text_margin_high']:+.3f})"
-            + ("." if beats else ", so on these prompts the model's internals add nothing a text classifier lacks.")
-        )
-    if not with_control:
-        note += (
-            " Without a control set the detector can separate the sets by their wrappers alone: give one (same "
-            "wrappers, harmless requests) to make it look for the request."
-        )
-    return note
+    return trained.table, detection_note(trained, control is not None)
 
 
 def _notes(

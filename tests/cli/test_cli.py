@@ -188,8 +188,8 @@ def test_summary_table_fits_an_80_column_terminal() -> None:
     assert "n.s." in lines[1] and "n.s.: no significant shift" in text
 
 
-@pytest.mark.parametrize("extra", [False, True])
-def test_detection_table_fits_an_80_column_terminal(extra: bool) -> None:
+@pytest.mark.parametrize(("extra", "baseline"), [(False, False), (False, True), (True, True)])
+def test_detection_table_fits_an_80_column_terminal(extra: bool, baseline: bool) -> None:
     import io
 
     import pandas as pd
@@ -202,15 +202,24 @@ def test_detection_table_fits_an_80_column_terminal(extra: bool) -> None:
         frame[f"{key}_low"], frame[f"{key}_high"] = frame[key] - 0.0037, (frame[key] + 0.01).clip(upper=1.0)
     frame["cp_tpr5"], frame["cp_f1"] = [0.1, 0.95, 0.4], [0.5, 0.99, 0.7]
     frame["flagged"] = frame["cv_flagged"] = [False, True, False]
+    frame["trained_layer"] = [False, False, True]  # training chose layer 2, not the best one on these prompts
     frame["cv_cp_auroc"] = [0.55, 0.998, float("nan")]
+    if baseline:
+        frame["text_margin"], frame["text_margin_low"] = [-0.4, 0.1234, -0.1], [-0.5, -0.0512, -0.2]
+        frame["text_margin_high"] = [-0.3, 0.2049, 0.0]
     buf = io.StringIO()
     Console(file=buf, width=80, color_system=None).print(layer_rich_table(frame, "t", top=3, extra=extra))
     text = buf.getvalue()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
     rows = [line for line in text.splitlines() if line.startswith("│")]
-    assert [r.split("│")[1].strip() for r in rows] == ["1", "2", "0"]  # by CP AUROC, descending
-    assert "0.999 [0.995-1.000]" in rows[0] and rows[0].rstrip("│ ").endswith("yes")
-    assert ("0.998" in rows[0]) is extra  # the cross-validated AUROC of training, in the evaluation table only
+    layers = [r.split("│")[1].strip() for r in rows]
+    if extra:  # evaluation: layer order, the trained layer marked; no layer is ranked on the evaluation prompts
+        assert layers == ["0", "1", "2"] and rows[2].rstrip("│ ").endswith("yes") and "yes" not in rows[1]
+        assert "0.998" in rows[1] and "used" in text
+    else:  # training: by cross-validated CP AUROC, descending, flagged layers marked
+        assert layers == ["1", "2", "0"] and rows[0].rstrip("│ ").endswith("yes") and "0.998" not in rows[0]
+    assert "0.999 [0.995-1.000]" in rows[layers.index("1")]
+    assert ("+0.123 [-0.051,+0.205]" in rows[layers.index("1")]) is baseline and ("CP − text" in text) is baseline
 
 
 def test_headline_table_leads_with_the_request_effect_and_fits_80_columns() -> None:

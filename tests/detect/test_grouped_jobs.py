@@ -13,6 +13,8 @@ import pytest
 from planted import BENIGN_WORDS, JAILBREAK_WORDS, sentences
 
 import attnscan.detect.jobs as job
+from attnscan.detect.bootstrap import bootstrap_intervals
+from attnscan.detect.evaluation import eval_codes
 from attnscan.detect.store import META_FILE, TrainedDetector, load_trained
 from attnscan.engine.hidden import Features
 from attnscan.errors import AttnscanError
@@ -125,6 +127,65 @@ def test_groups_baselines_and_operating_point_are_saved(
     assert load_trained(grouped.path).table.columns.tolist() == csv.columns.tolist()
 
 
+def test_families_stability_and_training_prompts_are_saved(
+    grouped: TrainedDetector, labelled_sets: dict[str, PromptSet]
+) -> None:
+    assert grouped.path is not None
+    point, record = grouped.meta["operating_point"], grouped.meta["families"]
+    assert (record["layer"], record["kind"], record["threshold"]) == (point["layer"], "cp", point["threshold"])
+    saved = pd.read_csv(grouped.path / "families.csv")
+    families = grouped.families
+    assert families is not None and saved["subset"].tolist() == families["subset"].tolist()
+    rows = {(r.role, r.subset): r for r in saved.itertuples()}
+    # the same out-of-fold scores and threshold as the operating point: the overall rates are its TPR and FPR
+    assert rows[("jailbreak", "all")].rate == pytest.approx(point["tpr"])
+    assert rows[("benign", "all")].rate == pytest.approx(point["fpr_oof"])
+    per_family = saved[(saved.role == "jailbreak") & saved.subset.str.startswith("family=")]
+    assert per_family["subset"].tolist() == ["family=fam-0", "family=fam-1", "family=fam-2"]
+    assert per_family["n"].sum() == 24 and per_family["flagged"].sum() == rows[("jailbreak", "all")].flagged
+    assert (saved["rate_low"] <= saved["rate"]).all() and (saved["rate"] <= saved["rate_high"]).all()
+
+    stability = grouped.meta["stability"]
+    assert stability["layer"] == grouped.best_layer and stability["kind"] == "cp"
+    assert stability["resampled"] == "groups" and stability["resamples"] == 5 and stability["folds"] == 3
+    assert -1.0 <= stability["spearman_min"] <= stability["spearman_mean"] <= 1.0
+
+    prompts = load_trained(grouped.path).training_prompts()
+    assert prompts is not None
+    texts, labels = prompts
+    assert texts == [*labelled_sets["benign"].texts, *labelled_sets["jailbreak"].texts]
+    assert labels.tolist() == [0] * 16 + [1] * 24
+
+
+def test_evaluation_on_held_out_families(grouped: TrainedDetector, loaded: LoadedModel) -> None:
+    """New wrappers around new requests: the saved threshold, per-family rates and wrapper-resampled intervals."""
+    assert grouped.path is not None
+    texts = tuple(sentences(BENIGN_WORDS + JAILBREAK_WORDS, 10, 30, 8, 14))  # some look like jailbreaks
+    benign = PromptSet(
+        "calm", texts, "calm", {}, tuple({"request_id": f"c{i}", "looks_risky": i < 4} for i in range(10))
+    )
+    jail = compose(_templates(4, seed=31), _requests("harmful", 3, 32))
+    frame = job.evaluate_detector(grouped.path, benign, jail, model=loaded, n_bootstrap=200)
+    top, point = frame.attrs["headline"], grouped.meta["operating_point"]
+    assert top["layer"] == grouped.best_layer and top["intervals"] == "whole wrappers resampled"
+    assert top["threshold"] == point["threshold"] and top["threshold_from"] == "operating point (fpr=0.1)"
+    assert top["fpr_target"] == 0.1
+    rates = pd.DataFrame(frame.attrs["families"]).set_index(["role", "subset"])
+    assert rates.loc[("jailbreak", "all"), "rate"] == pytest.approx(top["tpr"])
+    assert rates.loc[("benign", "all"), "rate"] == pytest.approx(top["fpr"])
+    assert rates.loc[("benign", "looks_risky"), "n"] == 4 and rates.loc[("benign", "other"), "n"] == 6
+    families = [s for r, s in rates.index if r == "jailbreak" and s != "all"]
+    assert families == ["family=fam-0", "family=fam-1"] and rates.loc[("jailbreak", "family=fam-0"), "n"] == 6
+    # the intervals resample the 2 families (the benign prompts one by one), not the 12 jailbreak prompts
+    codes = eval_codes([*benign.groups, *jail.groups])
+    assert codes is not None and len(set(codes[10:].tolist())) == 2 and len(set(codes[:10].tolist())) == 10
+    prob = job.score_prompts(grouped.path, [*benign.texts, *jail.texts], model=loaded)["prob"].to_numpy()
+    y = np.repeat([0, 1], [10, 12])
+    grouped_ci, _ = bootstrap_intervals(y, prob, 200, 0, groups=codes)
+    assert (top["auroc_low"], top["auroc_high"]) == pytest.approx(grouped_ci)
+    assert (top["auroc_low"], top["auroc_high"]) != pytest.approx(bootstrap_intervals(y, prob, 200, 0)[0])
+
+
 def test_store_keeps_the_groups(loaded: LoadedModel, labelled_sets: dict[str, PromptSet], tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -140,6 +201,8 @@ def test_store_keeps_the_groups(loaded: LoadedModel, labelled_sets: dict[str, Pr
     assert Features.load(tmp_path / "feats").info["groups"] == det.meta["train_groups"]
     assert "baselines" not in det.meta and "text_auroc" not in det.table.columns
     assert "operating_point" not in det.meta and "cp_op_threshold" not in det.table.columns
+    assert "families" not in det.meta and det.families is None and "stability" in det.meta
+    assert det.path is not None and not (det.path / "families.csv").exists()
 
 
 def test_score_uses_the_operating_point(grouped: TrainedDetector, loaded: LoadedModel) -> None:

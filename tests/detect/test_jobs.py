@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 import attnscan.detect.jobs as job
 import attnscan.detect.store as detector_store
 from attnscan.cli.main import app
+from attnscan.detect.baselines import held_out_text_scores
 from attnscan.detect.detectors import CPDetector, ProbeDetector
 from attnscan.detect.inputs import attention_blocks
 from attnscan.detect.metrics import layer_detection_table, metrics
@@ -81,7 +83,13 @@ def test_null_labels_are_not_flagged(loaded: LoadedModel, tmp_path: Path) -> Non
 def test_detector_directory_contents(trained: TrainedDetector, sets: dict[str, list[str]]) -> None:
     root = trained.path
     assert root is not None
-    assert sorted(p.name for p in root.iterdir()) == ["detection.csv", META_FILE, STATE_FILE, "probe"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "detection.csv",
+        META_FILE,
+        STATE_FILE,
+        "probe",
+        "train_prompts.jsonl",
+    ]
     cps, meta = load_detector(root)
     probes, probe_meta = load_detector(root / "probe")
     assert all(isinstance(d, CPDetector) for d in cps.values()) and sorted(cps) == [0, 1, 2]
@@ -161,6 +169,50 @@ def test_evaluate_on_new_prompts(trained: TrainedDetector, loaded: LoadedModel) 
     row = frame.iloc[0]
     assert row["cp_auroc"] == pytest.approx(m["auroc"]) and row["cp_tpr5"] == pytest.approx(m["tpr5"])
     assert row["cp_f1"] == pytest.approx(m["f1"])
+
+
+def test_evaluation_headline_is_the_trained_layer_beside_the_text_baseline(
+    trained: TrainedDetector, loaded: LoadedModel, sets: dict[str, list[str]], tmp_path: Path
+) -> None:
+    assert trained.path is not None
+    benign, jail = sentences(BENIGN_WORDS, 12, 20), sentences(JAILBREAK_WORDS, 10, 21)
+    y = np.repeat([0, 1], [12, 10])
+    other = next(layer for layer in trained.layers if layer != trained.best_layer)
+    frame = job.evaluate_detector(trained.path, benign, jail, model=loaded, n_bootstrap=300, layers=[other])
+    assert frame["layer"].tolist() == [other] and not frame["trained_layer"].any()
+    top = frame.attrs["headline"]
+    # the headline is training's layer, even when the rows asked for hold another one
+    assert (top["layer"], top["kind"], top["chosen_by"]) == (trained.best_layer, "cp", "training")
+    feats = extract_features(loaded, benign + jail, layers=[top["layer"]], last_k=4, length=32)
+    prob = trained.detectors[top["layer"]].predict_proba(feats.tensors[top["layer"]])
+    assert top["auroc"] == pytest.approx(metrics(y, prob)["auroc"]) and top["auroc_low"] <= top["auroc"]
+    assert top["threshold"] == 0.5 and "no operating point" in top["threshold_from"]
+    assert top["tpr"] == pytest.approx(np.mean(prob[y == 1] >= 0.5))
+    assert top["fpr"] == pytest.approx(np.mean(prob[y == 0] >= 0.5))
+    assert top["cv_auroc"] == pytest.approx(trained.table.set_index("layer").at[top["layer"], "cp_auroc"])
+    assert top["intervals"] == "prompts resampled" and top["stability"] == trained.meta["stability"]
+    # the text baseline is fitted on the training prompts, not on the evaluation ones
+    text = held_out_text_scores(sets["benign"] + sets["jailbreak"], np.repeat([0, 1], 20), benign + jail)
+    assert top["text_auroc"] == pytest.approx(metrics(y, text)["auroc"])
+    assert top["text_margin"] == pytest.approx(top["auroc"] - top["text_auroc"])
+    assert top["beats_text"] == (top["text_margin_low"] > 0) and "40 training prompts" in top["text_baseline"]
+    assert top["length_auroc"] == pytest.approx(metrics(y, feats.lengths.astype(float))["auroc"])
+    assert frame.attrs["families"][0]["subset"] == "all" and frame.attrs["families"][0]["n"] == 10
+    assert frame["text_margin"].notna().all() and "beats_text" in frame.columns
+
+    # a detector directory from before training prompts were kept: the baseline is unavailable, not invented
+    old = tmp_path / "old"
+    shutil.copytree(trained.path, old)
+    (old / "train_prompts.jsonl").unlink()
+    before = job.evaluate_detector(old, benign, jail, model=loaded, n_bootstrap=50)
+    assert before.attrs["headline"]["text_auroc"] is None and before.attrs["headline"]["beats_text"] is None
+    assert before.attrs["headline"]["text_baseline"].startswith("unavailable")
+    assert before["text_margin"].isna().all() and bool(
+        before.set_index("layer").at[trained.best_layer, "trained_layer"]
+    )
+    (old / "train_prompts.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(AttnscanError, match=r"train_prompts\.jsonl is damaged"):
+        job.evaluate_detector(old, benign, jail, model=loaded, n_bootstrap=0)
 
 
 def test_evaluating_on_training_prompts_warns(
@@ -374,6 +426,7 @@ def test_cli_train_score_eval(tiny_model_dir: Path, prompt_files: dict[str, Path
     res = runner.invoke(app, [*_train_args(tiny_model_dir, prompt_files, det), "--bootstrap", "100", "--quiet"])
     assert res.exit_code == 0, res.stderr
     assert "CP AUROC" in res.stdout and re.search(r"best layer \d", res.stdout) and f"wrote {det}" in res.stdout
+    assert "no text baseline" in res.stdout and "Stability: 5 refits" in res.stdout  # unlabelled: baselines off
     assert res.stderr == ""  # --quiet: no progress bar, and no warnings
     meta = json.loads((det / META_FILE).read_text())["meta"]
     assert meta["model"]["kind"] == "local" and meta["model"]["load_spec"] == str(tiny_model_dir.resolve())
@@ -396,9 +449,14 @@ def test_cli_train_score_eval(tiny_model_dir: Path, prompt_files: dict[str, Path
     args += ["--jailbreak", str(prompt_files["new_jail"]), "--out", str(metrics_csv), "--bootstrap", "100", "--quiet"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.stderr
-    assert "Saved detectors on 6 benign + 6 jailbreak prompts" in res.stdout and "training's best layer" in res.stdout
+    out = res.stdout
+    best = load_trained(det).best_layer
+    assert f"The detector as trained: layer {best} (chosen in training), CP, on 6 benign + 6 jailbreak" in out
+    assert "for reading only" in out and "CP − text" in out and "Text baseline: TF-IDF" in out
+    assert re.search(r"The CP detector (beats|does not beat) the text baseline", out)
     table = pd.read_csv(metrics_csv)
     assert table["layer"].tolist() == [0, 1, 2] and table["cp_auroc"].max() >= 0.9
+    assert table["trained_layer"].tolist() == [layer == best for layer in (0, 1, 2)]
 
     # a second score to the same file is refused; nothing is rewritten
     before = scores.read_text()

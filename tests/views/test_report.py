@@ -192,3 +192,40 @@ def test_write_report_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         write_report(tmp_path / "missing" / "report.html", page)
     with pytest.raises(AttnscanError, match="is a directory"):
         write_report(tmp_path, page)
+
+
+def _detection(margin_low: float, probe_primary: bool = False) -> pd.DataFrame:
+    """A detection.csv with the baseline columns; layer 1 is best; its margin interval starts at ``margin_low``."""
+    frame = pd.DataFrame({"layer": [0, 1, 2], "cp_auroc": [0.7, 0.93, 0.8], "probe_auroc": [0.6, 0.9, 0.95]})
+    frame["cp_auroc_low"], frame["cp_auroc_high"] = frame["cp_auroc"] - 0.05, frame["cp_auroc"] + 0.03
+    frame["flagged"] = frame["cp_auroc"] >= 0.9
+    frame["length_auroc"], frame["text_auroc"] = 0.66, 0.81
+    frame["text_auroc_low"], frame["text_auroc_high"] = 0.74, 0.88
+    primary = frame["probe_auroc"] if probe_primary else frame["cp_auroc"]
+    frame["text_margin"] = primary - 0.81
+    frame["text_margin_low"], frame["text_margin_high"] = frame["text_margin"] - 0.12 + margin_low, 0.2
+    frame["text_margin_low"] = frame["text_margin_low"].where(frame["layer"] != 1, margin_low)
+    return frame
+
+
+def test_detection_section_shows_the_text_baseline_and_the_margin(inputs: dict[str, Any]) -> None:
+    page = build_report(**{**inputs, "detection": {"tiny": _detection(0.02)}})
+    section = page.split("<h3>Jailbreak detection per layer</h3>", 1)[1].split("</section>", 1)[0]
+    assert section.count("class='baseline'") == 1 and "TF-IDF text baseline AUROC 0.810" in section
+    assert "Baseline AUROCs on the same folds: prompt length alone 0.660, a TF-IDF text classifier 0.810" in section
+    assert "The CP detector at layer 1 beats the text baseline by +0.120 AUROC (95% CI +0.020 to +0.200)." in section
+    assert "minus text baseline +0.120 [+0.020, +0.200]" in section  # each point's tooltip carries its margin
+    digest = json.loads(data_json(page))
+    assert digest["models"][0]["detection_baseline"]["layer"] == 1
+    assert digest["models"][0]["detection_baseline"]["text"] == pytest.approx(0.81)
+
+    losing = build_report(**{**inputs, "detection": {"tiny": _detection(-0.05)}})
+    assert "The CP detector at layer 1 does not beat the text baseline" in losing
+    # a detector trained to flag with the probe: its margin, at its best layer
+    probe = build_report(**{**inputs, "detection": {"tiny": _detection(0.01, probe_primary=True)}})
+    assert "The probe detector at layer 2 " in probe
+    # a detection table without baselines: no line, no sentence
+    plain = _detection(0.0).drop(columns=[c for c in _detection(0.0).columns if "text" in c or "length" in c])
+    without = build_report(**{**inputs, "detection": {"tiny": plain}})
+    assert "class='baseline'" not in without and "Baseline AUROCs" not in without
+    assert "no text baseline was computed" in without

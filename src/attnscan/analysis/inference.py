@@ -1,5 +1,7 @@
 """Inference on per-prompt block summaries: permutation test, Benjamini–Hochberg, bootstrap interval, standardized
-effect. Pure functions of plain arrays; :mod:`attnscan.analysis.statistics` applies them to a scan.
+effect. Pure functions of plain arrays; :mod:`attnscan.analysis.statistics` applies them to a scan. Also here, for
+every later stage that reports a rate (refusal rates, a detector's true- and false-positive rates): the Wilson
+interval of a binomial proportion, :func:`wilson_interval`.
 
 Inputs are per-prompt coarse block summaries ``[N, layers, ...]`` (for a scan ``blocks [N, layers, B, B]``: the mean
 log attention of each prompt over each block's causal cells, NaN where the prompt reaches none). Differences are
@@ -28,7 +30,12 @@ from itertools import combinations
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import AttnscanError
+
 FloatArray = npt.NDArray[np.float64]
+
+#: The two-sided 95 % quantile of the standard normal distribution.
+Z95 = 1.959963984540054
 
 # Elements of the [permutations, 2 * features] working array per chunk (about 32 MB in float64).
 _CHUNK_ELEMENTS = 4_000_000
@@ -369,7 +376,28 @@ def standardized_effect(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
     return np.where(sd > 0, signed / np.where(sd > 0, sd, 1.0), np.nan)
 
 
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion ``successes / n`` (95 % with the default ``z``).
+
+    ``(p + z²/2n ± z·sqrt(p(1−p)/n + z²/4n²)) / (1 + z²/n)``, clipped to [0, 1]; ``(nan, nan)`` when ``n`` is 0.
+    """
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise AttnscanError(f"Wilson interval needs 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    # at k = 0 (k = n) the lower (upper) bound is exactly 0 (1); say so instead of leaving rounding residue
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
+
+
 __all__ = [
+    "Z95",
     "FloatArray",
     "PermutationResult",
     "benjamini_hochberg",
@@ -377,4 +405,5 @@ __all__ = [
     "nanmean",
     "permutation_test",
     "standardized_effect",
+    "wilson_interval",
 ]

@@ -8,7 +8,8 @@
   how ..." as a refusal. Check a sample of the responses, or add a judge.
 - :class:`ClassifierJudge`: any Hugging Face sequence-classification model as a second opinion (safetensors only
   and no remote code unless asked for); :func:`judge_responses` labels responses with it.
-- :func:`wilson_interval`: the Wilson 95 % interval of a rate; :func:`judged_rate` a rate of refusal calls with it.
+- :func:`wilson_interval` (kept here by name; it lives in :mod:`attnscan.analysis.inference`): the Wilson 95 %
+  interval of a rate; :func:`judged_rate` a rate of refusal calls with it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..analysis.inference import wilson_interval
 from ..errors import AttnscanError
 from ..models.loading import resolve_device
 
@@ -39,7 +41,6 @@ __all__ = [
 ]
 
 DEFAULT_WINDOW = 160
-Z95 = 1.959963984540054
 
 REFUSAL_PHRASES: tuple[str, ...] = (
     # direct refusals
@@ -312,26 +313,6 @@ def judge_responses(
     """The judge's label for each response and whether it counts as a refusal (``None``: no refusal labels)."""
     labels = judge.classify(responses, prompts)
     return labels, [judge.is_refusal(label) for label in labels]
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``successes / n`` (95 % with the default ``z``).
-
-    ``(p + z²/2n ± z·sqrt(p(1−p)/n + z²/4n²)) / (1 + z²/n)``, clipped to [0, 1]; ``(nan, nan)`` when ``n`` is 0.
-    """
-    if n < 0 or not 0 <= successes <= max(n, 0):
-        raise AttnscanError(f"Wilson interval needs 0 <= successes <= n, got {successes} of {n}")
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    # at k = 0 (k = n) the lower (upper) bound is exactly 0 (1); say so instead of leaving rounding residue
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return (low, high)
 
 
 def judged_rate(flags: Sequence[bool | None]) -> tuple[float, float, float, float]:

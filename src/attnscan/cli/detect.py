@@ -1,5 +1,5 @@
 """``attnscan detect train|score|eval``: thin commands over :mod:`attnscan.detect.jobs` (registered on the app's
-``detect`` group by :mod:`attnscan.cli.main`), and the rich table of their per-layer results."""
+``detect`` group by :mod:`attnscan.cli.main`); what they print is drawn by :mod:`attnscan.cli.detect_tables`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 
 from ..errors import AttnscanError
 from ..prompts.encoding import DEFAULT_LENGTH
+from .detect_tables import evaluation_lines, families_table, layer_rich_table, training_lines
 from .options import (
     AssistantOpt,
     BootstrapOpt,
@@ -46,9 +47,9 @@ from .options import (
 )
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from ..detect.store import TrainedDetector
+
+__all__ = ["eval_cmd", "layer_rich_table", "score_cmd", "train_cmd"]
 
 # --------------------------------------------------------------------------------------------------- train
 
@@ -159,15 +160,22 @@ def train_cmd(
 
 
 def _print_trained(trained: TrainedDetector, features: str, threshold: float, top: int, out: Path) -> None:
-    """The summary of ``detect train`` on stdout: the top layers, the best and flagged ones, what was written."""
+    """The summary of ``detect train`` on stdout: the top layers beside the text baseline, the best and flagged
+    ones, the baselines, operating point, flag rates per family and stability, and what was written."""
     from rich.console import Console
 
     by = f"{trained.primary}_auroc"
     title = f"Top layers by cross-validated {trained.primary.upper()} AUROC ({features} features)"
-    Console().print(layer_rich_table(trained.table, title, top, by=by))
-    flagged = ", ".join(map(str, trained.flagged_layers)) or "none"
-    typer.echo(f"best layer {trained.best_layer}; flagged (AUROC >= {threshold}): {flagged}")
-    typer.echo(f"wrote {out} (detector.safetensors, detector.json, probe/, detection.csv)")
+    console = Console()
+    console.print(layer_rich_table(trained.table, title, top, by=by, primary=trained.primary))
+    for line in training_lines(trained, threshold):
+        typer.echo(line)
+    families = trained.meta.get("families")
+    if isinstance(families, dict) and len(families.get("rows", [])) > 2:
+        title = f"Flag rates at the operating point (layer {families['layer']}, out-of-fold scores)"
+        console.print(families_table(families["rows"], title))
+    written = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())) if out.is_dir() else ""
+    typer.echo(f"wrote {out} ({written})")
 
 
 # --------------------------------------------------------------------------------------------------- score
@@ -252,7 +260,9 @@ def score_cmd(
 
 EvalLayersOpt = Annotated[str, typer.Option(help="'all' (the detector's layers), or layers such as 3,7.")]
 EvalOutOpt = Annotated[Path | None, typer.Option(help="Also write the per-layer metrics to this CSV file.")]
-EvalTopOpt = Annotated[int, typer.Option(help="Layers shown in the table.")]
+EvalTopOpt = Annotated[
+    int, typer.Option(help="Layers shown in the per-layer table: those nearest the trained layer, in layer order.")
+]
 
 
 def eval_cmd(
@@ -265,6 +275,7 @@ def eval_cmd(
     layers: EvalLayersOpt = "all",
     field: FieldOpt = None,
     multiline: MultilineOpt = False,
+    groups: GroupsOpt = None,
     assistant_name: AssistantOpt = "ChatGPT",
     limit: LimitOpt = None,
     seed: SeedOpt = 0,
@@ -312,59 +323,19 @@ def eval_cmd(
 
 
 def _print_evaluation(frame: Any, trained: TrainedDetector, n_b: int, n_j: int, top: int, out: Path | None) -> None:
-    """The summary of ``detect eval`` on stdout: the top layers, training's best layer here and in training."""
+    """The summary of ``detect eval`` on stdout: the headline (the trained layer's detector beside the baselines),
+    the flag rates per family, then every layer for reading."""
     from rich.console import Console
 
-    title = f"Saved detectors on {n_b} benign + {n_j} jailbreak prompts (top layers by CP AUROC)"
-    Console().print(layer_rich_table(frame, title, top, extra=True))
-    best = trained.best_layer
-    if best in set(frame["layer"]):
-        row = frame.set_index("layer").loc[best]
-        typer.echo(
-            f"training's best layer {best}: CP AUROC {row['cp_auroc']:.3f} here vs {row['cv_cp_auroc']:.3f} "
-            "cross-validated in training"
-        )
+    console = Console()
+    for line in evaluation_lines(frame.attrs["headline"], n_b, n_j):
+        typer.echo(line)
+    if len(frame.attrs["families"]) > 2:
+        console.print(families_table(frame.attrs["families"], "Flag rates at the saved threshold"))
+    title = (
+        f"Every layer on these prompts, for reading only (the detector is layer {trained.best_layer}, chosen in "
+        "training; picking a layer here would overrate it)"
+    )
+    console.print(layer_rich_table(frame, title, top, extra=True, primary=trained.primary))
     if out is not None:
         typer.echo(f"wrote {out}")
-
-
-# --------------------------------------------------------------------------------------------------- tables
-
-
-def _fmt_ci(value: float, low: float, high: float) -> str:
-    if low != low or high != high:  # NaN: no bootstrap
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}-{high:.3f}]"
-
-
-def layer_rich_table(frame: Any, title: str, top: int, by: str = "cp_auroc", extra: bool = False) -> Table:
-    """The ``top`` layers of a detection or evaluation table by ``by`` (descending), as a rich table that fits an
-    80-column terminal (two-line headers; the evaluation table, ``extra``, shows the cross-validated AUROC of
-    training in place of F1)."""
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    columns = ["layer", "CP AUROC\n[95% CI]", "CP\nTPR@5%"]
-    columns += ["probe AUROC\n[95% CI]", "CV CP\nAUROC", "CV\nflag"] if extra else ["CP\nF1", "probe AUROC\n[95% CI]"]
-    columns += [] if extra else ["flag"]
-    for col in columns:
-        table.add_column(col, justify="left" if "CI" in col or "flag" in col else "right", no_wrap=True)
-    flag_col = "cv_flagged" if extra else "flagged"
-    order = frame.assign(_by=frame[by].fillna(-1.0), _l=frame["layer"]).sort_values(
-        ["_by", "_l"], ascending=[False, True]
-    )
-    for _, row in order.head(top).iterrows():
-        probe = _fmt_ci(row["probe_auroc"], row["probe_auroc_low"], row["probe_auroc_high"])
-        cells = [
-            str(int(row["layer"])),
-            _fmt_ci(row["cp_auroc"], row["cp_auroc_low"], row["cp_auroc_high"]),
-            f"{row['cp_tpr5']:.2f}",
-        ]
-        if extra:
-            cells += [probe, f"{row['cv_cp_auroc']:.3f}" if row["cv_cp_auroc"] == row["cv_cp_auroc"] else "-"]
-        else:
-            cells += [f"{row['cp_f1']:.2f}", probe]
-        flagged = row.get(flag_col)
-        cells.append("[red]yes" if flagged is True or flagged == 1 else "no")
-        table.add_row(*cells)
-    return table

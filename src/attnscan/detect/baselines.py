@@ -13,12 +13,17 @@ prompts and, for the text one, the same folds:
   main folds of the detectors (vocabulary included) and scored on the held-out prompts. Beside it,
   ``text_auroc_<cv>`` on each other cross-validation of the table (``text_auroc_stratified``, ``text_auroc_requests``).
 - ``text_margin`` (with ``text_margin_low``/``text_margin_high``): the layer's detector AUROC (``flag_on``'s, main
-  folds) minus ``text_auroc``, with a paired bootstrap interval (the same resampled prompts for both scores,
-  :func:`attnscan.detect.metrics.paired_auroc_difference`); ``beats_text`` is ``text_margin_low > 0``: the interval
-  of the difference lies above zero (False without bootstrap resamples, ``n_bootstrap=0``: nothing shown).
+  folds) minus ``text_auroc``, with a paired bootstrap interval (the same resampled prompts, or whole groups under
+  grouped folds, for both scores: :func:`attnscan.detect.bootstrap.paired_auroc_difference`); ``beats_text`` is
+  ``text_margin_low > 0``: the interval of the difference lies above zero (False without bootstrap resamples,
+  ``n_bootstrap=0``: nothing shown).
 
 These are columns of ``detection.csv`` (the baselines repeated on every layer row) and ``meta["baselines"]`` (the
 baselines and the best layer's comparison).
+
+On new prompts (:func:`~attnscan.detect.jobs.evaluate_detector`) the text baseline is the same model fitted on all
+the detector's training prompts (:func:`held_out_text_scores`), so detector and baseline have seen the same data;
+``length_auroc`` is again the raw length's AUROC.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from .metrics import auroc, bootstrap_intervals, paired_auroc_difference
 __all__ = [
     "TEXT_MODEL",
     "add_baselines",
+    "held_out_text_scores",
     "text_scores",
 ]
 
@@ -87,14 +93,17 @@ def add_baselines(
     out = table.copy()
     text = {name: text_scores(texts, y, folds) for name, folds in plans.items()}
     length = auroc(y, np.asarray(lengths, dtype=np.float64))
-    (low, high), _ = bootstrap_intervals(y, text[""], n_bootstrap, seed)
+    codes = plans[""].codes  # grouped folds: the intervals resample whole groups, as the detectors' do
+    (low, high), _ = bootstrap_intervals(y, text[""], n_bootstrap, seed, groups=codes)
     record: dict[str, Any] = {"length_auroc": length, "text_auroc": auroc(y, text[""])}
     record.update(text_auroc_low=low, text_auroc_high=high)
     record.update({f"text_auroc_{name}": auroc(y, scores) for name, scores in text.items() if name})
     for name, value in record.items():
         out[name] = value
     margins = {
-        int(layer): paired_auroc_difference(y, detector_oof[("", flag_on, int(layer))], text[""], n_bootstrap, seed)
+        int(layer): paired_auroc_difference(
+            y, detector_oof[("", flag_on, int(layer))], text[""], n_bootstrap, seed, groups=codes
+        )
         for layer in out["layer"]
     }
     for j, name in enumerate(("text_margin", "text_margin_low", "text_margin_high")):
@@ -107,3 +116,12 @@ def add_baselines(
     record["beats_text"] = bool(margin_low > 0)
     out.attrs.update(table.attrs)
     return out, record
+
+
+def held_out_text_scores(
+    train_texts: Sequence[str], train_y: npt.NDArray[np.int64], texts: Sequence[str]
+) -> FloatArray:
+    """The text baseline for new prompts: TF-IDF + logistic regression fitted on ``train_texts`` (labels
+    ``train_y``, the detector's training prompts), its probabilities ``float [N]`` for ``texts``."""
+    model = _TextModel().fit(np.asarray(list(train_texts), dtype=object), np.asarray(train_y, dtype=np.int64))
+    return model.predict_proba(np.asarray(list(texts), dtype=object))

@@ -34,11 +34,15 @@ from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
 from ..prompts.sets import PromptSource, as_prompt_set, join_sets, warn_unmatched_control
 from .baselines import add_baselines
-from .detectors import Kind
+from .detectors import CPDetector, Kind, ProbeDetector
+from .evaluation import eval_codes, flag_threshold, headline, layer_row, text_baseline
 from .folds import CvKind
 from .inputs import DEFAULT_BLOCKS, DetectorInputs, FeatureKind, check_store, detector_inputs, feature_settings
-from .metrics import METRIC_COLUMNS, bootstrap_intervals, check_n_bootstrap, check_threshold, metrics
+from .metrics import check_n_bootstrap, check_threshold
+from .rates import rate_records, subset_rates
+from .stability import rank_stability
 from .store import (
+    FAMILIES_CSV,
     TrainedDetector,
     check_detector_dir,
     load_trained,
@@ -122,11 +126,15 @@ def train_detector(
     3. With ``baselines`` (default: when the prompts carry group labels), the prompt-length and TF-IDF text
        baselines on the same folds (:mod:`attnscan.detect.baselines`). With ``fpr``, the score threshold at that
        false-positive rate on the benign prompts' out-of-fold scores, per layer, and the TPR there (``*_op_*``
-       columns, ``meta["operating_point"]``); :func:`score_prompts` then flags with it.
-    4. Final CP and probe detectors per layer, fitted on all prompts.
+       columns, ``meta["operating_point"]``); :func:`score_prompts` then flags with it. At that threshold, the
+       flag rates per attack family and on risky-looking benign prompts, from the best layer's out-of-fold scores
+       (:mod:`attnscan.detect.rates`: ``families.csv``, ``meta["families"]``).
+    4. Final CP and probe detectors per layer, fitted on all prompts; and the rank stability of the best layer's
+       primary detector under resampled training sets (:mod:`attnscan.detect.stability`, ``meta["stability"]``).
     5. ``out`` written atomically (see :mod:`attnscan.detect.store`); an existing detector is replaced only with
        ``overwrite``. The prompts' group labels, when they carry any, go into ``meta["train_groups"]`` (and the
-       features directory of ``store``).
+       features directory of ``store``); the prompts themselves into ``train_prompts.jsonl``, for the text
+       baseline of :func:`evaluate_detector`.
 
     ``model`` is a spec, loaded with ``load`` (:class:`~attnscan.models.loading.LoadOptions`; its fields ``dtype``,
     ``device``, ``revision`` ... may also be given as keywords), or a :class:`~attnscan.models.loading.LoadedModel`;
@@ -171,13 +179,13 @@ def train_detector(
     t0 = time.perf_counter()
     fitted = fit_layers(inputs, y, chosen, training, plan, progress)
     meta = training_meta(loaded, settings, chosen, inputs, sets, texts, y, training, plan, fitted.table)
-    table = _reported(fitted, training, plan, texts, inputs, y, records, meta)
+    table, tables = _reported(fitted, training, plan, texts, inputs, y, records, meta)
     meta.update(
         started=started,
         finished=now_utc(),
         seconds={"features": round(t_features, 3), "fitting": round(time.perf_counter() - t0, 3)},
     )
-    save_trained(final, overwrite, fitted.cps, fitted.probes, table, meta)
+    save_trained(final, overwrite, fitted.cps, fitted.probes, table, meta, tables=tables, prompts=(texts, y))
     return TrainedDetector(
         table=table, detectors=fitted.cps, probes=fitted.probes, meta={**meta, "detector": "cp"}, path=final
     )
@@ -192,10 +200,14 @@ def _reported(
     y: npt.NDArray[np.int64],
     records: list[dict[str, Any]] | None,
     meta: dict[str, Any],
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """The detection table with the baseline and operating-point columns asked for, which ``meta`` also gets
-    (``baselines``, ``operating_point``), with the prompts' group labels (``train_groups``) when they carry any."""
+    (``baselines``, ``operating_point``), with the prompts' group labels (``train_groups``) when they carry any;
+    the rank stability of the chosen layer's detector (``meta["stability"]``); and, with an operating point, the
+    flag rates per family and risky benign prompts (``meta["families"]``, and as ``families.csv`` in the tables
+    returned beside the detection table)."""
     t, table, best = training, fitted.table, int(meta["best_layer"])
+    tables: dict[str, pd.DataFrame] = {}
     if records is not None:
         meta["train_groups"] = records
     if t.baselines or (t.baselines is None and records is not None):
@@ -215,7 +227,33 @@ def _reported(
         points = operating_points(fitted, y, [int(x) for x in table["layer"]], t.fpr)
         table = add_operating_points(table, points)
         meta["operating_point"] = operating_record(points, t.fpr, best, t.flag_on, plan.plans[""].kind)
-    return table
+        oof = fitted.oof[("", t.flag_on, best)]
+        tables[FAMILIES_CSV] = subset_rates(y, oof, points[t.flag_on][best][0], records)
+        meta["families"] = {
+            "layer": best,
+            "kind": t.flag_on,
+            "threshold": points[t.flag_on][best][0],
+            "from": "out-of-fold scores of the training prompts (main folds)",
+            "rows": rate_records(tables[FAMILIES_CSV]),
+        }
+    meta["stability"] = {"layer": best, "kind": t.flag_on, **_stability(inputs, y, best, training, plan)}
+    return table, tables
+
+
+def _stability(
+    inputs: DetectorInputs, y: npt.NDArray[np.int64], layer: int, training: Training, plan: CvPlan
+) -> dict[str, Any]:
+    """:func:`~attnscan.detect.stability.rank_stability` of the primary detector at ``layer`` on the main folds."""
+    t = training
+    if t.flag_on == "cp":
+        return rank_stability(
+            lambda: CPDetector(rank=t.rank, seed=t.seed, C=t.C, max_iter=t.max_iter),
+            inputs.tensors[layer],
+            y,
+            plan.plans[""],
+            seed=t.seed,
+        )
+    return rank_stability(lambda: ProbeDetector(C=t.C), inputs.pooled[layer], y, plan.plans[""], seed=t.seed)
 
 
 def _extract(
@@ -280,7 +318,7 @@ def score_prompts(
     chosen_kind: Kind = kind or trained.primary
     chosen = trained.best_layer if layer is None else int(layer)
     det = trained.detector(chosen, chosen_kind)
-    threshold, threshold_from = _flag_threshold(trained, chosen, chosen_kind, threshold)
+    threshold, threshold_from = flag_threshold(trained, chosen, chosen_kind, threshold)
     ps = as_prompt_set(prompts, "prompts")
     loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
     inputs = detector_inputs(
@@ -312,20 +350,6 @@ def score_prompts(
     return frame
 
 
-def _flag_threshold(trained: TrainedDetector, layer: int, kind: Kind, threshold: float | None) -> tuple[float, str]:
-    """The probability threshold that flags a prompt, and where it comes from: ``threshold`` when given (checked),
-    else the detector's operating point for ``layer`` and ``kind`` when it has one, else 0.5."""
-    if threshold is not None:
-        check_threshold(threshold, "a probability")
-        return float(threshold), "given"
-    point = trained.meta.get("operating_point")
-    if isinstance(point, dict):
-        value = point.get("thresholds", {}).get(kind, {}).get(str(layer))
-        if value is not None:
-            return float(value), f"operating point (fpr={point.get('fpr')})"
-    return 0.5, "default"
-
-
 def evaluate_detector(
     detector_dir: str | os.PathLike[str] | TrainedDetector,
     benign: PromptSource,
@@ -345,16 +369,21 @@ def evaluate_detector(
 ) -> pd.DataFrame:
     """Score a new labelled dataset with the saved detectors (no refitting): the generalisation test.
 
-    For every chosen layer (default: all the detector holds) both saved detectors score the benign (0) and
-    jailbreak (1) prompts, whose features are computed with the detector's recorded settings. Returns one row per
-    layer with ``layer``, ``n``, ``n_jailbreak``, then for ``p`` in ``cp``/``probe``: ``p_auroc`` with its 95 %
-    bootstrap interval ``p_auroc_low``/``p_auroc_high``, ``p_f1`` and ``p_accuracy`` (``prob >= threshold``
-    predicts jailbreak), ``p_tpr1``/``p_tpr5`` (TPR at 1 %/5 % FPR) with ``p_tpr5_low``/``p_tpr5_high`` — the
-    definitions of :func:`attnscan.detect.metrics.metrics` and :func:`attnscan.detect.metrics.cross_validate`
-    (intervals resample prompts within each class, ``n_bootstrap`` times with ``seed``) — and, from training,
-    ``cv_cp_auroc``, ``cv_probe_auroc`` and ``cv_flagged`` (the main, grouped numbers when the detector was
-    trained with grouped folds: :attr:`~attnscan.detect.store.TrainedDetector.cv`). Warns when evaluation prompts
-    were among the training prompts.
+    The detector is judged at the layer and kind training chose (:mod:`attnscan.detect.evaluation`: the headline,
+    ``frame.attrs["headline"]``), beside the prompt-length and text baselines on the same prompts (the text one
+    fitted on the training prompts), with the flag rates per attack family and on risky-looking benign prompts at
+    the saved threshold (``frame.attrs["families"]``: rows of :func:`attnscan.detect.rates.subset_rates`).
+
+    Every chosen layer (default: all the detector holds) also gets a row, for reading, not for choosing a layer on
+    these prompts: ``layer``, ``n``, ``n_jailbreak``, ``trained_layer`` (the headline's layer), then for ``p`` in
+    ``cp``/``probe``: ``p_auroc`` with its 95 % bootstrap interval ``p_auroc_low``/``p_auroc_high``, ``p_f1`` and
+    ``p_accuracy`` (``prob >= threshold`` predicts jailbreak), ``p_tpr1``/``p_tpr5`` (TPR at 1 %/5 % FPR) with
+    ``p_tpr5_low``/``p_tpr5_high`` — the definitions of :func:`attnscan.detect.metrics.metrics`; intervals resample
+    ``n_bootstrap`` times with ``seed``, whole wrappers when the prompts carry template families or templates —
+    then, from training, ``cv_cp_auroc``, ``cv_probe_auroc`` and ``cv_flagged`` (the main, grouped numbers when the
+    detector was trained with grouped folds: :attr:`~attnscan.detect.store.TrainedDetector.cv`), and the primary
+    detector's ``text_margin`` over the text baseline with ``text_margin_low``/``text_margin_high`` and
+    ``beats_text`` (None without a text baseline). Warns when evaluation prompts were among the training prompts.
 
     The model is found and loaded as in :func:`score_prompts` (``dtype=None`` means the dtype of training).
     """
@@ -365,14 +394,25 @@ def evaluate_detector(
     check_n_bootstrap(n_bootstrap)
     check_threshold(threshold, "a probability")
     sets, texts, y = labelled(benign, jailbreak)
+    records = train_records(sets)
     overlap = _warn_overlap(trained, texts)
     loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
+    needed = sorted({*chosen, trained.best_layer})
     inputs = detector_inputs(
-        loaded, texts, trained.meta["features"], layers=chosen, batch_size=batch_size, progress=progress
+        loaded, texts, trained.meta["features"], layers=needed, batch_size=batch_size, progress=progress
     )
-    cv = trained.table.set_index("layer") if "layer" in trained.table.columns else pd.DataFrame()
-    rows = [_evaluation_row(trained, layer, inputs, y, cv, threshold, n_bootstrap, seed) for layer in chosen]
+    text = text_baseline(trained, texts)
+    codes = eval_codes(records)
+    rows = [
+        layer_row(
+            trained, layer, inputs, y, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed, codes=codes, text=text
+        )
+        for layer in chosen
+    ]
     frame = pd.DataFrame(rows)
+    top, families = headline(
+        trained, inputs, y, records, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed, text=text
+    )
     frame.attrs.update(
         detector=str(trained.path) if trained.path else None,
         model=loaded.spec,
@@ -382,6 +422,8 @@ def evaluate_detector(
         seed=seed,
         threshold=threshold,
         train_overlap=overlap,
+        headline=top,
+        families=rate_records(families),
     )
     return frame
 
@@ -398,31 +440,3 @@ def _warn_overlap(trained: TrainedDetector, texts: Sequence[str]) -> int:
             stacklevel=3,
         )
     return overlap
-
-
-def _evaluation_row(
-    trained: TrainedDetector,
-    layer: int,
-    inputs: DetectorInputs,
-    y: npt.NDArray[np.int64],
-    cv: pd.DataFrame,
-    threshold: float,
-    n_bootstrap: int,
-    seed: int,
-) -> dict[str, Any]:
-    """One layer's row of :func:`evaluate_detector`: both saved detectors' metrics with bootstrap intervals, and
-    the layer's cross-validated AUROCs and flag from training (``cv``: the training table indexed by layer)."""
-    row: dict[str, Any] = {"layer": layer, "n": int(y.size), "n_jailbreak": int(y.sum())}
-    pairs: tuple[tuple[Kind, npt.NDArray[Any]], ...] = (
-        ("cp", inputs.tensors[layer]),
-        ("probe", inputs.pooled[layer]),
-    )
-    for kind_name, x in pairs:
-        prob = trained.detector(layer, kind_name).predict_proba(x)
-        m = metrics(y, prob, threshold=threshold)
-        (auc_lo, auc_hi), (tpr_lo, tpr_hi) = bootstrap_intervals(y, prob, n_bootstrap, seed)
-        m.update(auroc_low=auc_lo, auroc_high=auc_hi, tpr5_low=tpr_lo, tpr5_high=tpr_hi)
-        row.update({f"{kind_name}_{name}": m[name] for name in METRIC_COLUMNS})
-    for col in ("cp_auroc", "probe_auroc", "flagged"):
-        row[f"cv_{col}"] = cv.at[layer, col] if layer in cv.index and col in cv.columns else np.nan
-    return row

@@ -15,12 +15,14 @@ Metrics (:func:`metrics`)
 ``groups``, folds that hold out whole groups: :mod:`attnscan.detect.folds`; the detector, CP decomposition included,
 is fitted on the training folds only) and computes the metrics on the pooled out-of-fold scores. Pooling assumes
 the folds' models give comparably scaled probabilities, as is usual. Its 95 % intervals are percentile bootstrap
-intervals over prompts, resampled within each class (so each resample keeps the class counts) with ``seed``; they
-hold the fitted models fixed and so reflect the test-set sampling only. With grouped folds the prompts of a group
-are not independent, so these intervals are too narrow: read them as a lower bound on the uncertainty.
+intervals (:mod:`attnscan.detect.bootstrap`) with ``seed``: over prompts, resampled within each class, for
+stratified folds; over whole groups (template families, requests: the unit the folds hold out) for grouped folds,
+since the prompts of a group are not independent and resampling them one by one would make the interval too narrow.
+They hold the fitted models fixed and so reflect the test-set sampling only.
 
 :func:`threshold_at_fpr` picks the operating point of a score at a target false-positive rate;
-:func:`paired_auroc_difference` compares two scores of the same prompts (a detector and a baseline).
+:func:`paired_auroc_difference` (from :mod:`attnscan.detect.bootstrap`, like :func:`bootstrap_intervals`) compares
+two scores of the same prompts (a detector and a baseline).
 
 Layer table (:func:`layer_detection_table`)
 -------------------------------------------
@@ -41,7 +43,7 @@ out-of-fold scores.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,7 +52,8 @@ import numpy.typing as npt
 import pandas as pd
 
 from ..errors import AttnscanError
-from .detectors import CPDetector, Detector, FloatArray, IntArray, ProbeDetector, as_labels, check_both_classes
+from .bootstrap import auroc_rows, bootstrap_intervals, checked_scores, paired_auroc_difference, tpr_rows
+from .detectors import CPDetector, Detector, FloatArray, ProbeDetector, as_labels
 from .folds import Folds, GroupIds, check_folds, fold_plans, grouped_folds, out_of_fold, stratified_folds, usable_folds
 
 __all__ = [
@@ -80,67 +83,18 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------- metrics
 
 
-def _midranks(s: FloatArray) -> FloatArray:
-    """Ranks (1-based, ties get their mean rank) along the last axis of ``s [..., n]``."""
-    n = s.shape[-1]
-    order = np.argsort(s, axis=-1, kind="stable")
-    srt = np.take_along_axis(s, order, axis=-1)
-    idx = np.broadcast_to(np.arange(n), s.shape)
-    new = np.ones(s.shape, dtype=bool)
-    new[..., 1:] = srt[..., 1:] != srt[..., :-1]
-    last = np.ones(s.shape, dtype=bool)
-    last[..., :-1] = new[..., 1:]
-    start = np.maximum.accumulate(np.where(new, idx, 0), axis=-1)
-    end = np.flip(np.minimum.accumulate(np.flip(np.where(last, idx, n - 1), axis=-1), axis=-1), axis=-1)
-    ranks = np.empty(s.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=-1)
-    return ranks
-
-
-def _auroc_rows(pos: FloatArray, neg: FloatArray) -> FloatArray:
-    """AUROC of each row: positives ``[B, n1]`` against negatives ``[B, n0]`` (Mann–Whitney with mid-ranks)."""
-    n1, n0 = pos.shape[-1], neg.shape[-1]
-    ranks = _midranks(np.concatenate([pos, neg], axis=-1))
-    return np.asarray((ranks[..., :n1].sum(axis=-1) - n1 * (n1 + 1) / 2.0) / (n1 * n0), dtype=np.float64)
-
-
-def _tpr_rows(pos: FloatArray, neg: FloatArray, target: float) -> FloatArray:
-    """Largest empirical-ROC TPR with FPR <= ``target`` for each row of ``pos [B, n1]``, ``neg [B, n0]``.
-
-    At most ``m = floor(target · n0)`` negatives may score at or above the threshold, so the best threshold lies
-    just above the (m+1)-th highest negative score ``v``; the TPR there is the share of positives scoring above ``v``.
-    """
-    n0 = neg.shape[-1]
-    m = math.floor(target * n0 + 1e-9)
-    if m >= n0:
-        return np.ones(pos.shape[:-1], dtype=np.float64)
-    v = -np.sort(-neg, axis=-1)[..., m]
-    return np.asarray((pos > v[..., None]).mean(axis=-1), dtype=np.float64)
-
-
-def _split(y_true: npt.ArrayLike, score: npt.ArrayLike) -> tuple[IntArray, FloatArray]:
-    y = as_labels(y_true)
-    s = np.asarray(score, dtype=np.float64)
-    if s.shape != y.shape:
-        raise AttnscanError(f"{s.shape[0] if s.ndim else 0} scores for {y.shape[0]} labels: give one score per prompt")
-    if not np.isfinite(s).all():
-        raise AttnscanError("scores hold NaN or infinite values")
-    check_both_classes(y, "computing detection metrics")
-    return y, s
-
-
 def auroc(y_true: npt.ArrayLike, score: npt.ArrayLike) -> float:
     """Area under the ROC curve of ``score [N]`` for labels ``y_true [N]`` (1 = jailbreak); ties count one half."""
-    y, s = _split(y_true, score)
-    return float(_auroc_rows(s[y == 1][None], s[y == 0][None])[0])
+    y, s = checked_scores(y_true, score)
+    return float(auroc_rows(s[y == 1][None], s[y == 0][None])[0])
 
 
 def tpr_at_fpr(y_true: npt.ArrayLike, score: npt.ArrayLike, target: float) -> float:
     """The largest TPR on the empirical ROC curve whose FPR is at most ``target`` (no interpolation)."""
     if not 0.0 <= target <= 1.0:
         raise AttnscanError(f"target false-positive rate must lie in [0, 1], got {target}")
-    y, s = _split(y_true, score)
-    return float(_tpr_rows(s[y == 1][None], s[y == 0][None], target)[0])
+    y, s = checked_scores(y_true, score)
+    return float(tpr_rows(s[y == 1][None], s[y == 0][None], target)[0])
 
 
 def metrics(y_true: npt.ArrayLike, score: npt.ArrayLike, threshold: float = 0.5) -> dict[str, float]:
@@ -149,18 +103,18 @@ def metrics(y_true: npt.ArrayLike, score: npt.ArrayLike, threshold: float = 0.5)
     Returns ``auroc``, ``f1`` and ``accuracy`` (``score >= threshold`` predicts jailbreak), ``tpr1`` and ``tpr5``
     (TPR at 1 % and 5 % FPR, see :func:`tpr_at_fpr`), ``n`` and ``n_jailbreak``.
     """
-    y, s = _split(y_true, score)
+    y, s = checked_scores(y_true, score)
     pos, neg = s[y == 1][None], s[y == 0][None]
     pred = s >= threshold
     tp = int(np.sum(pred & (y == 1)))
     fp = int(np.sum(pred & (y == 0)))
     fn = int(np.sum(~pred & (y == 1)))
     return {
-        "auroc": float(_auroc_rows(pos, neg)[0]),
+        "auroc": float(auroc_rows(pos, neg)[0]),
         "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
         "accuracy": float(np.mean(pred == (y == 1))),
-        "tpr1": float(_tpr_rows(pos, neg, 0.01)[0]),
-        "tpr5": float(_tpr_rows(pos, neg, 0.05)[0]),
+        "tpr1": float(tpr_rows(pos, neg, 0.01)[0]),
+        "tpr5": float(tpr_rows(pos, neg, 0.05)[0]),
         "n": float(y.size),
         "n_jailbreak": float(y.sum()),
     }
@@ -200,7 +154,7 @@ def threshold_at_fpr(y_true: npt.ArrayLike, score: npt.ArrayLike, fpr: float) ->
     the benign share at or above it (at most ``fpr``).
     """
     check_fpr(fpr)
-    y, s = _split(y_true, score)
+    y, s = checked_scores(y_true, score)
     pos, neg = s[y == 1], s[y == 0]
     m = math.floor(fpr * neg.size + 1e-9)
     v = -np.sort(-neg)[m]
@@ -235,7 +189,8 @@ def cross_validate(
 
     Returns:
         The :func:`metrics` of the pooled out-of-fold probabilities, plus ``auroc_low``/``auroc_high`` and
-        ``tpr5_low``/``tpr5_high`` (2.5 and 97.5 percentiles over resamples of prompts within each class), ``k``
+        ``tpr5_low``/``tpr5_high`` (2.5 and 97.5 percentiles over resamples of prompts within each class, or of
+        whole groups for grouped folds: :func:`~attnscan.detect.bootstrap.bootstrap_intervals`), ``k``
         (folds used), ``cv`` (``"stratified"`` or ``"grouped"``), ``n_groups`` (None for stratified folds),
         ``seed``, ``n_bootstrap``, ``oof_score`` (``float [N]``) and ``fold`` (``int [N]``).
     """
@@ -245,7 +200,7 @@ def cross_validate(
         folds = stratified_folds(labels, k, seed) if groups is None else grouped_folds(labels, groups, k, seed)
     oof, fold = out_of_fold(make_detector, x, labels, folds)
     out: dict[str, Any] = dict(metrics(labels, oof))
-    auc_ci, tpr_ci = bootstrap_intervals(labels, oof, n_bootstrap, seed)
+    auc_ci, tpr_ci = bootstrap_intervals(labels, oof, n_bootstrap, seed, groups=folds.codes)
     out.update(
         auroc_low=auc_ci[0],
         auroc_high=auc_ci[1],
@@ -260,60 +215,6 @@ def cross_validate(
         fold=fold,
     )
     return out
-
-
-def _resamples(y: IntArray, n_bootstrap: int, seed: int, chunk: int) -> Iterator[tuple[IntArray, IntArray]]:
-    """Bootstrap resamples of the prompts of ``y`` within each class, ``chunk`` at a time: the indices of the
-    jailbreak prompts drawn ``[b, n1]`` and of the benign ones ``[b, n0]``, from a generator seeded with ``seed``."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    for start in range(0, n_bootstrap, chunk):
-        b = min(chunk, n_bootstrap - start)
-        yield pos[rng.integers(0, pos.size, size=(b, pos.size))], neg[rng.integers(0, neg.size, size=(b, neg.size))]
-
-
-def bootstrap_intervals(
-    y: IntArray, score: FloatArray, n_bootstrap: int, seed: int, chunk: int = 256
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """95 % percentile bootstrap intervals ``((auroc_low, auroc_high), (tpr5_low, tpr5_high))`` of the AUROC and
-    of the TPR at 5 % FPR of the scores ``score`` (``float [N]``) against the labels ``y`` (``int [N]``, 1 =
-    jailbreak).
-
-    Each of the ``n_bootstrap`` resamples draws the jailbreak and the benign prompts with replacement within their
-    class (so the class counts stay fixed), from a generator seeded with ``seed``; ``chunk`` resamples are scored at
-    once, which bounds the memory and does not change the result. ``n_bootstrap <= 0`` gives NaN intervals. These
-    are the intervals of :func:`cross_validate` and of the ``*_low``/``*_high`` columns of
-    :func:`layer_detection_table`.
-    """
-    nan = (float("nan"), float("nan"))
-    if n_bootstrap <= 0:
-        return nan, nan
-    aucs, tprs = [], []
-    for p, q in _resamples(y, n_bootstrap, seed, chunk):
-        aucs.append(_auroc_rows(score[p], score[q]))
-        tprs.append(_tpr_rows(score[p], score[q], 0.05))
-    auc_ci = np.percentile(np.concatenate(aucs), [2.5, 97.5])
-    tpr_ci = np.percentile(np.concatenate(tprs), [2.5, 97.5])
-    return (float(auc_ci[0]), float(auc_ci[1])), (float(tpr_ci[0]), float(tpr_ci[1]))
-
-
-def paired_auroc_difference(
-    y: npt.ArrayLike, a: npt.ArrayLike, b: npt.ArrayLike, n_bootstrap: int, seed: int, chunk: int = 256
-) -> tuple[float, float, float]:
-    """``AUROC(a) − AUROC(b)`` of two scores of the same prompts, with its 95 % percentile bootstrap interval:
-    ``(difference, low, high)``. Each resample draws the same prompts (within each class, as in
-    :func:`bootstrap_intervals`) for both scores, so the interval accounts for their correlation. NaN interval for
-    ``n_bootstrap <= 0``."""
-    labels, sa = _split(y, a)
-    _, sb = _split(labels, b)
-    diff = float(_auroc_rows(sa[labels == 1][None], sa[labels == 0][None])[0])
-    diff -= float(_auroc_rows(sb[labels == 1][None], sb[labels == 0][None])[0])
-    if n_bootstrap <= 0:
-        return diff, float("nan"), float("nan")
-    draws = _resamples(labels, n_bootstrap, seed, chunk)
-    diffs = [_auroc_rows(sa[p], sa[q]) - _auroc_rows(sb[p], sb[q]) for p, q in draws]
-    low, high = np.percentile(np.concatenate(diffs), [2.5, 97.5])
-    return diff, float(low), float(high)
 
 
 # --------------------------------------------------------------------------------------------------- layer table

@@ -15,6 +15,11 @@ Detector directory (``train_detector(out=DIR)``; written atomically: complete or
   :class:`~attnscan.detect.detectors.ProbeDetector` baselines, same format and meta.
 - ``detection.csv``: :func:`attnscan.detect.metrics.layer_detection_table` — cross-validated (out-of-fold) metrics
   per layer with bootstrap intervals and the ``flagged`` column.
+- ``train_prompts.jsonl``: the training prompts, one JSON object ``{"text": ..., "label": 0 or 1}`` a line (benign
+  first), so that ``evaluate_detector`` can fit the text baseline on them (:meth:`TrainedDetector.training_prompts`;
+  detectors written before it lack the file, and their evaluations say the text baseline is unavailable).
+- ``meta["stability"]``: the rank stability of the chosen layer's detector under resampled training sets
+  (:mod:`attnscan.detect.stability`).
 
 When the training prompts carry group labels (see :mod:`attnscan.detect.training`), the meta also holds
 ``train_groups`` (each training prompt's labels, benign first), ``training["cv"]`` with ``training["cv_plans"]``
@@ -22,7 +27,9 @@ When the training prompts carry group labels (see :mod:`attnscan.detect.training
 text baselines, :mod:`attnscan.detect.baselines`); ``detection.csv`` then holds the grouped numbers in its main
 columns, the side ones (``*_stratified``, ``*_requests``) and the baseline columns. A detector trained with ``fpr``
 holds ``operating_point`` (the flagging threshold per layer and kind at that false-positive rate, used by
-``score_prompts``) and the ``{kind}_op_threshold``/``_op_tpr``/``_op_fpr`` columns.
+``score_prompts``) and the ``{kind}_op_threshold``/``_op_tpr``/``_op_fpr`` columns, and ``families.csv`` (also
+``meta["families"]``): the TPR per attack family and the FPR on risky-looking benign prompts at that threshold,
+with Wilson intervals (:mod:`attnscan.detect.rates`).
 
 ``meta["model"]`` (:func:`model_record`) says which model the detector reads: :func:`scoring_model` finds and loads
 it again for scoring, and :func:`check_model` refuses another. Also here: the output files of scoring and
@@ -51,6 +58,7 @@ from .detectors import DETECTOR_KINDS, CPDetector, Detector, Kind, ProbeDetector
 
 __all__ = [
     "DETECTION_CSV",
+    "FAMILIES_CSV",
     "FORMAT",
     "FORMAT_VERSION",
     "JOB_FORMAT",
@@ -58,6 +66,7 @@ __all__ = [
     "META_FILE",
     "PROBE_DIR",
     "STATE_FILE",
+    "TRAIN_PROMPTS",
     "TrainedDetector",
     "check_detector_dir",
     "check_model",
@@ -79,6 +88,8 @@ META_FILE = "detector.json"
 FORMAT = "attnscan.detector"
 FORMAT_VERSION = 1
 DETECTION_CSV = "detection.csv"
+FAMILIES_CSV = "families.csv"
+TRAIN_PROMPTS = "train_prompts.jsonl"
 PROBE_DIR = "probe"
 JOB_FORMAT = "attnscan.detect-job"
 JOB_VERSION = 1
@@ -386,6 +397,25 @@ class TrainedDetector:
             )
         return pool[layer]
 
+    @property
+    def families(self) -> pd.DataFrame | None:
+        """The flag rates per family and risky benign prompts at the operating point (``families.csv``), if any."""
+        record = self.meta.get("families")
+        return pd.DataFrame(record["rows"]) if isinstance(record, dict) and record.get("rows") else None
+
+    def training_prompts(self) -> tuple[list[str], np.ndarray] | None:
+        """The training prompts and their labels (``train_prompts.jsonl``), or None for a detector saved without
+        them (or not saved)."""
+        path = self.path / TRAIN_PROMPTS if self.path is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            texts, labels = [str(r["text"]) for r in rows], np.asarray([int(r["label"]) for r in rows])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise AttnscanError(f"{path} is damaged ({exc}): train the detector again") from None
+        return texts, labels
+
     def check_layers(self, layers: str | Sequence[int] | None) -> tuple[int, ...]:
         """Resolve ``None``/``"all"``/``"3,7"``/a list against the detector's layers (all must be in it)."""
         from ..models.loading import parse_layers
@@ -456,10 +486,14 @@ def save_trained(
     probes: Mapping[int, ProbeDetector],
     table: pd.DataFrame,
     meta: Mapping[str, Any],
+    *,
+    tables: Mapping[str, pd.DataFrame] | None = None,
+    prompts: tuple[Sequence[str], Sequence[int] | np.ndarray] | None = None,
 ) -> None:
     """Write a detector directory (what :func:`load_trained` reads) to ``final`` atomically: the CP detectors
-    ``cps`` at its top, the ``probes`` in ``probe/``, both with ``meta``, and the detection ``table`` as
-    ``detection.csv``. An existing detector is replaced only with ``overwrite``."""
+    ``cps`` at its top, the ``probes`` in ``probe/``, both with ``meta``, the detection ``table`` as
+    ``detection.csv``, more ``tables`` by file name, and the training ``prompts`` (texts, labels) as
+    ``train_prompts.jsonl``. An existing detector is replaced only with ``overwrite``."""
     with atomic_dir(final, overwrite, marker=META_FILE, what="a detector") as tmp:
         staged = save_detector(tmp / ".cp", cps, {**meta, "detector": "cp"})
         for name in (STATE_FILE, META_FILE):
@@ -467,6 +501,11 @@ def save_trained(
         staged.rmdir()
         save_detector(tmp / PROBE_DIR, probes, {**meta, "detector": "probe"})
         table.to_csv(tmp / DETECTION_CSV, index=False, float_format="%.6g")
+        for name, extra in (tables or {}).items():
+            extra.to_csv(tmp / name, index=False, float_format="%.6g")
+        if prompts is not None:
+            lines = (json.dumps({"text": t, "label": int(v)}) for t, v in zip(*prompts, strict=True))
+            (tmp / TRAIN_PROMPTS).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def prompt_hash(text: str) -> str:

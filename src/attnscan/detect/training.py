@@ -35,6 +35,11 @@ the benign training prompts that lets through at most the fraction ``fpr`` of th
 (:func:`attnscan.detect.metrics.threshold_at_fpr`), and the TPR of the out-of-fold jailbreak scores there. The saved
 detectors are refitted on all prompts, so their scores on new benign prompts may sit a little differently from the
 out-of-fold ones: the achieved false-positive rate on new prompts is an estimate, not a guarantee.
+
+Intervals: under grouped folds the bootstrap intervals of the table (and of the baselines) resample whole groups,
+the unit the folds hold out (:mod:`attnscan.detect.bootstrap`). Beside the table, training records the flag rates per
+family at the operating point (:mod:`attnscan.detect.rates`) and the rank stability of refits on resampled training
+groups (:mod:`attnscan.detect.stability`).
 """
 
 from __future__ import annotations

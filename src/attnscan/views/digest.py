@@ -300,9 +300,46 @@ def _detection_digest(table: pd.DataFrame | None) -> list[dict[str, Any]] | None
                 "hi": finite(r.get("cp_auroc_high")),
                 "probe": finite(r.get("probe_auroc")),
                 "flagged": bool(r.get("flagged", False)),
+                "margin": finite(r.get("text_margin")),
+                "margin_lo": finite(r.get("text_margin_low")),
+                "margin_hi": finite(r.get("text_margin_high")),
             }
         )
     return rows
+
+
+def _detection_baseline(table: pd.DataFrame | None) -> dict[str, Any] | None:
+    """The text and length baselines of a detection table (``detection.csv`` with baseline columns) and the words
+    on them at the best layer, or None without baselines.
+
+    The margin columns belong to the detector the table was trained to flag with; it is recognised as the kind
+    whose AUROC minus ``text_auroc`` gives ``text_margin``. The best layer is that kind's highest AUROC, as training
+    picks it (:func:`attnscan.detect.metrics.best_layer`)."""
+    from ..detect.metrics import best_layer
+    from ..detect.summary import baseline_sentence, margin_sentence
+
+    if table is None or "text_auroc" not in table.columns or not table["text_auroc"].notna().any():
+        return None
+    kind = "cp"
+    if "probe_auroc" in table.columns and "text_margin" in table.columns:
+        gap = (table["probe_auroc"] - table["text_auroc"] - table["text_margin"]).abs().max()
+        kind = "probe" if gap < 1e-6 else "cp"
+    best = best_layer(table, by=f"{kind}_auroc")
+    row = table.loc[table["layer"] == best].iloc[0].to_dict()
+    margin = (row.get("text_margin"), row.get("text_margin_low"), row.get("text_margin_high"))
+    words = baseline_sentence(row) + " " + margin_sentence(kind, *margin, where=f"at layer {best}")
+    return {
+        "text": finite(row.get("text_auroc")),
+        "text_lo": finite(row.get("text_auroc_low")),
+        "text_hi": finite(row.get("text_auroc_high")),
+        "length": finite(row.get("length_auroc")),
+        "layer": best,
+        "kind": kind,
+        "margin": finite(margin[0]),
+        "margin_lo": finite(margin[1]),
+        "margin_hi": finite(margin[2]),
+        "words": words.strip(),
+    }
 
 
 def build_digest(
@@ -358,6 +395,7 @@ def build_digest(
                 "layers": layers,
                 "captions": [caption(i) for i in layers],
                 "detection": _detection_digest(detection.get(label) if detection else None),
+                "detection_baseline": _detection_baseline(detection.get(label) if detection else None),
                 "maps": maps_digest(result, factor, display_size),
                 "tokens": _tokens_of(label, result, tokens),
             }

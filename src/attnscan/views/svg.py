@@ -188,14 +188,40 @@ def render_detection(digest: Mapping[str, Any]) -> str:
         )
     parts += p.axis_labels(8, "Detection AUROC")
     for index, model in models:
+        parts += _baseline_line(p, model)
         parts += _detection_series(p, index, model)
+    words = [
+        f"<p>{esc(m['label']) + ': ' if len(models) > 1 else ''}{esc(m['detection_baseline']['words'])}</p>"
+        for _, m in models
+        if m.get("detection_baseline")
+    ]
     return (
         "<h3>Jailbreak detection per layer</h3>"
         + p.svg("detection-svg", "Detection AUROC per layer", parts)
         + "<p class='muted'>Cross-validated AUROC of the CP detector per layer (solid, bars: 95 % bootstrap interval; "
-        "filled: flagged layers) and of the hidden-state probe (dashed); 0.5 is chance. A detector can separate the "
-        "sets by their wrappers alone: check it on a control set (same wrappers, benign requests).</p>"
+        "filled: flagged layers) and of the hidden-state probe (dashed); "
+        + (
+            "dash-dotted: the TF-IDF text baseline on the same folds, which a detector must beat to show that the "
+            "model's internals tell more than the prompt text; "
+            if words
+            else "no text baseline was computed (train with --baselines to compare with one); "
+        )
+        + "0.5 is chance. A detector can separate the sets by their wrappers alone: check it on a control set (same "
+        "wrappers, benign requests).</p>" + "".join(words)
     )
+
+
+def _baseline_line(p: _Plot, model: Mapping[str, Any]) -> list[str]:
+    """One model's text-baseline AUROC as a dash-dotted line across the panel, with its numbers as a tooltip."""
+    base = model.get("detection_baseline")
+    if not base or base["text"] is None:
+        return []
+    y = p.y(base["text"])
+    tip = f"{model['label']} · TF-IDF text baseline AUROC {base['text']:.3f}"
+    return [
+        f"<line class='baseline' stroke='{esc(model['color'])}' stroke-dasharray='8 3 2 3' x1='{p.left}' "
+        f"x2='{p.left + p.pw}' y1='{y:.2f}' y2='{y:.2f}'><title>{esc(tip)}</title></line>"
+    ]
 
 
 def _detection_series(p: _Plot, index: int, model: Mapping[str, Any]) -> list[str]:
@@ -219,7 +245,11 @@ def _detection_series(p: _Plot, index: int, model: Mapping[str, Any]) -> list[st
             )
         fill = color if r["flagged"] else "#ffffff"
         probe_text = f", probe {r['probe']:.3f}" if r["probe"] is not None else ""
-        tip = f"{model['label']} · layer {r['layer']}: CP AUROC {r['cp']:.3f}{probe_text}" + (
+        margin = r.get("margin")
+        margin_text = "" if margin is None else f" · minus text baseline {margin:+.3f}"
+        if margin is not None and r.get("margin_lo") is not None and r.get("margin_hi") is not None:
+            margin_text += f" [{r['margin_lo']:+.3f}, {r['margin_hi']:+.3f}]"
+        tip = f"{model['label']} · layer {r['layer']}: CP AUROC {r['cp']:.3f}{probe_text}{margin_text}" + (
             " · flagged" if r["flagged"] else ""
         )
         parts.append(
