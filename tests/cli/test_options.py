@@ -58,5 +58,5 @@ def test_read_prompt_sets_uses_only_the_prompt_flags_given(tmp_path: Path) -> No
 
 def test_every_command_registered_once_in_help_order() -> None:
     group = typer.main.get_command(app)
-    assert list(group.commands) == ["scan", "run", "figure", "report", "behave", "defend", "fetch", "detect"]  # type: ignore[attr-defined]
+    assert list(group.commands) == ["scan", "run", "figure", "report", "behave", "defend", "fetch", "study", "detect"]  # type: ignore[attr-defined]
     assert list(group.commands["detect"].commands) == ["train", "score", "eval"]  # type: ignore[attr-defined]
