@@ -29,10 +29,12 @@ from .._io import now_utc
 from .._types import ProgressFn, refuse_leftovers, take_options
 from ..engine.accumulate import DEFAULT_FLOOR, Align
 from ..engine.batching import check_batch_size
+from ..engine.features import Pool
 from ..engine.hidden import DEFAULT_LAST_K
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
 from ..prompts.sets import PromptSource, as_prompt_set, join_sets, warn_unmatched_control
+from .bands import add_band, band_detection
 from .baselines import add_baselines
 from .detectors import Kind
 from .folds import CvKind
@@ -57,6 +59,7 @@ from .training import (
     operating_points,
     operating_record,
     plan_cv,
+    request_spans,
     train_records,
     training_meta,
 )
@@ -105,6 +108,8 @@ def train_detector(
     baselines: bool | None = None,
     fpr: float | None = None,
     control: PromptSource | None = None,
+    pool: Pool | None = None,
+    band: int | None = None,
     load: LoadOptions | None = None,
     **keywords: Any,
 ) -> TrainedDetector:
@@ -112,13 +117,16 @@ def train_detector(
 
     1. Features of the benign (label 0) then jailbreak (label 1) prompts at ``layers`` (``features``: see
        :mod:`attnscan.detect.inputs`; ``last_k``, ``length``, ``chat_template``, ``system_prompt``, ``truncate`` for
-       both kinds, ``blocks``, ``align``, ``floor`` for attention; ``store`` streams hidden features to disk).
+       both kinds, ``pool`` (the probe's pooling: ``"last"``, the default, ``"request"`` or ``"mean"``) for hidden
+       states, ``blocks``, ``align``, ``floor`` for attention; ``store`` streams hidden features to disk).
     2. Per layer, cross-validated CP (``rank``, ``max_iter``, ``C``) and probe metrics over ``folds`` folds with
        ``n_bootstrap`` resamples and ``seed`` (:func:`attnscan.detect.metrics.layer_detection`); a layer is
        ``flagged`` when its ``flag_on`` AUROC is at least ``threshold``. ``cv="grouped"`` (default) holds out
        whole template families and, beside them, whole requests when the prompt sets carry group labels, and falls
        back to stratified folds when they carry none; ``cv="stratified"`` always stratifies (see
        :mod:`attnscan.detect.training`). ``folds`` shrinks, with a warning, to what the classes or groups allow.
+       With ``band`` (layers on each side), the band probe on each layer's neighbourhood, on the same folds
+       (``band_*`` columns, reported only: :mod:`attnscan.detect.bands`).
     3. With ``baselines`` (default: when the prompts carry group labels), the prompt-length and TF-IDF text
        baselines on the same folds (:mod:`attnscan.detect.baselines`). With ``fpr``, the score threshold at that
        false-positive rate on the benign prompts' out-of-fold scores, per layer, and the TPR there (``*_op_*``
@@ -150,8 +158,9 @@ def train_detector(
         blocks=blocks,
         align=align,
         floor=floor,
+        pool=pool,
     )
-    training = Training(rank, C, max_iter, folds, seed, n_bootstrap, threshold, flag_on, cv, fpr, baselines)
+    training = Training(rank, C, max_iter, folds, seed, n_bootstrap, threshold, flag_on, cv, fpr, baselines, band)
     check_batch_size(batch_size)
     check_store(features, store)
     if control is not None:
@@ -167,9 +176,13 @@ def train_detector(
 
     loaded = resolve_model(model, load)
     info = {"groups": records} if records is not None else None
-    chosen, inputs, t_features = _extract(loaded, texts, settings, layers, batch_size, progress, store, info)
+    spans = request_spans(sets)
+    chosen, inputs, t_features = _extract(loaded, texts, spans, settings, layers, batch_size, progress, store, info)
     t0 = time.perf_counter()
     fitted = fit_layers(inputs, y, chosen, training, plan, progress)
+    if band is not None:  # the band probe: reported columns only (detect.bands)
+        banded, _ = band_detection(inputs.pooled, y, chosen, band, plan.plans, seed=seed, n_bootstrap=n_bootstrap, C=C)
+        fitted.table = add_band(fitted.table, banded)
     meta = training_meta(loaded, settings, chosen, inputs, sets, texts, y, training, plan, fitted.table)
     table = _reported(fitted, training, plan, texts, inputs, y, records, meta)
     meta.update(
@@ -221,6 +234,7 @@ def _reported(
 def _extract(
     loaded: LoadedModel,
     texts: list[str],
+    spans: list[tuple[int, int] | None],
     settings: Mapping[str, Any],
     layers: str | Sequence[int] | None,
     batch_size: int,
@@ -232,7 +246,15 @@ def _extract(
     chosen = loaded.check_layers(layers)
     t0 = time.perf_counter()
     inputs = detector_inputs(
-        loaded, texts, settings, layers=chosen, batch_size=batch_size, progress=progress, store=store, info=info
+        loaded,
+        texts,
+        settings,
+        layers=chosen,
+        batch_size=batch_size,
+        progress=progress,
+        store=store,
+        info=info,
+        spans=spans,
     )
     return chosen, inputs, time.perf_counter() - t0
 
@@ -368,7 +390,13 @@ def evaluate_detector(
     overlap = _warn_overlap(trained, texts)
     loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
     inputs = detector_inputs(
-        loaded, texts, trained.meta["features"], layers=chosen, batch_size=batch_size, progress=progress
+        loaded,
+        texts,
+        trained.meta["features"],
+        layers=chosen,
+        batch_size=batch_size,
+        progress=progress,
+        spans=request_spans(sets),
     )
     cv = trained.table.set_index("layer") if "layer" in trained.table.columns else pd.DataFrame()
     rows = [_evaluation_row(trained, layer, inputs, y, cv, threshold, n_bootstrap, seed) for layer in chosen]
