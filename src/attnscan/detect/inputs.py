@@ -279,8 +279,9 @@ def _request_counts(info: Mapping[str, Any], trained: Mapping[str, int] | None) 
     parts = []
     if trained and trained.get("request", 0) and counts.get("prompt"):
         parts.append(
-            f"{counts['prompt']} prompts carry no request span and are pooled over their whole text, but the "
-            "detector was trained on request spans: its training numbers do not describe these scores"
+            f"{counts['prompt']} prompts carry no request span and are pooled over their whole text; the detector "
+            "learned wrapped prompts from their requests' tokens alone, so its training numbers do not hold for "
+            "wrapped prompts without a span (fine for bare requests)"
         )
     if counts.get("prompt-cut"):
         parts.append(

@@ -231,15 +231,15 @@ def extract_features(
 
     with contextlib.ExitStack() as stack_ctx:
         tmp: Path | None = None
+        if store is not None:
+            tmp = stack_ctx.enter_context(atomic_dir(Path(store), overwrite, marker=META_FILE, what="features"))
         arrays: dict[str, dict[int, Any]] = {name: {} for name in shapes}
         for layer in chosen:
-            if store is not None:
-                if tmp is None:
-                    what = "features"
-                    tmp = stack_ctx.enter_context(atomic_dir(Path(store), overwrite, marker=META_FILE, what=what))
-                maps: Mapping[str, Any] = create_layer_file(tmp, layer, shapes)
-            else:
-                maps = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+            maps: Mapping[str, Any] = (
+                create_layer_file(tmp, layer, shapes)
+                if tmp is not None
+                else {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+            )
             for name in shapes:
                 arrays[name][layer] = maps[name]
         _run(loaded, enc.ids, token_spans, chosen, arrays, last_k, batch_size, progress)
