@@ -21,7 +21,7 @@ import attnscan.detect.store as detector_store
 from attnscan.cli.main import app
 from attnscan.detect.baselines import held_out_text_scores
 from attnscan.detect.detectors import CPDetector, ProbeDetector
-from attnscan.detect.inputs import attention_blocks
+from attnscan.detect.inputs import DEFAULT_POOL, attention_blocks
 from attnscan.detect.metrics import layer_detection_table, metrics
 from attnscan.detect.store import (
     META_FILE,
@@ -115,7 +115,8 @@ def test_training_reuses_the_library(trained: TrainedDetector, loaded: LoadedMod
     """The saved table and detectors are exactly those of the array-level API on the same features."""
     feats = extract_features(loaded, sets["benign"] + sets["jailbreak"], last_k=4, length=32)
     y = np.repeat([0, 1], 20)
-    table = layer_detection_table(feats.tensors, feats.pooled, y, rank=4, n_bootstrap=200, max_iter=30)
+    pooled = feats.pool(DEFAULT_POOL)  # the probe's default pooling
+    table = layer_detection_table(feats.tensors, pooled, y, rank=4, n_bootstrap=200, max_iter=30)
     pd.testing.assert_frame_equal(table, trained.table, check_like=True)
     x = feats.tensors[1]
     np.testing.assert_allclose(
@@ -146,7 +147,7 @@ def test_score_round_trip(trained: TrainedDetector, loaded: LoadedModel) -> None
     probe = job.score_prompts(trained.path, new, model=loaded, layer=2, kind="probe")
     probes, _ = load_detector(trained.path / "probe")
     feats2 = extract_features(loaded, new, layers=[2], last_k=4, length=32)
-    np.testing.assert_array_equal(probe["prob"].to_numpy(), probes[2].predict_proba(feats2.pooled[2]))
+    np.testing.assert_array_equal(probe["prob"].to_numpy(), probes[2].predict_proba(feats2.pool(DEFAULT_POOL)[2]))
     assert (probe["detector"] == "probe").all()
 
 

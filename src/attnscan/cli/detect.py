@@ -61,6 +61,21 @@ RankOpt = Annotated[int, typer.Option(help="Components of the CP decomposition."
 MaxIterOpt = Annotated[int, typer.Option(help="Most ALS iterations of the CP decomposition.")]
 LastKOpt = Annotated[int, typer.Option(help="Hidden features: the prompt's last K token positions.")]
 BlocksOpt = Annotated[int, typer.Option(help="Attention features: B x B blocks of the token grid.")]
+PoolOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Hidden features: the probe reads each prompt's hidden states averaged over its 'last' K tokens "
+        "(default), its 'request' tokens (the request inside a composed prompt; a plain prompt's own text), or all "
+        "its tokens ('mean')."
+    ),
+]
+BandOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Also report a probe on each layer's band: its pooled features joined with those of this many chosen "
+        "layers on each side (band_* columns; not saved)."
+    ),
+]
 FoldsOpt = Annotated[int, typer.Option(help="Cross-validation folds.")]
 FlagThresholdOpt = Annotated[float, typer.Option(help="Flag a layer whose cross-validated AUROC reaches this.")]
 FlagOnOpt = Annotated[str, typer.Option(help="Flag and score with the 'cp' detector or the 'probe'.")]
@@ -113,6 +128,8 @@ def train_cmd(
     rank: RankOpt = 8,
     max_iter: MaxIterOpt = 100,
     last_k: LastKOpt = 8,
+    pool: PoolOpt = None,
+    band: BandOpt = None,
     blocks: BlocksOpt = 16,
     folds: FoldsOpt = 5,
     threshold: FlagThresholdOpt = 0.9,
@@ -170,6 +187,13 @@ def _print_trained(trained: TrainedDetector, features: str, threshold: float, to
     console.print(layer_rich_table(trained.table, title, top, by=by, primary=trained.primary))
     for line in training_lines(trained, threshold):
         typer.echo(line)
+    if features == "hidden":
+        typer.echo(f"probe pooling: {trained.meta['features'].get('pool', 'mean')}")
+    if "band_auroc" in trained.table:
+        row = trained.table.loc[trained.table["band_auroc"].idxmax()]
+        typer.echo(
+            f"band probe: best AUROC {row['band_auroc']:.3f} at layer {int(row['layer'])} (layers {row['band_layers']})"
+        )
     families = trained.meta.get("families")
     if isinstance(families, dict) and len(families.get("rows", [])) > 2:
         title = f"Flag rates at the operating point (layer {families['layer']}, out-of-fold scores)"

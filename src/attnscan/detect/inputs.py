@@ -4,7 +4,10 @@ Features (``features=``)
 ------------------------
 - ``"hidden"`` (default; :func:`attnscan.engine.hidden.extract_features`): for each layer, the residual stream at the
   prompt's last ``last_k`` tokens, ``float [N, K, H]`` (prompts x tokens x hidden features) for the CP detector, and
-  its mean over all the prompt's tokens, ``float [N, H]``, for the probe.
+  one vector per prompt, ``float [N, H]``, for the probe: the residual stream pooled by ``pool``
+  (:data:`~attnscan.engine.features.POOLS`): ``"mean"`` over all the prompt's tokens (chat template included),
+  ``"request"`` over its request's tokens (the whole prompt text's where the request's span is unknown, see
+  :mod:`attnscan.engine.spans`), or ``"last"`` over its last ``last_k`` tokens.
 - ``"attention"`` (:func:`attention_blocks`): for each layer, the per-prompt summary the attention capture keeps
   (:class:`attnscan.engine.accumulate.GridCollector`, the engine behind :func:`attnscan.scan`): the mean of
   ``ln(max(p, e^floor))`` of the head-averaged attention over each of ``blocks x blocks`` coarse blocks of the
@@ -15,13 +18,15 @@ Features (``features=``)
   ``align="absolute"`` the cells past a prompt's length are filled the same way, which makes the features encode
   prompt length: use it knowingly.
 
-:func:`feature_settings` checks and records these settings (a trained detector's ``meta["features"]``);
-:func:`detector_inputs` computes the features under them.
+:func:`feature_settings` checks and records these settings (a trained detector's ``meta["features"]``; ``pool`` is
+recorded only when it is not ``"mean"``, and a record without it means ``"mean"``, the only pooling before there
+were others); :func:`detector_inputs` computes the features under them.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,7 +37,8 @@ import numpy.typing as npt
 from .._types import ProgressFn
 from ..engine.accumulate import DEFAULT_FLOOR, Align, check_align, check_floor
 from ..engine.batching import check_batch_size
-from ..engine.hidden import extract_features
+from ..engine.features import check_pool
+from ..engine.hidden import CharSpans, extract_features
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate, check_truncate, encode, warn_truncated
@@ -40,6 +46,7 @@ from ..prompts.sets import PromptSet
 
 __all__ = [
     "DEFAULT_BLOCKS",
+    "DEFAULT_POOL",
     "AttentionBlocks",
     "DetectorInputs",
     "FeatureKind",
@@ -50,6 +57,10 @@ __all__ = [
 ]
 
 FeatureKind = Literal["hidden", "attention"]
+
+#: The probe's pooling of hidden states unless told otherwise: picked by measurement (``bench/detect_features.py``;
+#: the numbers are in ``bench/README.md``).
+DEFAULT_POOL = "last"
 
 DEFAULT_BLOCKS = 16
 
@@ -169,8 +180,10 @@ def feature_settings(
     blocks: int,
     align: str,
     floor: float,
+    pool: str | None = None,
 ) -> dict[str, Any]:
-    """The settings that define the features (checked); stored as ``meta["features"]``."""
+    """The settings that define the features (checked); stored as ``meta["features"]``. ``pool`` (hidden features
+    only) defaults to :data:`DEFAULT_POOL`."""
     if features not in ("hidden", "attention"):
         raise AttnscanError(f"features must be 'hidden' or 'attention', got {features!r}")
     if length <= 0:
@@ -181,7 +194,11 @@ def feature_settings(
     if features == "hidden":
         if last_k < 1:
             raise AttnscanError(f"last_k must be at least 1, got {last_k}")
-        return {**common, "last_k": last_k}
+        pool = DEFAULT_POOL if pool is None else pool
+        check_pool(pool)
+        return {**common, "last_k": last_k, **({"pool": pool} if pool != "mean" else {})}
+    if pool is not None:
+        raise AttnscanError(f"pool={pool!r} pools hidden states: leave it out with attention features")
     _check_blocks(blocks, length)
     check_align(align)
     check_floor(floor)
@@ -198,14 +215,19 @@ def detector_inputs(
     progress: ProgressFn | None = None,
     store: str | os.PathLike[str] | None = None,
     info: Mapping[str, Any] | None = None,
+    spans: CharSpans | None = None,
 ) -> DetectorInputs:
     """The detectors' inputs for ``texts`` under feature ``settings`` (a trained detector's ``meta["features"]``).
 
     ``store`` streams hidden features to a features directory (see :mod:`attnscan.engine.hidden`), whose
-    ``features.json`` also records ``info`` (e.g. the prompts' ``groups``); neither is for attention.
+    ``features.json`` also records ``info`` (e.g. the prompts' ``groups``); neither is for attention. ``spans``:
+    each prompt's request as a character span (``None`` where unknown; default: a PromptSet's own), for
+    ``pool="request"``, which warns when truncation cut requests out or their tokens could not be found.
     """
     kind = settings.get("kind")
     if kind == "hidden":
+        pool = str(settings.get("pool", "mean"))
+        check_pool(pool)
         feats = extract_features(
             loaded,
             texts,
@@ -219,9 +241,12 @@ def detector_inputs(
             progress=progress,
             store=store,
             info=info,
+            spans=spans,
         )
         made = {"chat_template_applied": bool(feats.info.get("chat_template")), "dtype": feats.info.get("dtype")}
-        return DetectorInputs(dict(feats.tensors), dict(feats.pooled), feats.lengths, made)
+        if pool == "request":
+            made["request_tokens"] = _request_counts(feats.info, settings.get("request_tokens"))
+        return DetectorInputs(dict(feats.tensors), feats.pool(pool), feats.lengths, made)
     if kind == "attention":
         check_store(kind, store)
         caught = attention_blocks(
@@ -244,3 +269,30 @@ def detector_inputs(
         made = {"chat_template_applied": caught.chat_template, "dtype": str(loaded.dtype).removeprefix("torch.")}
         return DetectorInputs(tensors, pooled, caught.lengths, made)
     raise AttnscanError(f"unknown feature kind {kind!r} in the detector's settings: re-train the detector")
+
+
+def _request_counts(info: Mapping[str, Any], trained: Mapping[str, int] | None) -> dict[str, int]:
+    """How many prompts each request-span source covered (:mod:`attnscan.engine.spans`); warns when truncation cut
+    requests out or their tokens could not be found (those prompts are pooled over other tokens), and when a
+    detector trained on request spans (``trained``: its training counts) scores prompts without any."""
+    counts = {str(k): int(v) for k, v in info.get("request_pooling", {}).get("counts", {}).items()}
+    parts = []
+    if trained and trained.get("request", 0) and counts.get("prompt"):
+        parts.append(
+            f"{counts['prompt']} prompts carry no request span and are pooled over their whole text; the detector "
+            "learned wrapped prompts from their requests' tokens alone, so its training numbers do not hold for "
+            "wrapped prompts without a span (fine for bare requests)"
+        )
+    if counts.get("prompt-cut"):
+        parts.append(
+            f"{counts['prompt-cut']} prompts lost their request to truncation and are pooled over their kept text "
+            "(raise --length)"
+        )
+    if counts.get("all"):
+        parts.append(
+            f"{counts['all']} prompts' tokens could not be matched to their text (the tokenizer gives no character "
+            "offsets, or the chat template changes the text) and are pooled over all their tokens"
+        )
+    if parts:
+        warnings.warn(f"request pooling: {'; '.join(parts)}", UserWarning, stacklevel=4)
+    return counts

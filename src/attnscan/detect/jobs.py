@@ -29,10 +29,12 @@ from .._io import now_utc
 from .._types import ProgressFn, refuse_leftovers, take_options
 from ..engine.accumulate import DEFAULT_FLOOR, Align
 from ..engine.batching import check_batch_size
+from ..engine.features import Pool
 from ..engine.hidden import DEFAULT_LAST_K
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Truncate
 from ..prompts.sets import PromptSource, as_prompt_set, join_sets, warn_unmatched_control
+from .bands import add_band, band_detection
 from .baselines import add_baselines
 from .detectors import CPDetector, Kind, ProbeDetector
 from .evaluation import eval_codes, flag_threshold, headline, layer_row, text_baseline
@@ -61,6 +63,7 @@ from .training import (
     operating_points,
     operating_record,
     plan_cv,
+    request_spans,
     train_records,
     training_meta,
 )
@@ -109,6 +112,8 @@ def train_detector(
     baselines: bool | None = None,
     fpr: float | None = None,
     control: PromptSource | None = None,
+    pool: Pool | None = None,
+    band: int | None = None,
     load: LoadOptions | None = None,
     **keywords: Any,
 ) -> TrainedDetector:
@@ -116,13 +121,16 @@ def train_detector(
 
     1. Features of the benign (label 0) then jailbreak (label 1) prompts at ``layers`` (``features``: see
        :mod:`attnscan.detect.inputs`; ``last_k``, ``length``, ``chat_template``, ``system_prompt``, ``truncate`` for
-       both kinds, ``blocks``, ``align``, ``floor`` for attention; ``store`` streams hidden features to disk).
+       both kinds, ``pool`` (the probe's pooling: ``"last"``, the default, ``"request"`` or ``"mean"``) for hidden
+       states, ``blocks``, ``align``, ``floor`` for attention; ``store`` streams hidden features to disk).
     2. Per layer, cross-validated CP (``rank``, ``max_iter``, ``C``) and probe metrics over ``folds`` folds with
        ``n_bootstrap`` resamples and ``seed`` (:func:`attnscan.detect.metrics.layer_detection`); a layer is
        ``flagged`` when its ``flag_on`` AUROC is at least ``threshold``. ``cv="grouped"`` (default) holds out
        whole template families and, beside them, whole requests when the prompt sets carry group labels, and falls
        back to stratified folds when they carry none; ``cv="stratified"`` always stratifies (see
        :mod:`attnscan.detect.training`). ``folds`` shrinks, with a warning, to what the classes or groups allow.
+       With ``band`` (layers on each side), the band probe on each layer's neighbourhood, on the same folds
+       (``band_*`` columns, reported only: :mod:`attnscan.detect.bands`).
     3. With ``baselines`` (default: when the prompts carry group labels), the prompt-length and TF-IDF text
        baselines on the same folds (:mod:`attnscan.detect.baselines`). With ``fpr``, the score threshold at that
        false-positive rate on the benign prompts' out-of-fold scores, per layer, and the TPR there (``*_op_*``
@@ -158,8 +166,9 @@ def train_detector(
         blocks=blocks,
         align=align,
         floor=floor,
+        pool=pool,
     )
-    training = Training(rank, C, max_iter, folds, seed, n_bootstrap, threshold, flag_on, cv, fpr, baselines)
+    training = Training(rank, C, max_iter, folds, seed, n_bootstrap, threshold, flag_on, cv, fpr, baselines, band)
     check_batch_size(batch_size)
     check_store(features, store)
     if control is not None:
@@ -175,9 +184,13 @@ def train_detector(
 
     loaded = resolve_model(model, load)
     info = {"groups": records} if records is not None else None
-    chosen, inputs, t_features = _extract(loaded, texts, settings, layers, batch_size, progress, store, info)
+    spans = request_spans(sets)
+    chosen, inputs, t_features = _extract(loaded, texts, spans, settings, layers, batch_size, progress, store, info)
     t0 = time.perf_counter()
     fitted = fit_layers(inputs, y, chosen, training, plan, progress)
+    if band is not None:  # the band probe: reported columns only (detect.bands)
+        banded, _ = band_detection(inputs.pooled, y, chosen, band, plan.plans, seed=seed, n_bootstrap=n_bootstrap, C=C)
+        fitted.table = add_band(fitted.table, banded)
     meta = training_meta(loaded, settings, chosen, inputs, sets, texts, y, training, plan, fitted.table)
     table, tables = _reported(fitted, training, plan, texts, inputs, y, records, meta)
     meta.update(
@@ -259,6 +272,7 @@ def _stability(
 def _extract(
     loaded: LoadedModel,
     texts: list[str],
+    spans: list[tuple[int, int] | None],
     settings: Mapping[str, Any],
     layers: str | Sequence[int] | None,
     batch_size: int,
@@ -270,7 +284,15 @@ def _extract(
     chosen = loaded.check_layers(layers)
     t0 = time.perf_counter()
     inputs = detector_inputs(
-        loaded, texts, settings, layers=chosen, batch_size=batch_size, progress=progress, store=store, info=info
+        loaded,
+        texts,
+        settings,
+        layers=chosen,
+        batch_size=batch_size,
+        progress=progress,
+        store=store,
+        info=info,
+        spans=spans,
     )
     return chosen, inputs, time.perf_counter() - t0
 
@@ -399,7 +421,13 @@ def evaluate_detector(
     loaded = scoring_model(model, trained.meta, load, dtype=dtype, allow_other_model=allow_other_model)
     needed = sorted({*chosen, trained.best_layer})
     inputs = detector_inputs(
-        loaded, texts, trained.meta["features"], layers=needed, batch_size=batch_size, progress=progress
+        loaded,
+        texts,
+        trained.meta["features"],
+        layers=needed,
+        batch_size=batch_size,
+        progress=progress,
+        spans=request_spans(sets),
     )
     text = text_baseline(trained, texts)
     codes = eval_codes(records)

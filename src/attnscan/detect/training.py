@@ -57,6 +57,7 @@ from .._types import ProgressFn
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel
 from ..prompts.sets import PromptSet, PromptSource, as_prompt_set
+from .bands import check_band
 from .detectors import CPDetector, FloatArray, Kind, ProbeDetector, check_cp_params
 from .folds import CvKind, Folds, GroupIds, check_cv, check_folds, fold_plans, group_codes, group_ids
 from .inputs import DetectorInputs
@@ -84,6 +85,7 @@ __all__ = [
     "operating_points",
     "operating_record",
     "plan_cv",
+    "request_spans",
     "train_records",
     "training_meta",
 ]
@@ -109,6 +111,7 @@ class Training:
     cv: CvKind = "grouped"
     fpr: float | None = None
     baselines: bool | None = None
+    band: int | None = None
 
     def __post_init__(self) -> None:
         check_flag_on(self.flag_on)
@@ -119,6 +122,7 @@ class Training:
         check_cv(self.cv)
         if self.fpr is not None:
             check_fpr(self.fpr)
+        check_band(self.band)
 
 
 def labelled(
@@ -144,6 +148,11 @@ def train_records(sets: Mapping[str, PromptSet]) -> list[dict[str, Any]] | None:
     if not any(ps.groups for ps in sets.values()):
         return None
     return [dict(g) for ps in sets.values() for g in (ps.groups or ({},) * len(ps))]
+
+
+def request_spans(sets: Mapping[str, PromptSet]) -> list[tuple[int, int] | None]:
+    """Each prompt's request as a character span (``None`` where unknown), in the order of :func:`labelled`."""
+    return [ps.request_span(i) for ps in sets.values() for i in range(len(ps))]
 
 
 # --------------------------------------------------------------------------------------------------- folds
@@ -335,6 +344,7 @@ def training_meta(
             "n_bootstrap": t.n_bootstrap,
             "threshold": t.threshold,
             "flag_on": t.flag_on,
+            **({"band": t.band} if t.band is not None else {}),
             **plan.record,
             "tokens_min": int(inputs.lengths.min()),
             "tokens_max": int(inputs.lengths.max()),

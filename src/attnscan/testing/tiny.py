@@ -43,18 +43,17 @@ def _llama(**kw: Any) -> Any:
 def _mistral(**kw: Any) -> Any:
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=6,
-        **kw,
-    )
-    return MistralForCausalLM(cfg)
+    params: dict[str, Any] = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "sliding_window": 6,
+    }
+    return MistralForCausalLM(MistralConfig(**{**params, **kw}))  # kw may override these (layers, window)
 
 
 def _gemma3(**kw: Any) -> Any:
