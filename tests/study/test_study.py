@@ -60,7 +60,9 @@ def test_the_directory_holds_every_file(done: Path) -> None:
 def test_defence_layers_come_from_the_detector_and_random_layers_avoid_them(done: Path) -> None:
     manifest = json.loads((done / "study.json").read_text())
     detection = pd.read_csv(done / "scan" / "tiny-llama" / "detector" / "detection.csv")
-    best = detection.sort_values("cp_auroc", ascending=False, kind="stable")["layer"].tolist()[:1]
+    primary = json.loads((done / "scan" / "tiny-llama" / "detector" / "detector.json").read_text())["meta"]["primary"]
+    assert manifest["defence"]["ranked_by"].startswith(primary)
+    best = detection.sort_values(f"{primary}_auroc", ascending=False, kind="stable")["layer"].tolist()[:1]
     assert manifest["defence"]["layers"] == sorted(best)
     assert len(manifest["random_layers"]) == 2
     for draw in manifest["random_layers"]:

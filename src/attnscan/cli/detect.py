@@ -133,7 +133,7 @@ def train_cmd(
     blocks: BlocksOpt = 16,
     folds: FoldsOpt = 5,
     threshold: FlagThresholdOpt = 0.9,
-    flag_on: FlagOnOpt = "cp",
+    flag_on: FlagOnOpt = "probe",
     bootstrap: BootstrapOpt = 1000,
     cv: CvOpt = "grouped",
     fpr: FprOpt = 0.01,

@@ -92,7 +92,7 @@ def train_detector(
     last_k: int = DEFAULT_LAST_K,
     folds: int = 5,
     threshold: float = 0.9,
-    flag_on: Kind = "cp",
+    flag_on: Kind = "probe",
     seed: int = 0,
     n_bootstrap: int = 1000,
     C: float = 1.0,

@@ -35,7 +35,7 @@ from ..behaviour.judge_check import agreement_table, judge_agreement, label_tabl
 from ..behaviour.judges import DEFAULT_MATCHER
 from ..behaviour.layers import layer_order
 from ..behaviour.runs import Tracker, save_jsonl
-from ..detect.store import model_record
+from ..detect.store import load_trained, model_record
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..pipeline import run
@@ -76,24 +76,21 @@ class StudyResult:
     observations: list[str] = field(default_factory=list)
 
 
-def _defence_layers(detection: pd.DataFrame, top: int) -> tuple[list[int], list[int], str]:
-    """The detector's layer ranking, the layers the defence bypasses, and why those."""
-    order = layer_order(detection, "cp_auroc")
-    flagged = (
-        [int(x) for x in detection.loc[detection["flagged"].astype(bool), "layer"]] if "flagged" in detection else []
-    )
+def _defence_layers(detection: pd.DataFrame, primary: str, top: int) -> tuple[list[int], list[int], str]:
+    """The detector's layer ranking (by its primary kind's grouped AUROC), the layers the defence bypasses, and
+    why those."""
+    order = layer_order(detection, f"{primary}_auroc")
+    flagged = []
+    if "flagged" in detection.columns:
+        flagged = [int(x) for x in detection.loc[detection["flagged"].astype(bool), "layer"]]
     chosen = sorted(order[:top])
+    ranked = f"the {top} layers with the highest grouped cross-validated {primary} AUROC"
     if len(flagged) >= top:
-        why = f"the {top} flagged layers with the highest grouped cross-validated AUROC ({len(flagged)} flagged)"
+        why = f"{ranked}, all flagged ({len(flagged)} flagged)"
     elif flagged:
-        why = (
-            f"the {top} layers with the highest grouped cross-validated AUROC; only {len(flagged)} reached the "
-            "flagging threshold"
-        )
+        why = f"{ranked}; only {len(flagged)} reached the flagging threshold"
     else:
-        why = (
-            f"the {top} layers with the highest grouped cross-validated AUROC; no layer reached the flagging threshold"
-        )
+        why = f"{ranked}; no layer reached the flagging threshold"
     return order, chosen, why
 
 
@@ -245,8 +242,8 @@ def study(
         )
         clock.stop("scan", t0)
         label = next(iter(scanned.results))
-        detection = pd.read_csv(tmp / "scan" / label / DETECTOR_DIR / "detection.csv")
-        order, chosen, why = _defence_layers(detection, opts.bypass_top)
+        trained = load_trained(tmp / "scan" / label / DETECTOR_DIR)
+        order, chosen, why = _defence_layers(trained.table, trained.primary, opts.bypass_top)
 
         t0 = clock.start("behaviour")
         harmful_answers, harmful_flags = _behaviour(loaded, sets, gen, progress)
@@ -284,7 +281,12 @@ def study(
             "compare": compare,
             "options": {k: v for k, v in asdict(opts).items() if k != "extra"},
             "prompt_sets": sets.provenance(),
-            "defence": {"layers": chosen, "why": why, "ranking": order, "ranked_by": "cp_auroc (grouped CV)"},
+            "defence": {
+                "layers": chosen,
+                "why": why,
+                "ranking": order,
+                "ranked_by": f"{trained.primary}_auroc (grouped CV)",
+            },
             "random_layers": [list(d) for d in draws],
             "sweep": {k: list(v) for k, v in plan.items() if k.startswith("sweep")},
             "seconds": clock.seconds,
