@@ -141,6 +141,7 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         absolute = attnscan.scan(loaded, benign, jailbreak, length=16, batch_size=4, align="absolute", layers="0,2")
     absolute.save(out / "bundle-absolute")
     options: dict[str, Any] = {"rank": 2, "last_k": 3, "length": 24, "n_bootstrap": 50, "max_iter": 20, "folds": 3}
+    options["flag_on"] = "cp"  # the primary detector these outputs were pinned with (the default is now the probe)
     # pool="mean": the probe's pooling these outputs were pinned with (the default is now "last")
     attnscan.train_detector(loaded, benign, jailbreak, out=out / "detector", pool="mean", **options)
     attnscan.train_detector(

@@ -18,7 +18,7 @@ SMALL = ["--layers", "0", "--rank", "2", "--last-k", "2", "--max-iter", "10", "-
 
 def _train(model: Path, out: Path, *extra: str) -> Result:
     args = ["detect", "train", "--model", str(model), "--out", str(out), "--benign", "builtin:benign"]
-    return runner.invoke(app, [*args, "--jailbreak", "builtin:jailbreak", *SMALL, "--quiet", *extra])
+    return runner.invoke(app, [*args, "--jailbreak", "builtin:jailbreak", *SMALL, "--flag-on", "cp", "--quiet", *extra])
 
 
 def test_control_grouped_cv_baselines_and_operating_point(tiny_model_dir: Path, tmp_path: Path) -> None:

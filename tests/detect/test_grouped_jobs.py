@@ -21,7 +21,16 @@ from attnscan.errors import AttnscanError
 from attnscan.models.loading import LoadedModel
 from attnscan.prompts.sets import PromptSet, compose
 
-OPTS: dict[str, Any] = {"rank": 2, "last_k": 3, "length": 40, "n_bootstrap": 100, "max_iter": 20, "layers": "0,2"}
+# flag_on="cp": these tests follow the CP detector's numbers (the default primary is the probe, tested in test_jobs)
+OPTS: dict[str, Any] = {
+    "rank": 2,
+    "last_k": 3,
+    "length": 40,
+    "n_bootstrap": 100,
+    "max_iter": 20,
+    "layers": "0,2",
+    "flag_on": "cp",
+}
 
 
 def _templates(n: int = 6, seed: int = 5) -> PromptSet:

@@ -37,7 +37,8 @@ from attnscan.errors import AttnscanError
 from attnscan.models.loading import LoadedModel, LoadOptions, from_model, load_model
 from attnscan.testing.tiny import build_model, tiny_tokenizer
 
-OPTS: dict[str, Any] = {"rank": 4, "last_k": 4, "length": 32, "n_bootstrap": 200, "max_iter": 30}
+# flag_on="cp": these tests follow the CP detector's numbers (the default primary, the probe, has its own test)
+OPTS: dict[str, Any] = {"rank": 4, "last_k": 4, "length": 32, "n_bootstrap": 200, "max_iter": 30, "flag_on": "cp"}
 runner = CliRunner()
 
 
@@ -70,6 +71,26 @@ def test_train_finds_the_planted_vocabulary(trained: TrainedDetector) -> None:
     assert trained.best_layer in trained.flagged_layers
     assert trained.flagged_layers == [int(x) for x in table.loc[table["cp_auroc"] >= 0.9, "layer"]]
     assert set(trained.detectors) == set(trained.probes) == {0, 1, 2}
+
+
+def test_the_probe_is_the_primary_detector_by_default(
+    loaded: LoadedModel, sets: dict[str, list[str]], tmp_path: Path
+) -> None:
+    """Without flag_on the probe on the last tokens picks the best and flagged layers and scores new prompts."""
+    options = {k: v for k, v in OPTS.items() if k != "flag_on"}
+    det = job.train_detector(loaded, sets["benign"], sets["jailbreak"], out=tmp_path / "d", layers="0,2", **options)
+    table = det.table
+    assert det.primary == "probe" and det.meta["primary"] == "probe"
+    assert det.meta["features"]["pool"] == "last"
+    assert det.best_layer == int(table.sort_values("probe_auroc", ascending=False, kind="stable")["layer"].iloc[0])
+    assert det.flagged_layers == [int(x) for x in table.loc[table["probe_auroc"] >= 0.9, "layer"]]
+    assert det.path is not None
+    new = sets["jailbreak"][:3]
+    frame = job.score_prompts(det.path, new, model=loaded)
+    best = det.best_layer
+    feats = extract_features(loaded, new, layers=[best], last_k=4, length=32)
+    assert (frame["detector"] == "probe").all() and (frame["layer"] == best).all()
+    np.testing.assert_array_equal(frame["prob"].to_numpy(), det.probes[best].predict_proba(feats.pool("last")[best]))
 
 
 def test_null_labels_are_not_flagged(loaded: LoadedModel, tmp_path: Path) -> None:
@@ -238,6 +259,7 @@ def test_attention_detector_on_planted_length(loaded: LoadedModel, tmp_path: Pat
         jail,
         out=out,
         features="attention",
+        flag_on="cp",
         blocks=8,
         length=64,
         rank=4,
@@ -406,7 +428,7 @@ def _one_line_error(res: Any, match: str) -> None:
 
 
 def _train_args(model: Path | str, files: dict[str, Path], out: Path) -> list[str]:
-    args = ["detect", "train", "--model", str(model), "--benign", str(files["benign"])]
+    args = ["detect", "train", "--model", str(model), "--benign", str(files["benign"]), "--flag-on", "cp"]
     return [
         *args,
         "--jailbreak",
