@@ -109,3 +109,24 @@ def test_cli_refuses_a_bad_plan_before_loading_anything(tmp_path: Path) -> None:
 def test_an_existing_study_is_not_replaced_without_overwrite(done: Path) -> None:
     res = runner.invoke(app, ["study", "--model", "no-such-model", "--out", str(done)])
     assert res.exit_code == 2 and "--overwrite" in res.stderr
+
+
+def test_a_classifier_judge_is_scored_on_the_hand_labels_and_labels_the_defence(
+    llama: LoadedModel, judge_dir: Path, tmp_path: Path
+) -> None:
+    from attnscan.behaviour.judge_check import judge_agreement, load_judge_labels
+    from attnscan.behaviour.judges import ClassifierJudge
+
+    judge = ClassifierJudge(str(judge_dir), refusal_labels=["refused"])
+    plan = StudyOptions(**{**PLAN.__dict__, "sweep": (1,), "random_draws": 1})
+    result = study(llama, out=tmp_path / "s", options=plan, judge=judge)
+    rates = pd.read_csv(tmp_path / "s" / "judge.csv")
+    assert list(rates["judge"].unique()) == ["phrases", str(judge_dir)]
+    overall = rates.loc[(rates["judge"] == str(judge_dir)) & (rates["scope"] == "overall")].iloc[0]
+    expected = judge_agreement(load_judge_labels(), judge)["overall"]
+    assert (overall["tp"], overall["fp"], overall["fn"], overall["tn"]) == tuple(
+        expected[k] for k in ("tp", "fp", "fn", "tn")
+    )
+    defence = pd.read_csv(tmp_path / "s" / "defence.csv")
+    assert "jailbreak_judge_refusal_rate" in defence.columns and defence["jailbreak_judge_refusals"].notna().all()
+    assert result.judge is not None and len(result.judge) == len(rates)

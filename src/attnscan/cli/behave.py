@@ -110,11 +110,11 @@ def behave_cmd(
         check_output_dir(out, overwrite, marker=META_FILE, what="behaviour results")
         sets = read_prompt_sets(flags)
         matcher = _matcher(refusal_phrases, refusal_window)
-        labels = _judge_labels(judge, judge_refusal_labels)
+        labels = judge_labels(judge, judge_refusal_labels)
         quiet_libraries()
         load = load_options(flags)
         loaded = load_model(model, load)
-        classifier = _judge(judge, labels, load)
+        classifier = make_judge(judge, labels, load)
         with prompt_progress(quiet) as progress:
             result = behave(
                 loaded,
@@ -231,12 +231,12 @@ def defend_cmd(
         generation, ks = _check_defend_flags(flags)
         sets = read_prompt_sets(flags)
         matcher = _matcher(refusal_phrases, refusal_window)
-        labels = _judge_labels(judge, judge_refusal_labels)
+        labels = judge_labels(judge, judge_refusal_labels)
         order, source = _file_order(from_detector, from_scan, by, model)
         quiet_libraries()
         load = load_options(flags)
         loaded = load_model(model, load)
-        classifier = _judge(judge, labels, load)
+        classifier = make_judge(judge, labels, load)
         chosen, order, source = _bypassed(layers, top, from_scan, order, source, loaded.arch.n_layers)
         with prompt_progress(quiet) as progress:
             result = defend(
@@ -374,7 +374,7 @@ def _matcher(phrases: Path | None, window: int) -> RefusalMatcher:
     return RefusalMatcher.from_file(phrases, window=win) if phrases is not None else RefusalMatcher(window=win)
 
 
-def _judge_labels(judge: str | None, refusal_labels: str | None) -> list[str] | None:
+def judge_labels(judge: str | None, refusal_labels: str | None) -> list[str] | None:
     """The labels of ``--judge-refusal-labels`` (``None`` when not given), checked before anything loads."""
     if refusal_labels is None:
         return None
@@ -383,7 +383,7 @@ def _judge_labels(judge: str | None, refusal_labels: str | None) -> list[str] | 
     return [x.strip() for x in refusal_labels.split(",") if x.strip()] or None
 
 
-def _judge(spec: str | None, refusal_labels: list[str] | None, load: LoadOptions) -> ClassifierJudge | None:
+def make_judge(spec: str | None, refusal_labels: list[str] | None, load: LoadOptions) -> ClassifierJudge | None:
     """The ``--judge`` classifier (``None`` without one), on the model's device and with its code and pickle
     permissions."""
     from ..behaviour.judges import ClassifierJudge

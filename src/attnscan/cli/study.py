@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import AttnscanError
+from .behave import judge_labels, make_judge
 from .options import (
     DeviceOpt,
     DtypeOpt,
+    JudgeLabelsOpt,
+    JudgeOpt,
     PickleOpt,
     QuietOpt,
     RemoteOpt,
@@ -66,6 +69,8 @@ def study_cmd(
     ] = 32,
     seed: Annotated[int, typer.Option(help="Seed for every sample the study draws.")] = 0,
     dpi: Annotated[int, typer.Option(help="Resolution of the figures.")] = 200,
+    judge: JudgeOpt = None,
+    judge_refusal_labels: JudgeLabelsOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     revision: RevisionOpt = None,
@@ -104,9 +109,11 @@ def study_cmd(
             dpi=dpi,
         )
         check_output_dir(out, overwrite, marker=MANIFEST, what="study results")
+        labels = judge_labels(judge, judge_refusal_labels)
         quiet_libraries()
         load = load_options(flags)
         loaded = load_model(model, load)
+        classifier = make_judge(judge, labels, load)
         with prompt_progress(quiet) as progress:
             result = study(
                 loaded,
@@ -114,6 +121,7 @@ def study_cmd(
                 options=options,
                 load=load,
                 overwrite=overwrite,
+                judge=classifier,
                 progress=progress,
                 on_stage=None if quiet else lambda name: typer.echo(f"study: {name}", err=True),
             )

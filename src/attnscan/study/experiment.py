@@ -32,7 +32,7 @@ from .._version import __version__
 from ..behaviour.arms import ArmOptions, DefenceArm, run_arm
 from ..behaviour.generation import GenerationOptions, generate_with
 from ..behaviour.judge_check import agreement_table, judge_agreement, label_table, load_judge_labels
-from ..behaviour.judges import DEFAULT_MATCHER
+from ..behaviour.judges import DEFAULT_MATCHER, ClassifierJudge
 from ..behaviour.layers import layer_order
 from ..behaviour.runs import Tracker, save_jsonl
 from ..detect.store import load_trained, model_record
@@ -195,10 +195,24 @@ def _ids(groups: Mapping[str, Any]) -> dict[str, Any]:
     return {k: groups[k] for k in keys if k in groups}
 
 
-def _judge_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The phrase judge against the packaged hand labels: rates per scope, and calls per hand label."""
-    result = judge_agreement(load_judge_labels(), DEFAULT_MATCHER)
-    return agreement_table(result), label_table(result)
+def _judge_tables(judge: ClassifierJudge | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The phrase judge (and the classifier ``judge``, when given) against the packaged hand labels: rates per
+    scope, and calls per hand label, one block of rows per judge (column ``judge``)."""
+    records = load_judge_labels()
+    judges: list[tuple[str, Any]] = [("phrases", DEFAULT_MATCHER)]
+    if judge is not None:
+        judges.append((judge.spec, judge))
+    rates, labels = [], []
+    for name, each in judges:
+        result = judge_agreement(records, each)
+        rates.append(agreement_table(result).assign(judge=name))
+        labels.append(label_table(result).assign(judge=name))
+    first = ["judge"]
+    rate_table, label_calls = pd.concat(rates, ignore_index=True), pd.concat(labels, ignore_index=True)
+    return (
+        rate_table[first + [c for c in rate_table.columns if c not in first]],
+        label_calls[first + [c for c in label_calls.columns if c not in first]],
+    )
 
 
 # Long (about 90 lines) because it is the study's one sequence of steps, each a call into another stage; splitting
@@ -210,12 +224,15 @@ def study(
     options: StudyOptions | None = None,
     load: LoadOptions | None = None,
     overwrite: bool = False,
+    judge: ClassifierJudge | None = None,
     progress: ProgressFn | None = None,
     on_stage: StageFn | None = None,
 ) -> StudyResult:
     """Run the study (module docstring) on ``model`` and write the directory ``out`` (see :data:`FILES`).
 
-    ``options`` sets the sizes (:class:`~attnscan.study.plan.StudyOptions`), ``load`` how models load.
+    ``options`` sets the sizes (:class:`~attnscan.study.plan.StudyOptions`), ``load`` how models load. ``judge``
+    (a :class:`~attnscan.behaviour.judges.ClassifierJudge`) labels every defence answer beside the phrase judge
+    (its columns in ``defence.csv``) and is scored on the hand labels too (``judge.csv``).
     ``progress(done, total, label)`` hears about each step's items and ``on_stage(name)`` about each step.
     """
     opts = options or StudyOptions()
@@ -255,7 +272,7 @@ def study(
         n_layers = loaded.arch.n_layers
         draws = _random_draws(n_layers, chosen, opts.random_draws, opts.seed)
         plan |= {f"random {i + 1}": layers for i, layers in enumerate(draws)}
-        arm_opts = ArmOptions.make(sets.benign, gen, ppl_texts=None, ppl_length=512, matcher=None, judge=None)
+        arm_opts = ArmOptions.make(sets.benign, gen, ppl_texts=None, ppl_length=512, matcher=None, judge=judge)
         arms = _arms(loaded, sets, {"baseline": (), **plan}, arm_opts, progress)
         clock.stop("defence", t0)
         baseline = arms.pop("baseline")
@@ -271,7 +288,7 @@ def study(
         paper = paper_table(defence)
 
         t0 = clock.start("judge")
-        judge, judge_labels = _judge_tables()
+        agreement, judge_labels = _judge_tables(judge)
         clock.stop("judge", t0)
 
         manifest = {
@@ -297,7 +314,7 @@ def study(
         refusal.to_csv(tmp / "refusal.csv", index=False, float_format="%.6g")
         defence.to_csv(tmp / "defence.csv", index=False, float_format="%.6g")
         paper.to_csv(tmp / "paper.csv", index=False)
-        judge.to_csv(tmp / "judge.csv", index=False, float_format="%.6g")
+        agreement.to_csv(tmp / "judge.csv", index=False, float_format="%.6g")
         judge_labels.to_csv(tmp / "judge_labels.csv", index=False, float_format="%.6g")
         save_jsonl(
             tmp / "responses.jsonl",
@@ -305,10 +322,10 @@ def study(
         )
         _trade_off(defence, tmp / "tradeoff.png", opts.dpi, label)
         (tmp / "study.md").write_text(
-            study_markdown(label, manifest, refusal, defence, paper, judge, scanned.observations), encoding="utf-8"
+            study_markdown(label, manifest, refusal, defence, paper, agreement, scanned.observations), encoding="utf-8"
         )
         write_json(tmp / MANIFEST, manifest)
-    return StudyResult(final, refusal, defence, paper, judge, manifest, list(scanned.observations))
+    return StudyResult(final, refusal, defence, paper, agreement, manifest, list(scanned.observations))
 
 
 def _trade_off(defence: pd.DataFrame, path: Path, dpi: int, label: str) -> None:
