@@ -93,3 +93,22 @@ def test_detection_note_carries_the_margin_families_and_stability() -> None:
     assert "The CP detector at layer 1 beats the text baseline by +0.100 AUROC (95% CI +0.030 to +0.170)." in note
     assert "for family=b" in note and "look risky" in note and "fairly alike" in note
     assert "Without a control set" not in note
+
+
+def test_detection_note_leads_with_the_primary_detector() -> None:
+    table = pd.DataFrame(
+        {
+            "layer": [0, 1],
+            "cp_auroc": [0.7, 0.6],
+            "cp_auroc_low": [0.6, 0.5],
+            "cp_auroc_high": [0.8, 0.7],
+            "probe_auroc": [0.8, 0.95],
+            "probe_auroc_low": [0.7, 0.9],
+            "probe_auroc_high": [0.9, 0.99],
+            "flagged": [False, True],
+        }
+    )
+    meta = {"best_layer": 1, "flagged_layers": [1], "primary": "probe"}
+    note = detection_note(TrainedDetector(table, {}, {}, meta), with_control=True)
+    assert "the pooled-state probe (the primary detector) is best at layer 1 (cross-validated AUROC 0.950" in note
+    assert "the CP detector 0.600 there" in note

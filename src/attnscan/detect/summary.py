@@ -111,14 +111,18 @@ def detection_note(trained: TrainedDetector, with_control: bool) -> str:
         else "benign prompts"
     )
     folds = "holding out whole template families" if trained.cv == "grouped" else "stratified folds"
+    primary = trained.primary
+    other = "cp" if primary == "probe" else "probe"
+    names = {"cp": "CP detector", "probe": "pooled-state probe"}
     note = (
-        f"Detection from hidden states, jailbreak vs {negatives}: the CP detector is best at layer {best} "
-        f"(cross-validated AUROC {row['cp_auroc']:.3f}, 95% CI {row['cp_auroc_low']:.3f} to "
-        f"{row['cp_auroc_high']:.3f}, {folds}; the pooled-state probe {row['probe_auroc']:.3f}); "
-        f"{len(trained.flagged_layers)} of {len(table)} layers reach the flagging threshold."
+        f"Detection from hidden states, jailbreak vs {negatives}: the {names[primary]} (the primary detector) is "
+        f"best at layer {best} (cross-validated AUROC {row[f'{primary}_auroc']:.3f}, 95% CI "
+        f"{row[f'{primary}_auroc_low']:.3f} to {row[f'{primary}_auroc_high']:.3f}, {folds}; the "
+        f"{names[other]} {row[f'{other}_auroc']:.3f} there); {len(trained.flagged_layers)} of {len(table)} layers "
+        "reach the flagging threshold."
     )
-    if "cp_auroc_stratified" in row:
-        note += f" Stratified folds (every wrapper seen in training) give {row['cp_auroc_stratified']:.3f}."
+    if f"{primary}_auroc_stratified" in row:
+        note += f" Stratified folds (every wrapper seen in training) give {row[f'{primary}_auroc_stratified']:.3f}."
     if "text_auroc" in row:
         note += " " + baseline_sentence(row.to_dict())
         margin = (row["text_margin"], row["text_margin_low"], row["text_margin_high"])
