@@ -7,6 +7,7 @@ figure is built with :class:`matplotlib.figure.Figure` directly (never ``pyplot`
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -57,7 +58,8 @@ def trade_off_figure(table: pd.DataFrame, *, title: str | None = None, marked: p
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("benign retention (share of benign prompts answered)")
     ax.set_ylabel("refusal rate on jailbreak prompts")
-    ax.set_title(title or "Layer bypass: safety vs. helpfulness")
+    # a long title (a model name and what is compared) wraps rather than running off the figure's edges
+    ax.set_title(textwrap.fill(title or "Layer bypass: safety vs. helpfulness", width=48, break_on_hyphens=False))
     ax.grid(True, alpha=0.3)
     groups: dict[tuple[float, float], list[int]] = {}
     for xi, yi, k in zip(x, y, ks, strict=True):
