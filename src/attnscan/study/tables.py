@@ -111,13 +111,14 @@ def defence_rows(baseline: DefenceArm, arms: Mapping[str, DefenceArm]) -> pd.Dat
     return pd.DataFrame(rows).drop(columns=["variant"])
 
 
-def _summary(values: pd.Series) -> str:
+def _summary(values: pd.Series, fmt: str = ".0%") -> str:
+    """One value, or the mean and range of several (the random-layer draws), formatted with ``fmt``."""
     values = values.dropna()
     if values.empty:
         return "n/a"
     if len(values) == 1:
-        return f"{values.iloc[0]:.0%}"
-    return f"{values.mean():.0%} (range {values.min():.0%} to {values.max():.0%})"
+        return format(values.iloc[0], fmt)
+    return f"{format(values.mean(), fmt)} (range {format(values.min(), fmt)} to {format(values.max(), fmt)})"
 
 
 def _with_ci(row: Mapping[str, Any], key: str) -> str:
@@ -157,22 +158,13 @@ def paper_table(rows: pd.DataFrame) -> pd.DataFrame:
             "metric": "benign answers' similarity to the unmodified ones (chrF)",
             "paper": "",
             "this study": f"{defence['benign_chrf']:.2f}",
-            "random layers": _summary_float(randoms["benign_chrf"]),
+            "random layers": _summary(randoms["benign_chrf"], ".2f"),
         },
         {
             "metric": "perplexity on benign text, ratio to the unmodified model",
             "paper": "",
             "this study": f"{defence['perplexity_ratio']:.2f}",
-            "random layers": _summary_float(randoms["perplexity_ratio"]),
+            "random layers": _summary(randoms["perplexity_ratio"], ".2f"),
         },
     ]
     return pd.DataFrame(lines)
-
-
-def _summary_float(values: pd.Series) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.2f}"
-    return f"{values.mean():.2f} (range {values.min():.2f} to {values.max():.2f})"
