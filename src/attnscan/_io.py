@@ -116,3 +116,21 @@ def write_json(path: Path, data: Any) -> None:
 def now_utc() -> str:
     """The time now, UTC, to the second, ISO 8601: the ``started`` / ``finished`` stamps of every manifest."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_format_json(path: Path, fmt: str, version: int, what: str, fix: str) -> dict[str, Any]:
+    """The JSON document at ``path`` when it is an object tagged ``format: fmt`` with ``format_version: version``;
+    else one :class:`AttnscanError` line naming the file (``what``: the kind of file, ``fix``: what to do about an
+    other version). The file must exist: callers say first what is missing."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AttnscanError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise AttnscanError(f"{path} is not an attnscan {what} file")
+    if doc.get("format_version") != version:
+        raise AttnscanError(
+            f"{path} has {what} format version {doc.get('format_version')}; this attnscan reads version {version}: "
+            f"{fix}"
+        )
+    return doc

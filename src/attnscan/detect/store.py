@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._io import atomic_dir, atomic_file, check_output_dir
+from .._io import atomic_dir, atomic_file, check_output_dir, read_format_json
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from .detectors import DETECTOR_KINDS, CPDetector, Detector, Kind, ProbeDetector
@@ -152,17 +152,7 @@ def load_detector(path_dir: str | os.PathLike[str]) -> tuple[dict[int, Detector]
     meta_path, state_path = root / META_FILE, root / STATE_FILE
     if not meta_path.is_file() or not state_path.is_file():
         raise AttnscanError(f"{root} is not a detector directory: expected {META_FILE} and {STATE_FILE}")
-    try:
-        doc = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AttnscanError(f"{meta_path} is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise AttnscanError(f"{meta_path} is not an attnscan detector file")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise AttnscanError(
-            f"{meta_path} has detector format version {doc.get('format_version')}; this attnscan reads version "
-            f"{FORMAT_VERSION}: upgrade attnscan or re-fit the detector"
-        )
+    doc = read_format_json(meta_path, FORMAT, FORMAT_VERSION, "detector", "upgrade attnscan or re-fit the detector")
     try:
         tensors = load_file(str(state_path))
     except Exception as exc:  # safetensors raises its own error types for a damaged file

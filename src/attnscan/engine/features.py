@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .._io import atomic_dir
+from .._io import atomic_dir, read_format_json
 from ..errors import AttnscanError
 
 __all__ = [
@@ -128,18 +128,7 @@ def read_meta(root: Path) -> dict[str, Any]:
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise AttnscanError(f"{root} is not a features directory: expected {META_FILE}")
-    try:
-        doc = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AttnscanError(f"{meta_path} is not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise AttnscanError(f"{meta_path} is not an attnscan features file")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise AttnscanError(
-            f"{meta_path} has features format version {doc.get('format_version')}; this attnscan reads "
-            f"version {FORMAT_VERSION}: extract the features again"
-        )
-    return doc
+    return read_format_json(meta_path, FORMAT, FORMAT_VERSION, "features", "extract the features again")
 
 
 Pool = Literal["mean", "request", "last"]

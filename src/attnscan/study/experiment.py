@@ -16,7 +16,6 @@ The directory appears complete or not at all; see :data:`FILES` for what it hold
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +35,6 @@ from ..behaviour.judges import DEFAULT_MATCHER, ClassifierJudge
 from ..behaviour.layers import layer_order
 from ..behaviour.runs import Tracker, save_jsonl
 from ..detect.store import load_trained, model_record
-from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..pipeline import run
 from ..rundir import DETECTOR_DIR
@@ -337,11 +335,3 @@ def _trade_off(defence: pd.DataFrame, path: Path, dpi: int, label: str) -> None:
     marked = defence.loc[(defence["role"] == "defence") | defence["role"].str.startswith("random")]
     fig = trade_off_figure(sweep, title=f"{label}: layer bypass, top-ranked vs random layers", marked=marked)
     save_figure(fig, path, dpi=dpi)
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The ``study.json`` of a study directory."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise AttnscanError(f"{path} holds no study results: expected {MANIFEST} (write one with attnscan study)")
-    return dict(json.loads(file.read_text(encoding="utf-8")))
