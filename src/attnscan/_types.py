@@ -1,4 +1,4 @@
-"""Types shared by several stages, defined once."""
+"""Types and defaults shared by several stages, defined once (this module imports nothing heavy)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+DEFAULT_FLOOR = -10.0
+"""Floor of the log statistics: a ln(mean probability) below it is shown as the floor (the reference figure's
+scale runs from -10 to 0)."""
 
 ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``: units done so far (prompts, layers ...), their total, and what is running."""

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from .._io import now_utc
-from .._types import NoticeFn, ProgressFn, refuse_leftovers, take_options
+from .._types import DEFAULT_FLOOR, NoticeFn, ProgressFn, refuse_leftovers, take_options
 from .._version import __version__
 from ..engine import distributed
-from ..engine.accumulate import DEFAULT_FLOOR, Align, GridCollector, check_align, check_floor
+from ..engine.accumulate import Align, GridCollector, check_align, check_floor
 from ..engine.batching import PaddingSide, estimate_batch_size, pad_token_id, run_collect
 from ..engine.checkpoint import Interrupted, checkpoint_file, load_checkpoint, save_checkpoint, stop_on_signals
 from ..errors import AttnscanError

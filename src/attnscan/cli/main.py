@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..engine.accumulate import DEFAULT_FLOOR
+from .._types import DEFAULT_FLOOR
 from ..errors import AttnscanError
 from ..prompts.encoding import DEFAULT_LENGTH
 from . import behave, detect, study

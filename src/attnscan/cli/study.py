@@ -79,8 +79,9 @@ def study_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier study in --out.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """The paper's experiment on one model: refusal and attack success, scan and detectors, layer-bypass defence
-    against random layers, and the refusal judge checked against hand labels.
+    """The paper's experiment on one model: refusals, attack success, detectors, layer bypass vs random layers.
+
+    It also checks the refusal judge against the hand labels.
 
     Writes one directory (study.md is the report section; see the README). The default model is the refusing
     Qwen2.5-Coder-0.5B-Instruct: fetch it first with attnscan fetch qwen2.5-coder-0.5b-instruct (make models).

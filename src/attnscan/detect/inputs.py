@@ -34,8 +34,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from .._types import ProgressFn
-from ..engine.accumulate import DEFAULT_FLOOR, Align, check_align, check_floor
+from .._types import DEFAULT_FLOOR, ProgressFn
+from ..engine.accumulate import Align, check_align, check_floor
 from ..engine.batching import check_batch_size
 from ..engine.features import check_pool
 from ..engine.hidden import CharSpans, extract_features

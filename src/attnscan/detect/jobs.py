@@ -26,8 +26,8 @@ import numpy.typing as npt
 import pandas as pd
 
 from .._io import now_utc
-from .._types import ProgressFn, refuse_leftovers, take_options
-from ..engine.accumulate import DEFAULT_FLOOR, Align
+from .._types import DEFAULT_FLOOR, ProgressFn, refuse_leftovers, take_options
+from ..engine.accumulate import Align
 from ..engine.batching import check_batch_size
 from ..engine.features import Pool
 from ..engine.hidden import DEFAULT_LAST_K

@@ -41,13 +41,10 @@ from typing import Literal
 
 import torch
 
+from .._types import DEFAULT_FLOOR
 from ..errors import AttnscanError
 
 Align = Literal["absolute", "relative"]
-
-DEFAULT_FLOOR = -10.0
-"""Floor of the log statistics: a ln(mean probability) below it is shown as the floor (the reference figure's
-scale runs from -10 to 0)."""
 
 
 def check_align(align: str) -> None:
