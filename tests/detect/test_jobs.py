@@ -470,7 +470,11 @@ def test_cli_train_score_eval(tiny_model_dir: Path, prompt_files: dict[str, Path
     metrics_csv = tmp_path / "metrics.csv"
     args = ["detect", "eval", str(det), "--benign", str(prompt_files["new_benign"])]
     args += ["--jailbreak", str(prompt_files["new_jail"]), "--out", str(metrics_csv), "--bootstrap", "100", "--quiet"]
-    res = runner.invoke(app, args)
+    headline_json = tmp_path / "eval" / "headline.json"
+    res = runner.invoke(app, [*args, "--json", str(metrics_csv)])
+    _one_line_error(res, "--out and --json name the same file")
+    assert not metrics_csv.exists()
+    res = runner.invoke(app, [*args, "--json", str(headline_json)])
     assert res.exit_code == 0, res.stderr
     out = res.stdout
     best = load_trained(det).best_layer
@@ -480,6 +484,12 @@ def test_cli_train_score_eval(tiny_model_dir: Path, prompt_files: dict[str, Path
     table = pd.read_csv(metrics_csv)
     assert table["layer"].tolist() == [0, 1, 2] and table["cp_auroc"].max() >= 0.9
     assert table["trained_layer"].tolist() == [layer == best for layer in (0, 1, 2)]
+    doc = json.loads(headline_json.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    head = doc["headline"]
+    assert doc["format"] == "attnscan.detect-eval" and head["layer"] == best and head["kind"] == "cp"
+    row = table.set_index("layer").loc[best]
+    assert head["auroc"] == pytest.approx(row["cp_auroc"], abs=1e-12) and head["n"] == 12
+    assert head["n_jailbreak"] == 6 and 0 <= head["tpr"] <= 1 and isinstance(doc["families"], list)
 
     # a second score to the same file is refused; nothing is rewritten
     before = scores.read_text()

@@ -284,6 +284,14 @@ def score_cmd(
 
 EvalLayersOpt = Annotated[str, typer.Option(help="'all' (the detector's layers), or layers such as 3,7.")]
 EvalOutOpt = Annotated[Path | None, typer.Option(help="Also write the per-layer metrics to this CSV file.")]
+EvalJsonOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--json",
+        help="Also write the headline (trained layer beside the length and text baselines, margin, flag rates at the "
+        "saved threshold) and the per-family rates to this JSON file.",
+    ),
+]
 EvalTopOpt = Annotated[
     int, typer.Option(help="Layers shown in the per-layer table: those nearest the trained layer, in layer order.")
 ]
@@ -311,6 +319,7 @@ def eval_cmd(
     trust_remote_code: RemoteOpt = False,
     allow_pickle: PickleOpt = False,
     out: EvalOutOpt = None,
+    json_out: EvalJsonOpt = None,
     top: EvalTopOpt = 10,
     overwrite: OverwriteFileOpt = False,
     quiet: QuietOpt = False,
@@ -322,8 +331,11 @@ def eval_cmd(
     from .progress import lazy_progress
 
     with user_errors():
-        if out is not None:
-            check_output_file(out, overwrite)
+        for path in (out, json_out):
+            if path is not None:
+                check_output_file(path, overwrite)
+        if out is not None and json_out is not None and out.resolve() == json_out.resolve():
+            raise AttnscanError("--out and --json name the same file: give each its own")
         trained = load_trained(detector)
         sets = read_prompt_sets(flags)
         quiet_libraries()
@@ -343,7 +355,37 @@ def eval_cmd(
             )
         if out is not None:
             write_table(frame, out, overwrite=overwrite)
+        if json_out is not None:
+            _write_evaluation_json(frame, detector, json_out)
     _print_evaluation(frame, trained, len(sets["benign"]), len(sets["jailbreak"]), top, out)
+    if json_out is not None:
+        typer.echo(f"wrote {json_out}")
+
+
+def _write_evaluation_json(frame: Any, detector: Path, path: Path) -> None:
+    """The headline and per-family rates of ``detect eval`` as JSON, written atomically (NaN becomes null)."""
+    import math
+
+    from .._io import atomic_file, write_json
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy scalars
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    families = frame.attrs["families"]
+    rows = families.to_dict("records") if hasattr(families, "to_dict") else list(families)
+    doc = {"format": "attnscan.detect-eval", "detector": str(detector), "headline": frame.attrs["headline"]}
+    doc["families"] = rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        write_json(tmp, plain(doc))
 
 
 def _print_evaluation(frame: Any, trained: TrainedDetector, n_b: int, n_j: int, top: int, out: Path | None) -> None:
