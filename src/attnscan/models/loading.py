@@ -32,6 +32,7 @@ import torch
 from .._types import refuse_leftovers, take_options
 from ..errors import AttnscanError
 from .arch import ArchFacts, Route, arch_facts
+from .checks import check_model_dir
 from .fetched import FETCHED, find_fetched
 from .gguf_cache import EMBEDDED, cache_root, embedded_gguf_path, gguf_to_safetensors
 from .gguf_cache import EMBEDDED_NAME as EMBEDDED_NAME  # re-exported: the spec users name, next to load_model
@@ -236,6 +237,10 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
         revision = None
     if kind != "hub" and not allow_pickle:
         refuse_pickle(Path(target))
+    if kind == "local":
+        check_model_dir(Path(target))
+    elif kind != "hub":
+        check_model_dir(Path(target), f"delete {target} so that attnscan converts the GGUF file again")
 
     dev = resolve_device(device) if device_map is None else _first_accelerator()
     torch_dtype = resolve_dtype(dtype, dev)
@@ -245,6 +250,11 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(target, **common)
     except (OSError, ValueError) as exc:
+        if kind != "hub":  # the files are here: their config names an architecture this transformers lacks
+            raise AttnscanError(
+                f"cannot load model '{spec}' from {Path(target) / 'config.json'}: {_first_line(exc)}; upgrade "
+                "transformers, or pass --trust-remote-code if the model ships its own code and you trust it"
+            ) from None
         raise AttnscanError(
             f"cannot load model '{spec}': {_first_line(exc)}; check the spec, your hub access "
             f"(HF_HUB_OFFLINE), or use '{EMBEDDED_NAME}'"
@@ -273,7 +283,7 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
             **placement,
             **common,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights whose shapes do not fit the config
         msg = _first_line(exc)
         if not allow_pickle and ("safetensors" in msg or ".bin" in msg):
             raise AttnscanError(
@@ -285,8 +295,12 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **common)
-    except (OSError, ValueError) as exc:
-        raise AttnscanError(f"cannot load the tokenizer of '{spec}': {_first_line(exc)}") from None
+    except Exception as exc:  # the tokenizers library raises plain Exception for damaged tokenizer.json files
+        where = f" from {target}" if kind != "hub" else ""
+        raise AttnscanError(
+            f"cannot load the tokenizer of '{spec}'{where} ({_first_line(exc)}): restore its tokenizer files "
+            "(tokenizer.json, tokenizer_config.json), e.g. by downloading or copying the model again"
+        ) from None
     source["revision"] = revision
     commit = getattr(config, "_commit_hash", None)
     if commit:
