@@ -91,6 +91,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary file name beside ``path``; on success the file replaces ``path`` in one rename, with the
     permissions of a normally created file. On any exception the temporary file is removed."""
     path = Path(path)
+    if path.is_dir():
+        raise AttnscanError(f"{path} is a directory: give the name of a file to write")
     sweep_leftovers(path)
     fd, name = tempfile.mkstemp(prefix=leftover_prefix(path, "tmp"), suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -206,6 +208,22 @@ def os_error(exc: BaseException) -> AttnscanError | None:
 def now_utc() -> str:
     """The time now, UTC, to the second, ISO 8601: the ``started`` / ``finished`` stamps of every manifest."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def reading(path: Path, what: str, fix: str) -> Iterator[None]:
+    """Turn any failure while reading ``path`` (a ``what``, e.g. "results bundle") into one :class:`AttnscanError`
+    line naming the path, the failure and ``fix``. A damaged file fails its readers with any exception type
+    (safetensors' own, pandas', ``KeyError`` for a missing entry, ``ValueError`` for a wrong shape), so every reader
+    of files attnscan wrote, which may be truncated, garbled or from another version, runs under this."""
+    try:
+        yield
+    except AttnscanError:
+        raise
+    except Exception as exc:  # see the docstring: any type may come out of a reader given damaged bytes
+        text = " ".join(str(exc).split())
+        reason = f"{type(exc).__name__}: {text[:150]}" if text else type(exc).__name__
+        raise AttnscanError(f"{path} is not a readable {what}, it is damaged or incomplete ({reason}): {fix}") from None
 
 
 def read_format_json(path: Path, fmt: str, version: int, what: str, fix: str) -> dict[str, Any]:
