@@ -35,6 +35,7 @@ def check_output_dir(
     ``overwrite``; anything else never (attnscan does not delete what it did not write).
     """
     out = Path(out)
+    sweep_leftovers(out)  # first: a result a killed write had moved aside is put back before it is judged
     if not out.exists():
         return
     if not out.is_dir():
@@ -65,7 +66,6 @@ def atomic_dir(
         created.append(parent)
         parent = parent.parent
     final.parent.mkdir(parents=True, exist_ok=True)
-    sweep_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=leftover_prefix(final, "tmp"), dir=final.parent))
     try:
         yield tmp

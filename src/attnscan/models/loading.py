@@ -48,6 +48,8 @@ DTYPES: dict[str, torch.dtype] = {
 
 _LAYER = re.compile(r"^-?\d+$")
 _LAYER_SPAN = re.compile(r"^(\d+)-(\d+)$")
+_MEMORY_DEVICE = re.compile(r"^(\d+|[A-Za-z]+(:\d+)?)$", re.ASCII)
+_MEMORY_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG])(i?)B$|^(\d+)$", re.ASCII | re.IGNORECASE)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -89,7 +91,12 @@ def parse_layers(layers: str | Sequence[int] | None, n_layers: int) -> tuple[int
             if single:
                 items.append(int(part))
             elif span:
-                items.extend(range(int(span.group(1)), int(span.group(2)) + 1))
+                low, high = int(span.group(1)), int(span.group(2))
+                if low > high:
+                    raise AttnscanError(f"layer span '{part}' is empty: write the lower layer first, e.g. {high}-{low}")
+                if high >= n_layers:  # checked before the span is spelled out: '0-99999999999' must not fill memory
+                    raise AttnscanError(f"layer {high} out of range: model has {n_layers} layers (0-{n_layers - 1})")
+                items.extend(range(low, high + 1))
             else:
                 raise AttnscanError(
                     f"cannot read layer '{part}': give 'all', numbers such as 3,7,18, or a span such as 3-7"
@@ -200,7 +207,7 @@ class LoadOptions:
     allow_pickle: bool = False
     route: Route | None = None
     device_map: str | dict[str, Any] | None = None
-    max_memory: dict[Any, str] | None = None
+    max_memory: dict[Any, str | int] | None = None
 
 
 def resolve_model(model: str | LoadedModel, load: LoadOptions | None = None) -> LoadedModel:
@@ -323,16 +330,27 @@ def _first_accelerator() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def parse_max_memory(text: str | None) -> dict[Any, str] | None:
-    """``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``."""
+def parse_max_memory(text: str | None) -> dict[Any, str | int] | None:
+    """``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}`` (a bare number: bytes)."""
     if not text:
         return None
-    out: dict[Any, str] = {}
+    out: dict[Any, str | int] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        key, sep, value = part.partition("=")
-        if not sep or not value:
-            raise AttnscanError(f"cannot read --max-memory part '{part}': write DEVICE=SIZE, e.g. 0=20GiB,cpu=60GiB")
-        out[int(key) if key.strip().isdigit() else key.strip()] = value.strip()
+        key, sep, value = (x.strip() for x in part.partition("="))
+        size = _MEMORY_SIZE.match(value)
+        if not sep or not _MEMORY_DEVICE.match(key) or size is None:
+            raise AttnscanError(
+                f"cannot read --max-memory part '{part}': write DEVICE=SIZE with a GPU number, cpu or disk and a size "
+                "in KiB, MiB, GiB, KB, MB or GB (or bytes), e.g. 0=20GiB,cpu=60GiB"
+            )
+        device: Any = int(key) if key.isdigit() else key.lower()
+        if device in out:
+            raise AttnscanError(f"--max-memory names device {key} twice: give each device once")
+        # accelerate reads a lower-case 'gb' as gigabits: write the unit in the one spelling it reads as bytes
+        number, prefix, binary, plain = size.groups()
+        out[device] = int(plain) if plain else f"{number}{prefix.upper()}{'iB' if binary else 'B'}"
+    if not out:
+        raise AttnscanError("--max-memory is empty: write DEVICE=SIZE,..., e.g. 0=20GiB,cpu=60GiB")
     return out
 
 
