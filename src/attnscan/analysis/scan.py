@@ -300,7 +300,7 @@ def _collect(
                 batches += 1
                 saved = True
                 if ckpt is not None and (batches % opts.checkpoint_every == 0 or stop):
-                    saved = try_save_checkpoint(ckpt, settings, collectors, on_notice)
+                    saved = try_save_checkpoint(ckpt, settings, collectors)
                 if stop:
                     kept = "checkpoint saved to" if saved else "this checkpoint could not be saved; the last one is in"
                     raise Interrupted(
@@ -330,7 +330,7 @@ def _collect(
                 on_backoff=on_backoff,
             )
         if ckpt is not None:
-            try_save_checkpoint(ckpt, settings, collectors, on_notice)
+            try_save_checkpoint(ckpt, settings, collectors)
     return size
 
 

@@ -4,8 +4,8 @@ A checkpoint is one safetensors file per process (``rank{R}.safetensors`` in the
 set's collector state (:meth:`GridCollector.state`) and, in its metadata, the settings that produced it. It is
 replaced atomically (temporary file, then ``os.replace``), so a scan killed at any moment leaves either the previous
 checkpoint or the new one; the temporary files of killed scans are removed by the next save. A save that fails (a
-full disk, a flaky network file system) does not end the scan: :func:`try_save_checkpoint` reports it and the scan
-goes on, with the previous checkpoint still in place. Resuming refuses a checkpoint whose settings differ from the
+full disk, a flaky network file system) does not end the scan: :func:`try_save_checkpoint` warns and the scan goes
+on, with the previous checkpoint still in place. Resuming refuses a checkpoint whose settings differ from the
 current scan's.
 """
 
@@ -17,6 +17,7 @@ import os
 import signal
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
@@ -26,7 +27,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .._io import leftover_prefix, os_errno, sweep_leftovers
-from .._types import NoticeFn
 from ..errors import AttnscanError
 from .accumulate import GridCollector
 
@@ -61,22 +61,24 @@ def save_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping
         raise
 
 
-def try_save_checkpoint(
-    path: Path, settings: Mapping[str, Any], collectors: Mapping[str, GridCollector], on_notice: NoticeFn | None
-) -> bool:
-    """:func:`save_checkpoint`, except that a failed write is told to ``on_notice`` instead of ending the scan (the
-    previous checkpoint stays in place). Returns whether the checkpoint was saved."""
+def try_save_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping[str, GridCollector]) -> bool:
+    """:func:`save_checkpoint`, except that a write the disk refused (full, over quota, gone) is a warning instead of
+    the end of the scan; the previous checkpoint stays in place. Returns whether the checkpoint was saved.
+
+    A warning, not a notice: it must be seen even by a scan run without progress output (``--quiet``)."""
     try:
         save_checkpoint(path, settings, collectors)
     except Exception as exc:  # OSError, or safetensors' own error type carrying the OS error
-        if not isinstance(exc, OSError) and os_errno(exc) is None:
+        code = os_errno(exc)
+        if not isinstance(exc, OSError) and code is None:
             raise
-        if on_notice is not None:
-            reason = os.strerror(code) if (code := os_errno(exc)) else str(exc)
-            on_notice(
-                f"could not save the checkpoint {path} ({reason}); the scan goes on and tries again at the next "
-                "checkpoint (a resume would start from the previous one)"
-            )
+        reason = os.strerror(code) if code else str(exc)
+        warnings.warn(
+            f"could not save the checkpoint {path} ({reason}); the scan goes on and tries again at the next "
+            "checkpoint (a resume now would start from the previous one)",
+            UserWarning,
+            stacklevel=2,
+        )
         return False
     return True
 
