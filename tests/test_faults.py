@@ -24,7 +24,18 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from attnscan.cli.main import app
-from faults_world import damaged_copies, edit_json, flip_bytes, garble_json, model_files, prompt_files, truncate
+from attnscan.errors import AttnscanError
+from attnscan.models.checks import check_gguf, check_model_dir
+from faults_world import (
+    damaged_copies,
+    edit_json,
+    flip_bytes,
+    garble_json,
+    model_files,
+    prompt_files,
+    small_gguf,
+    truncate,
+)
 
 runner = CliRunner()
 
@@ -287,3 +298,33 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
     assert "Traceback" not in res.stdout + res.stderr, detail
     assert _fill([words], world, area)[0] in err, detail
     assert _snapshot(area) == before, "the failed command left something in the output area"
+
+
+# ----------------------------------------------------------------------- the model file checks on their own
+
+
+def test_a_sound_gguf_and_model_directory_pass(tmp_path: Path, tiny_model_dir: Path) -> None:
+    check_gguf(small_gguf(tmp_path / "ok.gguf"))
+    check_model_dir(tiny_model_dir)
+    sharded = shutil.copytree(tiny_model_dir, tmp_path / "sharded")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    check_model_dir(sharded)
+
+
+@pytest.mark.parametrize("keep", [4, 8, 24, 100, -1, -64])
+def test_a_gguf_cut_anywhere_is_refused_by_name(tmp_path: Path, keep: int) -> None:
+    path = small_gguf(tmp_path / "cut.gguf")
+    truncate(path, keep)
+    with pytest.raises(AttnscanError, match=r"cut\.gguf is damaged or not a model file") as info:
+        check_gguf(path)
+    assert "download or copy the model again" in str(info.value)
+
+
+def test_a_model_directory_cut_short_is_refused_with_the_fix(tmp_path: Path, tiny_model_dir: Path) -> None:
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    truncate(copy / "model.safetensors", -1)
+    with pytest.raises(AttnscanError, match=r"model\.safetensors is damaged .* download or copy the model again"):
+        check_model_dir(copy)
+    with pytest.raises(AttnscanError, match="delete the cache"):
+        check_model_dir(copy, "delete the cache")
