@@ -102,6 +102,7 @@ CATALOGUE: list[tuple[str, list[str], str]] = [
     ("out-is-a-file", [*scan("{m:good}"), "--out", "{taken}"], "exists and is not a directory"),
     ("out-is-foreign", [*scan("{m:good}"), "--out", "{foreign}"], "holds no attnscan"),
     # checkpoints
+    ("checkpoint-is-a-file", scan("{m:good}", "--checkpoint", "{taken}"), "is a file: give --checkpoint a directory"),
     ("checkpoint-damaged", scan("{m:good}", "--resume", "--checkpoint", "{c:garbage}"), "cannot read checkpoint"),
     ("checkpoint-foreign", scan("{m:good}", "--resume", "--checkpoint", "{c:foreign}"), "not an attnscan checkpoint"),
     ("checkpoint-other-settings", scan("{m:good}", "--resume", "--checkpoint", "{c:other}"), "different settings"),

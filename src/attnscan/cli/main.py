@@ -153,6 +153,8 @@ def scan_cmd(
         options = options_from(ScanOptions, flags, batch_size=size, checkpoint=ckpt, checkpoint_every=every)
         if checkpoint_every < 0:
             raise AttnscanError(f"--checkpoint-every must be 0 or more, got {checkpoint_every}")
+        if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
+            raise AttnscanError(f"checkpoint directory {ckpt} is a file: give --checkpoint a directory")
         sets = read_prompt_sets(flags)
         result = _scan(model, sets, options, load_options(flags), ckpt_dir, quiet=quiet or not main_rank)
         if main_rank:
