@@ -269,10 +269,11 @@ def test_leftovers_of_killed_writers_are_swept_and_others_kept(tmp_path: Path) -
     killed[1].write_text("<html")
     alive = tmp_path / f"{leftover_prefix(final)}own"  # this process: still running
     other_host = tmp_path / f".result.tmp-elsewhere-{dead}-xyz"
-    alive.mkdir()
-    other_host.mkdir()
+    no_pid = tmp_path / (leftover_prefix(final).replace(f"-{os.getpid()}-", f"-{10**30}-") + "big")
+    for path in (alive, other_host, no_pid):
+        path.mkdir()
     assert sorted(sweep_leftovers(final)) == sorted(killed)
-    assert alive.exists() and other_host.exists() and (final / "manifest.json").is_file()
+    assert all(p.exists() for p in (alive, other_host, no_pid)) and (final / "manifest.json").is_file()
 
 
 def test_a_result_moved_aside_by_a_killed_writer_is_put_back(tmp_path: Path) -> None:

@@ -122,7 +122,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # e.g. EPERM: it runs, under another user
+    except (OSError, OverflowError):  # EPERM: it runs, under another user; overflow: no pid of ours, keep it
         return True
     return True
 
@@ -145,7 +145,7 @@ def sweep_leftovers(final: Path) -> list[Path]:
         if match.group(1) == "old" and not final.exists() and entry.is_dir():
             with contextlib.suppress(OSError):
                 os.replace(entry, final)
-                continue
+            continue  # put back; where that failed, kept as it is rather than lost
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
