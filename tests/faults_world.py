@@ -50,14 +50,15 @@ def flip_bytes(path: Path, rng: random.Random, count: int = 8, start: int = 0, s
     path.write_bytes(bytes(data))
 
 
-def small_gguf(path: Path) -> Path:
-    """A valid GGUF v3 file with two float32 tensors but no tokenizer (no model can be built from it)."""
+def small_gguf(path: Path, fill: float = 1.0) -> Path:
+    """A valid GGUF v3 file with two float32 tensors (all ``fill``) but no tokenizer (no model can be built from
+    it)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.ones((8, 4), dtype=np.float32))
-    writer.add_tensor("blk.0.attn_q.weight", np.ones((4, 4), dtype=np.float32))
+    writer.add_tensor("token_embd.weight", np.full((8, 4), fill, dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", np.full((4, 4), fill, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -60,6 +60,7 @@ CATALOGUE: list[tuple[str, list[str], str]] = [
     ("gguf-tensor-data-cut", scan("{m:gguf_tensors_cut}"), "gguf_tensors_cut.gguf is damaged"),
     ("gguf-unknown-version", scan("{m:gguf_version}"), "GGUF version 99; attnscan reads versions 2 and 3"),
     ("gguf-no-tokenizer", scan("{m:gguf_valid_unusable}"), "use a GGUF file of a supported architecture"),
+    ("gguf-cache-damaged", scan("{m:gguf_cache_damaged}"), "so that attnscan converts the GGUF file again"),
     ("gguf-missing", scan("{out}-missing.gguf"), "GGUF file not found"),
     # damaged safetensors model directories
     ("safetensors-cut-short", scan("{m:st_cut}"), "incomplete metadata, file not fully covered"),
@@ -246,8 +247,13 @@ def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     cache = root / "cache"
     (cache / "fetched").mkdir(parents=True)
     from attnscan.models.fetched import FETCHED
+    from attnscan.models.gguf_cache import sha256_file
 
     (cache / "fetched" / f"{FETCHED['qwen2.5-coder-0.5b-instruct'].sha256}.gguf").write_bytes(b"GGUF" + b"\0" * 60)
+    cached = small_gguf(models / "cached.gguf", fill=2.0)  # its conversion in the cache is damaged
+    converted = shutil.copytree(places["m:st_cut"], cache / "gguf" / sha256_file(cached))
+    (converted / "attnscan-source.json").write_text("{}")
+    places["m:gguf_cache_damaged"] = cached
     places["cache"] = cache
     return places
 
