@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from attnscan.cli.main import app
-from attnscan.detect.store import load_trained
+from attnscan.detect.store import load_detector, load_trained
 from attnscan.errors import AttnscanError
 from attnscan.models.loading import parse_layers, parse_max_memory
 from attnscan.prompts.loaders import READERS, read_file_rows
@@ -219,3 +219,4 @@ def test_a_damaged_bundle_loads_or_is_refused(saved: dict[str, Path], data: st.D
 @given(data=st.data())
 def test_a_damaged_detector_loads_or_is_refused(saved: dict[str, Path], data: st.DataObject) -> None:
     _reads_or_refuses(saved["detector"], load_trained, data)
+    _reads_or_refuses(saved["detector"], load_detector, data)  # the reader of one kind's directory

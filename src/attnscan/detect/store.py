@@ -145,10 +145,14 @@ def save_detector(
 
 
 def load_detector(path_dir: str | os.PathLike[str]) -> tuple[dict[int, Detector], dict[str, Any]]:
-    """Read what :func:`save_detector` wrote: ``({layer: detector}, meta)``."""
+    """Read what :func:`save_detector` wrote: ``({layer: detector}, meta)`` (damaged files: one error line)."""
+    with reading(Path(path_dir), "detector directory", "save or train the detector again"):
+        return _load_detector(Path(path_dir))
+
+
+def _load_detector(root: Path) -> tuple[dict[int, Detector], dict[str, Any]]:
     from safetensors.numpy import load_file
 
-    root = Path(path_dir)
     meta_path, state_path = root / META_FILE, root / STATE_FILE
     if not meta_path.is_file() or not state_path.is_file():
         raise AttnscanError(f"{root} is not a detector directory: expected {META_FILE} and {STATE_FILE}")
