@@ -13,6 +13,7 @@ import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -185,3 +186,35 @@ def edit_json(path: Path, **changes: object) -> None:
         else:
             doc[key] = value
     path.write_text(json.dumps(doc))
+
+
+_SAVED: dict[str, dict[str, Any]] = {}
+
+
+def saved_results(factory: Any, model_dir: Path) -> dict[str, Any]:
+    """A results bundle and a detector of the tiny model in ``model_dir`` on the prompts above, written once per test
+    session through the command line (the fault tests damage copies of them). Returns the paths, the command-line
+    arguments they were made with (``common``: model, prompts, length, device; ``scan``: the whole scan command
+    without ``--out``) and the prompt files."""
+    key = str(model_dir)
+    if key not in _SAVED:
+        from typer.testing import CliRunner
+
+        from attnscan.cli.main import app
+
+        root = Path(factory.mktemp("saved"))
+        benign, jail = root / "benign.txt", root / "jail.txt"
+        benign.write_text("\n".join(BENIGN) + "\n")
+        jail.write_text("\n".join(JAILBREAK) + "\n")
+        common = ["--model", str(model_dir), "--benign", str(benign), "--jailbreak", str(jail)]
+        common += ["--length", "16", "--device", "cpu", "--quiet"]
+        scan = ["scan", *common, "--batch-size", "2", "--checkpoint-every", "1"]
+        runner = CliRunner()
+        for args in (
+            [*scan, "--out", str(root / "bundle")],
+            ["detect", "train", *common, "--folds", "2", "--bootstrap", "0", "--out", str(root / "detector")],
+        ):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
+        _SAVED[key] = {"bundle": root / "bundle", "detector": root / "detector", "common": common, "scan": scan}
+    return _SAVED[key]

@@ -33,6 +33,7 @@ from faults_world import (
     garble_json,
     model_files,
     prompt_files,
+    saved_results,
     small_gguf,
     truncate,
 )
@@ -221,11 +222,6 @@ def _checkpoints(root: Path) -> dict[str, Path]:
     return out
 
 
-def _ok(args: list[str]) -> None:
-    res = runner.invoke(app, args)
-    assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
-
-
 @pytest.fixture(scope="module")
 def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every damaged input of the catalogue, by placeholder (``m:NAME``, ``p:NAME``, ...), built once."""
@@ -237,11 +233,8 @@ def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     prompts = root / "prompts"
     prompts.mkdir()
     places.update({f"p:{k}": v for k, v in prompt_files(prompts).items()})
-    sets = [str(places["p:benign_txt"]), str(places["p:jail_txt"])]
-    common = ["--model", str(tiny_model_dir), "--benign", sets[0], "--jailbreak", sets[1], *FAST]
-    _ok(["scan", *common, "--out", str(root / "bundle")])
-    _ok(["detect", "train", *common, "--folds", "2", "--bootstrap", "0", "--out", str(root / "detector")])
-    for kind, built in (("b", _bundles(root / "bundles", root / "bundle")), ("d", _detectors(root, root / "detector"))):
+    saved = saved_results(tmp_path_factory, tiny_model_dir)
+    for kind, built in (("b", _bundles(root / "bundles", saved["bundle"])), ("d", _detectors(root, saved["detector"]))):
         places.update({f"{kind}:{k}": v for k, v in built.items()})
     places.update({f"c:{k}": v for k, v in _checkpoints(root).items()})
     cache = root / "cache"

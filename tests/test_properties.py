@@ -16,15 +16,13 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from attnscan.cli.main import app
 from attnscan.detect.store import load_detector, load_trained
 from attnscan.errors import AttnscanError
 from attnscan.models.loading import parse_layers, parse_max_memory
 from attnscan.prompts.loaders import READERS, read_file_rows
 from attnscan.rundir import load_bundles
-from faults_world import BENIGN, JAILBREAK
+from faults_world import saved_results
 
 T = TypeVar("T")
 
@@ -157,22 +155,9 @@ DAMAGE = st.sampled_from(["truncate", "flip", "delete", "replace", "empty"])
 
 
 @pytest.fixture(scope="module")
-def saved(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def saved(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A results bundle and a detector directory of the tiny model, written once."""
-    root = tmp_path_factory.mktemp("saved")
-    benign, jail = root / "benign.txt", root / "jail.txt"
-    benign.write_text("\n".join(BENIGN) + "\n")
-    jail.write_text("\n".join(JAILBREAK) + "\n")
-    common = ["--model", str(tiny_model_dir), "--benign", str(benign), "--jailbreak", str(jail)]
-    common += ["--length", "16", "--device", "cpu", "--quiet"]
-    runner = CliRunner()
-    for args in (
-        ["scan", *common, "--out", str(root / "bundle")],
-        ["detect", "train", *common, "--folds", "2", "--bootstrap", "0", "--out", str(root / "detector")],
-    ):
-        res = runner.invoke(app, args)
-        assert res.exit_code == 0, (res.stdout, res.stderr)
-    return {"bundle": root / "bundle", "detector": root / "detector"}
+    return saved_results(tmp_path_factory, tiny_model_dir)
 
 
 def _damage(root: Path, data: st.DataObject) -> str:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from attnscan._io import atomic_dir, leftover_prefix, os_error, sweep_leftovers
 from attnscan.cli.main import app
 from attnscan.errors import AttnscanError
-from faults_world import BENIGN, JAILBREAK
+from faults_world import saved_results
 
 runner = CliRunner()
 DEV = ["--length", "16", "--device", "cpu", "--quiet"]
@@ -30,18 +30,11 @@ DEV = ["--length", "16", "--device", "cpu", "--quiet"]
 
 @pytest.fixture(scope="module")
 def made(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Prompt files, the scan options, and a reference bundle, detector and report written without faults."""
-    root = tmp_path_factory.mktemp("writes")
-    benign, jail = root / "benign.txt", root / "jail.txt"
-    benign.write_text("\n".join(BENIGN) + "\n")
-    jail.write_text("\n".join(JAILBREAK) + "\n")
-    common = ["--model", str(tiny_model_dir), "--benign", str(benign), "--jailbreak", str(jail), *DEV]
-    scan = ["scan", *common, "--batch-size", "2", "--checkpoint-every", "1"]
-    ref = root / "reference"
-    _ok(runner.invoke(app, [*scan, "--out", str(ref)]))
-    _ok(runner.invoke(app, ["detect", "train", *common, "--folds", "2", "--bootstrap", "0", "--out", str(root / "d")]))
-    _ok(runner.invoke(app, ["report", str(ref), "--out", str(root / "report.html")]))
-    return {"scan": scan, "reference": ref, "detector": root / "d", "report": root / "report.html", "common": common}
+    """The scan options, and a reference bundle, detector and report written without faults."""
+    saved = saved_results(tmp_path_factory, tiny_model_dir)
+    report = tmp_path_factory.mktemp("writes") / "report.html"
+    _ok(runner.invoke(app, ["report", str(saved["bundle"]), "--out", str(report)]))
+    return {**saved, "reference": saved["bundle"], "report": report}
 
 
 def _ok(res: Any) -> None:
