@@ -35,8 +35,12 @@ def attempt(call: Callable[[], T]) -> T | None:
         return None
 
 
-FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-SOME = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FEW = settings(
+    max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+SOME = settings(
+    max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 LAYER_TEXT = st.text(alphabet="0123456789-,; al x", max_size=24) | st.text(max_size=12)
 
