@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from attnscan._io import atomic_dir, leftover_prefix, os_error, sweep_leftovers
+from attnscan._io import atomic_dir, atomic_file, leftover_prefix, os_error, sweep_leftovers
 from attnscan.cli.main import app
 from attnscan.errors import AttnscanError
 from faults_world import saved_results
@@ -267,6 +267,14 @@ def test_leftovers_of_killed_writers_are_swept_and_others_kept(tmp_path: Path) -
         path.mkdir()
     assert sorted(sweep_leftovers(final)) == sorted(killed)
     assert all(p.exists() for p in (alive, other_host, no_pid)) and (final / "manifest.json").is_file()
+
+
+def test_a_file_result_is_not_written_over_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "table.csv").mkdir()
+    with pytest.raises(AttnscanError, match="is a directory: give the name of a file"):
+        with atomic_file(tmp_path / "table.csv") as tmp:
+            tmp.write_text("never")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
 
 
 def test_a_result_moved_aside_by_a_killed_writer_is_put_back(tmp_path: Path) -> None:

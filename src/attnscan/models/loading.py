@@ -242,12 +242,8 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
         source["gguf_sha256"] = Path(target).name
         source["converted_dir"] = target
         revision = None
-    if kind != "hub" and not allow_pickle:
-        refuse_pickle(Path(target))
-    if kind == "local":
-        check_model_dir(Path(target))
-    elif kind != "hub":
-        check_model_dir(Path(target), f"delete {target} so that attnscan converts the GGUF file again")
+    if kind != "hub":
+        _check_files(kind, Path(target), allow_pickle)
 
     dev = resolve_device(device) if device_map is None else _first_accelerator()
     torch_dtype = resolve_dtype(dtype, dev)
@@ -257,15 +253,7 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(target, **common)
     except (OSError, ValueError) as exc:
-        if kind != "hub":  # the files are here: their config names an architecture this transformers lacks
-            raise AttnscanError(
-                f"cannot load model '{spec}' from {Path(target) / 'config.json'}: {_first_line(exc)}; upgrade "
-                "transformers, or pass --trust-remote-code if the model ships its own code and you trust it"
-            ) from None
-        raise AttnscanError(
-            f"cannot load model '{spec}': {_first_line(exc)}; check the spec, your hub access "
-            f"(HF_HUB_OFFLINE), or use '{EMBEDDED_NAME}'"
-        ) from None
+        raise _config_error(spec, kind, target, exc) from None
     try:
         model_cls = AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
@@ -313,6 +301,29 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
     if commit:
         source["resolved_revision"] = commit
     return LoadedModel(model=model, tokenizer=tokenizer, arch=facts, spec=spec, source=source)
+
+
+def _check_files(kind: str, target: Path, allow_pickle: bool) -> None:
+    """Refuse pickle-only weights (unless allowed) and damaged model files before transformers reads them."""
+    if not allow_pickle:
+        refuse_pickle(target)
+    if kind == "local":
+        check_model_dir(target)
+    else:  # a GGUF file's conversion in the cache
+        check_model_dir(target, f"delete {target} so that attnscan converts the GGUF file again")
+
+
+def _config_error(spec: str, kind: str, target: str, exc: BaseException) -> AttnscanError:
+    """What to say when transformers cannot read a model's config."""
+    if kind != "hub":  # the files are here and sound: their config names an architecture this transformers lacks
+        return AttnscanError(
+            f"cannot load model '{spec}' from {Path(target) / 'config.json'}: {_first_line(exc)}; upgrade "
+            "transformers, or pass --trust-remote-code if the model ships its own code and you trust it"
+        )
+    return AttnscanError(
+        f"cannot load model '{spec}': {_first_line(exc)}; check the spec, your hub access (HF_HUB_OFFLINE), or use "
+        f"'{EMBEDDED_NAME}'"
+    )
 
 
 def from_model(model: Any, tokenizer: Any, spec: str = "<in-memory>", route: Route | None = None) -> LoadedModel:
