@@ -5,9 +5,9 @@ says the expected words, no traceback, and nothing written where the output woul
 Add every newly found fault here as one row. The rows about results bundles expect only the bundle's name in the
 message, so they hold for any bundle format version. Placeholders in a command line: ``{out}`` (a fresh output path;
 ``{out_html}``, ``{out_csv}``, ``{out_png}`` with those suffixes), ``{taken}`` (an existing file), ``{foreign}`` (a
-non-empty directory attnscan did not write), and the names of the damaged inputs built by
-:mod:`faults_world` (``{m:NAME}`` models, ``{p:NAME}`` prompt files, ``{b:NAME}`` bundles, ``{d:NAME}``
-detectors, ``{c:NAME}`` checkpoint directories).
+non-empty directory attnscan did not write), ``{folder_html}`` (a directory named like a report), and the names of
+the damaged inputs built by :mod:`faults_world` (``{m:NAME}`` models, ``{p:NAME}`` prompt files, ``{b:NAME}``
+bundles, ``{d:NAME}`` detectors, ``{c:NAME}`` checkpoint directories).
 """
 
 from __future__ import annotations
