@@ -163,9 +163,9 @@ def test_a_failed_checkpoint_save_is_a_notice_and_the_scan_goes_on(
 
     def flaky(*args: Any, **kwargs: Any) -> None:
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) in (2, 3):  # two failures in a row: one warning
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if len(calls) == 3:  # the form safetensors' writer reports an OS error in
+        if len(calls) == 5:  # after a good save, again: the form safetensors' writer reports an OS error in
             raise RuntimeError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
         real(*args, **kwargs)
 
@@ -175,7 +175,7 @@ def test_a_failed_checkpoint_save_is_a_notice_and_the_scan_goes_on(
     _ok(res)
     notices = [line for line in res.stderr.splitlines() if line.startswith("warning: could not save the checkpoint")]
     assert len(notices) == 2 and "No space left on device" in notices[0] and "quota" in notices[1], res.stderr
-    assert len(calls) > 3
+    assert len(calls) > 5
     _same_accumulators(out, made["reference"])
 
 

@@ -61,11 +61,14 @@ def save_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping
         raise
 
 
-def try_save_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping[str, GridCollector]) -> bool:
+def try_save_checkpoint(
+    path: Path, settings: Mapping[str, Any], collectors: Mapping[str, GridCollector], *, warn: bool = True
+) -> bool:
     """:func:`save_checkpoint`, except that a write the disk refused (full, over quota, gone) is a warning instead of
     the end of the scan; the previous checkpoint stays in place. Returns whether the checkpoint was saved.
 
-    A warning, not a notice: it must be seen even by a scan run without progress output (``--quiet``)."""
+    A warning, not a notice: it must be seen even by a scan run without progress output (``--quiet``). ``warn=False``
+    keeps it silent (a scan warns once per run of failed saves, not at every batch of a disk that stays full)."""
     try:
         save_checkpoint(path, settings, collectors)
     except Exception as exc:  # OSError, or safetensors' own error type carrying the OS error
@@ -73,6 +76,8 @@ def try_save_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Map
         if not isinstance(exc, OSError) and code is None:
             raise
         reason = os.strerror(code) if code else str(exc)
+        if not warn:
+            return False
         warnings.warn(
             f"could not save the checkpoint {path} ({reason}); the scan goes on and tries again at the next "
             "checkpoint (a resume now would start from the previous one)",
