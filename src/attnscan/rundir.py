@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._io import reading
 from .analysis.result import ScanResult
 from .errors import AttnscanError
 from .views.labels import model_label, unique_label
@@ -33,6 +34,7 @@ __all__ = [
 RUN_KIND = "attnscan-run"
 #: Where a run keeps a model's detectors, inside its bundle.
 DETECTOR_DIR = "detector"
+BUNDLE_FIX = "scan again (or restore the directory from a copy)"
 
 
 def load_bundles(paths: Sequence[str | Path]) -> dict[str, ScanResult]:
@@ -43,18 +45,34 @@ def load_bundles(paths: Sequence[str | Path]) -> dict[str, ScanResult]:
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise AttnscanError(f"{path} is neither a results bundle nor a run directory (no manifest.json)")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("kind") == RUN_KIND:
-            for label, info in manifest["models"].items():
-                key = unique_label(label, found)
-                found[key] = ScanResult.load(path / info["bundle"])
-        else:
-            result = ScanResult.load(path)
-            spec = str(result.manifest.get("model", {}).get("spec", path.name))
+        with reading(manifest_path, "results manifest", BUNDLE_FIX):
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            run_dir = isinstance(manifest, dict) and manifest.get("kind") == RUN_KIND
+            bundles = (
+                {str(label): path / str(info["bundle"]) for label, info in manifest["models"].items()}
+                if run_dir
+                else {}
+            )
+        if not isinstance(manifest, dict):
+            raise AttnscanError(
+                f"{manifest_path} is not an attnscan manifest (a JSON {type(manifest).__name__}): {BUNDLE_FIX}"
+            )
+        for label, bundle in bundles.items():
+            found[unique_label(label, found)] = _load_bundle(bundle)
+        if not run_dir:
+            result = _load_bundle(path)
+            model = result.manifest.get("model")
+            spec = str(model.get("spec", path.name) if isinstance(model, dict) else path.name)
             found[unique_label(model_label(spec), found)] = result
     if not found:
         raise AttnscanError("no results bundles given")
     return found
+
+
+def _load_bundle(path: Path) -> ScanResult:
+    """:meth:`ScanResult.load`, with any failure on damaged files as one error line naming the bundle."""
+    with reading(path, "results bundle", BUNDLE_FIX):
+        return ScanResult.load(path)
 
 
 def stored_table(result: ScanResult, seed: int = 0) -> Any:
@@ -64,7 +82,8 @@ def stored_table(result: ScanResult, seed: int = 0) -> Any:
     if result.path is not None:
         csv_path = result.path / "layers.csv"
         if csv_path.is_file():
-            frame = pd.read_csv(csv_path)
+            with reading(csv_path, "layer table", BUNDLE_FIX):
+                frame = pd.read_csv(csv_path)
             if "verdict" in frame.columns:
                 return frame
     return result.layer_table(seed=seed)
@@ -77,7 +96,10 @@ def stored_detection(result: ScanResult) -> Any | None:
     if result.path is None:
         return None
     path = result.path / DETECTOR_DIR / "detection.csv"
-    return pd.read_csv(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with reading(path, "detection table", "train the detectors again (attnscan run --detect)"):
+        return pd.read_csv(path)
 
 
 def parse_rows(rows: str, labels: Sequence[str]) -> list[tuple[str, int]] | None:

@@ -20,7 +20,7 @@ from .._version import __version__
 from ..engine import distributed
 from ..engine.accumulate import Align, GridCollector, check_align, check_floor
 from ..engine.batching import PaddingSide, estimate_batch_size, pad_token_id, run_collect
-from ..engine.checkpoint import Interrupted, checkpoint_file, load_checkpoint, save_checkpoint, stop_on_signals
+from ..engine.checkpoint import Interrupted, checkpoint_file, load_checkpoint, stop_on_signals, try_save_checkpoint
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from ..prompts.encoding import DEFAULT_LENGTH, Encoded, Truncate, check_truncate, encode, shared_prefix, warn_truncated
@@ -289,20 +289,23 @@ def _collect(
     size = opts.batch_size if opts.batch_size is not None else _auto_batch_size(loaded, opts.length)
     pad = pad_token_id(loaded.tokenizer, loaded.model)
     batches = 0
+    last_saved = True  # a failed checkpoint save warns once, not again at every batch until a save succeeds
     with stop_on_signals(ckpt is not None) as stop:
         for name, enc in encoded.items():
             collector = collectors[name]
             todo = [i for i in mine[name] if not bool(collector.seen[i])]
 
             def on_batch(n: int, _name: str = name) -> None:
-                nonlocal done, batches
+                nonlocal done, batches, last_saved
                 done += n
                 batches += 1
+                saved = True
                 if ckpt is not None and (batches % opts.checkpoint_every == 0 or stop):
-                    save_checkpoint(ckpt, settings, collectors)
+                    saved = last_saved = try_save_checkpoint(ckpt, settings, collectors, warn=last_saved)
                 if stop:
+                    kept = "checkpoint saved to" if saved else "this checkpoint could not be saved; the last one is in"
                     raise Interrupted(
-                        f"stopped by {stop.signal} after {done} of {total} prompts; checkpoint saved to "
+                        f"stopped by {stop.signal} after {done} of {total} prompts; {kept} "
                         f"{ckpt.parent if ckpt else '?'}: rerun the same command with --resume to continue"
                     )
                 if progress is not None:
@@ -328,7 +331,7 @@ def _collect(
                 on_backoff=on_backoff,
             )
         if ckpt is not None:
-            save_checkpoint(ckpt, settings, collectors)
+            try_save_checkpoint(ckpt, settings, collectors, warn=last_saved)
     return size
 
 

@@ -179,6 +179,8 @@ class RefusalMatcher:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise AttnscanError(f"cannot read refusal phrases from {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise AttnscanError(f"{path} is not UTF-8 text: give the refusal phrases as a UTF-8 text file") from None
         phrases = tuple(x.strip() for x in lines if x.strip() and not x.lstrip().startswith("#"))
         if not phrases:
             raise AttnscanError(f"{path} holds no refusal phrases: one phrase per line")

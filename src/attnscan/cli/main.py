@@ -153,10 +153,12 @@ def scan_cmd(
         options = options_from(ScanOptions, flags, batch_size=size, checkpoint=ckpt, checkpoint_every=every)
         if checkpoint_every < 0:
             raise AttnscanError(f"--checkpoint-every must be 0 or more, got {checkpoint_every}")
+        if ckpt is not None and ckpt.exists() and not ckpt.is_dir():
+            raise AttnscanError(f"checkpoint directory {ckpt} is a file: give --checkpoint a directory")
         sets = read_prompt_sets(flags)
         result = _scan(model, sets, options, load_options(flags), ckpt_dir, quiet=quiet or not main_rank)
         if main_rank:
-            result.save(out, overwrite=overwrite)
+            _save_keeping_checkpoint(result, out, overwrite, ckpt)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         distributed.teardown()
     if main_rank:
@@ -165,6 +167,23 @@ def scan_cmd(
         if matched:
             counts += f" (paired by token length: {matched['pairs']} pairs, see length_matching in the manifest)"
         typer.echo(f"wrote {out}: {len(result.layers)} layers x T={result.length}, {counts}")
+
+
+def _save_keeping_checkpoint(result: ScanResult, out: Path, overwrite: bool, ckpt: Path | None) -> None:
+    """Save the bundle; when the disk refuses it, say that the scan's checkpoint is kept for ``--resume``."""
+    from .._io import os_error
+    from ..engine.checkpoint import checkpoint_file
+
+    try:
+        result.save(out, overwrite=overwrite)
+    except Exception as exc:  # a full disk while writing (OSError, or safetensors' error carrying it)
+        user = os_error(exc)
+        if user is None or ckpt is None or not checkpoint_file(ckpt).is_file():
+            raise
+        raise AttnscanError(
+            f"{user}; the finished scan is kept in {ckpt}: then rerun the same command with --resume to write the "
+            "bundle without scanning again"
+        ) from None
 
 
 def _scan(

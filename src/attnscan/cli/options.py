@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from .._io import os_error
 from ..errors import AttnscanError
 
 if TYPE_CHECKING:
@@ -48,6 +49,12 @@ def user_errors() -> Iterator[None]:
         except AttnscanError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=exc.exit_code) from None
+        except Exception as exc:  # a full disk or a path without permission (OSError, or safetensors' own error)
+            user = os_error(exc)
+            if user is None:
+                raise
+            typer.echo(f"error: {user}", err=True)
+            raise typer.Exit(code=user.exit_code) from None
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

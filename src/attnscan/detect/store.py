@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._io import atomic_dir, atomic_file, check_output_dir, read_format_json
+from .._io import atomic_dir, atomic_file, check_output_dir, read_format_json, reading
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
 from .detectors import DETECTOR_KINDS, CPDetector, Detector, Kind, ProbeDetector
@@ -145,10 +145,14 @@ def save_detector(
 
 
 def load_detector(path_dir: str | os.PathLike[str]) -> tuple[dict[int, Detector], dict[str, Any]]:
-    """Read what :func:`save_detector` wrote: ``({layer: detector}, meta)``."""
+    """Read what :func:`save_detector` wrote: ``({layer: detector}, meta)`` (damaged files: one error line)."""
+    with reading(Path(path_dir), "detector directory", "save or train the detector again"):
+        return _load_detector(Path(path_dir))
+
+
+def _load_detector(root: Path) -> tuple[dict[int, Detector], dict[str, Any]]:
     from safetensors.numpy import load_file
 
-    root = Path(path_dir)
     meta_path, state_path = root / META_FILE, root / STATE_FILE
     if not meta_path.is_file() or not state_path.is_file():
         raise AttnscanError(f"{root} is not a detector directory: expected {META_FILE} and {STATE_FILE}")
@@ -430,8 +434,12 @@ def _span(layers: Sequence[int]) -> str:
 
 
 def load_trained(path: str | os.PathLike[str]) -> TrainedDetector:
-    """Read a detector directory written by :func:`train_detector`."""
-    root = Path(path)
+    """Read a detector directory written by :func:`train_detector` (damaged files: one error line naming it)."""
+    with reading(Path(path), "detector directory", "train it again with 'attnscan detect train'"):
+        return _load_trained(Path(path))
+
+
+def _load_trained(root: Path) -> TrainedDetector:
     if not root.is_dir():
         raise AttnscanError(f"detector directory not found: {root}: train one with 'attnscan detect train'")
     if not (root / META_FILE).is_file() or not (root / STATE_FILE).is_file():
@@ -459,7 +467,8 @@ def load_trained(path: str | os.PathLike[str]) -> TrainedDetector:
     ):
         raise AttnscanError(f"{root} mixes detector kinds: train it again with 'attnscan detect train'")
     csv_path = root / DETECTION_CSV
-    table = pd.read_csv(csv_path) if csv_path.is_file() else pd.DataFrame()
+    with reading(csv_path, "detection table", "train the detector again with 'attnscan detect train'"):
+        table = pd.read_csv(csv_path) if csv_path.is_file() else pd.DataFrame()
     return TrainedDetector(
         table=table,
         detectors={k: v for k, v in cp.items() if isinstance(v, CPDetector)},

@@ -3,7 +3,10 @@
 A checkpoint is one safetensors file per process (``rank{R}.safetensors`` in the checkpoint directory) holding every
 set's collector state (:meth:`GridCollector.state`) and, in its metadata, the settings that produced it. It is
 replaced atomically (temporary file, then ``os.replace``), so a scan killed at any moment leaves either the previous
-checkpoint or the new one. Resuming refuses a checkpoint whose settings differ from the current scan's.
+checkpoint or the new one; the temporary files of killed scans are removed by the next save. A save that fails (a
+full disk, a flaky network file system) does not end the scan: :func:`try_save_checkpoint` warns and the scan goes
+on, with the previous checkpoint still in place. Resuming refuses a checkpoint whose settings differ from the
+current scan's.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
@@ -21,6 +26,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._io import leftover_prefix, os_errno, sweep_leftovers
 from ..errors import AttnscanError
 from .accumulate import GridCollector
 
@@ -42,7 +48,10 @@ def save_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}/{key}": t.contiguous() for name, c in collectors.items() for key, t in c.state().items()}
     meta = {"format": FORMAT, "settings": json.dumps(settings, sort_keys=True, default=str)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sweep_leftovers(path)
+    fd, name = tempfile.mkstemp(prefix=leftover_prefix(path), suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
@@ -50,6 +59,33 @@ def save_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def try_save_checkpoint(
+    path: Path, settings: Mapping[str, Any], collectors: Mapping[str, GridCollector], *, warn: bool = True
+) -> bool:
+    """:func:`save_checkpoint`, except that a write the disk refused (full, over quota, gone) is a warning instead of
+    the end of the scan; the previous checkpoint stays in place. Returns whether the checkpoint was saved.
+
+    A warning, not a notice: it must be seen even by a scan run without progress output (``--quiet``). ``warn=False``
+    keeps it silent (a scan warns once per run of failed saves, not at every batch of a disk that stays full)."""
+    try:
+        save_checkpoint(path, settings, collectors)
+    except Exception as exc:  # OSError, or safetensors' own error type carrying the OS error
+        code = os_errno(exc)
+        if not isinstance(exc, OSError) and code is None:
+            raise
+        reason = os.strerror(code) if code else str(exc)
+        if not warn:
+            return False
+        warnings.warn(
+            f"could not save the checkpoint {path} ({reason}); the scan goes on and tries again at the next "
+            "checkpoint (a resume now would start from the previous one)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def load_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping[str, GridCollector]) -> int:
@@ -62,7 +98,12 @@ def load_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping
         raise AttnscanError(f"cannot read checkpoint {path} ({exc}): delete it to start over") from None
     if meta.get("format") != FORMAT:
         raise AttnscanError(f"{path} is not an attnscan checkpoint: delete it or choose another --checkpoint")
-    saved = json.loads(meta.get("settings", "{}"))
+    try:
+        saved = json.loads(meta.get("settings", "{}"))
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise AttnscanError(f"checkpoint {path} has unreadable settings: delete it to start over")
     current = json.loads(json.dumps(settings, sort_keys=True, default=str))
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differ:
@@ -72,7 +113,13 @@ def load_checkpoint(path: Path, settings: Mapping[str, Any], collectors: Mapping
         )
     done = 0
     for name, collector in collectors.items():
-        collector.load_state({key: tensors[f"{name}/{key}"] for key in GridCollector.STATE_KEYS})
+        try:
+            collector.load_state({key: tensors[f"{name}/{key}"] for key in GridCollector.STATE_KEYS})
+        except (KeyError, RuntimeError, ValueError) as exc:  # a missing tensor, or one of the wrong shape
+            raise AttnscanError(
+                f"checkpoint {path} does not fit this scan (set {name}: {type(exc).__name__} {exc}): delete it to "
+                "start over"
+            ) from None
         done += int(collector.seen.sum())
     return done
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AttnscanError
+from .checks import check_gguf, damaged
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 
@@ -116,14 +117,15 @@ def gguf_to_safetensors(gguf: Path, progress: bool = False) -> Path:
     target = cache_root() / "gguf" / digest
     if (target / "attnscan-source.json").is_file():
         return target
-    try:
-        import gguf as _gguf  # noqa: F401
-    except ImportError:
-        raise AttnscanError("reading .gguf files needs the 'gguf' package: pip install gguf") from None
+    check_gguf(gguf)
     with _cache_dir(target) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:  # transformers' GGUF reader fails with many types on files it cannot use
+            fix = "use a GGUF file of a supported architecture"
+            raise damaged(gguf, f"transformers cannot load it: {exc}", fix) from None
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config

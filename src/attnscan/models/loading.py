@@ -32,6 +32,7 @@ import torch
 from .._types import refuse_leftovers, take_options
 from ..errors import AttnscanError
 from .arch import ArchFacts, Route, arch_facts
+from .checks import check_model_dir
 from .fetched import FETCHED, find_fetched
 from .gguf_cache import EMBEDDED, cache_root, embedded_gguf_path, gguf_to_safetensors
 from .gguf_cache import EMBEDDED_NAME as EMBEDDED_NAME  # re-exported: the spec users name, next to load_model
@@ -47,6 +48,8 @@ DTYPES: dict[str, torch.dtype] = {
 
 _LAYER = re.compile(r"^-?\d+$")
 _LAYER_SPAN = re.compile(r"^(\d+)-(\d+)$")
+_MEMORY_DEVICE = re.compile(r"^(\d+|[A-Za-z]+(:\d+)?)$", re.ASCII)
+_MEMORY_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG])(i?)B$|^(\d+)$", re.ASCII | re.IGNORECASE)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -88,7 +91,12 @@ def parse_layers(layers: str | Sequence[int] | None, n_layers: int) -> tuple[int
             if single:
                 items.append(int(part))
             elif span:
-                items.extend(range(int(span.group(1)), int(span.group(2)) + 1))
+                low, high = int(span.group(1)), int(span.group(2))
+                if low > high:
+                    raise AttnscanError(f"layer span '{part}' is empty: write the lower layer first, e.g. {high}-{low}")
+                if high >= n_layers:  # checked before the span is spelled out: '0-99999999999' must not fill memory
+                    raise AttnscanError(f"layer {high} out of range: model has {n_layers} layers (0-{n_layers - 1})")
+                items.extend(range(low, high + 1))
             else:
                 raise AttnscanError(
                     f"cannot read layer '{part}': give 'all', numbers such as 3,7,18, or a span such as 3-7"
@@ -199,7 +207,7 @@ class LoadOptions:
     allow_pickle: bool = False
     route: Route | None = None
     device_map: str | dict[str, Any] | None = None
-    max_memory: dict[Any, str] | None = None
+    max_memory: dict[Any, str | int] | None = None
 
 
 def resolve_model(model: str | LoadedModel, load: LoadOptions | None = None) -> LoadedModel:
@@ -234,8 +242,8 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
         source["gguf_sha256"] = Path(target).name
         source["converted_dir"] = target
         revision = None
-    if kind != "hub" and not allow_pickle:
-        refuse_pickle(Path(target))
+    if kind != "hub":
+        _check_files(kind, Path(target), allow_pickle)
 
     dev = resolve_device(device) if device_map is None else _first_accelerator()
     torch_dtype = resolve_dtype(dtype, dev)
@@ -245,10 +253,7 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(target, **common)
     except (OSError, ValueError) as exc:
-        raise AttnscanError(
-            f"cannot load model '{spec}': {_first_line(exc)}; check the spec, your hub access "
-            f"(HF_HUB_OFFLINE), or use '{EMBEDDED_NAME}'"
-        ) from None
+        raise _config_error(spec, kind, target, exc) from None
     try:
         model_cls = AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
@@ -273,7 +278,7 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
             **placement,
             **common,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights whose shapes do not fit the config
         msg = _first_line(exc)
         if not allow_pickle and ("safetensors" in msg or ".bin" in msg):
             raise AttnscanError(
@@ -285,13 +290,40 @@ def _load(spec: str, options: LoadOptions) -> LoadedModel:
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **common)
-    except (OSError, ValueError) as exc:
-        raise AttnscanError(f"cannot load the tokenizer of '{spec}': {_first_line(exc)}") from None
+    except Exception as exc:  # the tokenizers library raises plain Exception for damaged tokenizer.json files
+        where = f" from {target}" if kind != "hub" else ""
+        raise AttnscanError(
+            f"cannot load the tokenizer of '{spec}'{where} ({_first_line(exc)}): restore its tokenizer files "
+            "(tokenizer.json, tokenizer_config.json), e.g. by downloading or copying the model again"
+        ) from None
     source["revision"] = revision
     commit = getattr(config, "_commit_hash", None)
     if commit:
         source["resolved_revision"] = commit
     return LoadedModel(model=model, tokenizer=tokenizer, arch=facts, spec=spec, source=source)
+
+
+def _check_files(kind: str, target: Path, allow_pickle: bool) -> None:
+    """Refuse pickle-only weights (unless allowed) and damaged model files before transformers reads them."""
+    if not allow_pickle:
+        refuse_pickle(target)
+    if kind == "local":
+        check_model_dir(target)
+    else:  # a GGUF file's conversion in the cache
+        check_model_dir(target, f"delete {target} so that attnscan converts the GGUF file again")
+
+
+def _config_error(spec: str, kind: str, target: str, exc: BaseException) -> AttnscanError:
+    """What to say when transformers cannot read a model's config."""
+    if kind != "hub":  # the files are here and sound: their config names an architecture this transformers lacks
+        return AttnscanError(
+            f"cannot load model '{spec}' from {Path(target) / 'config.json'}: {_first_line(exc)}; upgrade "
+            "transformers, or pass --trust-remote-code if the model ships its own code and you trust it"
+        )
+    return AttnscanError(
+        f"cannot load model '{spec}': {_first_line(exc)}; check the spec, your hub access (HF_HUB_OFFLINE), or use "
+        f"'{EMBEDDED_NAME}'"
+    )
 
 
 def from_model(model: Any, tokenizer: Any, spec: str = "<in-memory>", route: Route | None = None) -> LoadedModel:
@@ -309,16 +341,27 @@ def _first_accelerator() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def parse_max_memory(text: str | None) -> dict[Any, str] | None:
-    """``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``."""
+def parse_max_memory(text: str | None) -> dict[Any, str | int] | None:
+    """``"0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}`` (a bare number: bytes)."""
     if not text:
         return None
-    out: dict[Any, str] = {}
+    out: dict[Any, str | int] = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        key, sep, value = part.partition("=")
-        if not sep or not value:
-            raise AttnscanError(f"cannot read --max-memory part '{part}': write DEVICE=SIZE, e.g. 0=20GiB,cpu=60GiB")
-        out[int(key) if key.strip().isdigit() else key.strip()] = value.strip()
+        key, sep, value = (x.strip() for x in part.partition("="))
+        size = _MEMORY_SIZE.match(value)
+        if not sep or not _MEMORY_DEVICE.match(key) or size is None:
+            raise AttnscanError(
+                f"cannot read --max-memory part '{part}': write DEVICE=SIZE with a GPU number, cpu or disk and a size "
+                "in KiB, MiB, GiB, KB, MB or GB (or bytes), e.g. 0=20GiB,cpu=60GiB"
+            )
+        device: Any = int(key) if key.isdigit() else key.lower()
+        if device in out:
+            raise AttnscanError(f"--max-memory names device {key} twice: give each device once")
+        # accelerate reads a lower-case 'gb' as gigabits: write the unit in the one spelling it reads as bytes
+        number, prefix, binary, plain = size.groups()
+        out[device] = int(plain) if plain else f"{number}{prefix.upper()}{'iB' if binary else 'B'}"
+    if not out:
+        raise AttnscanError("--max-memory is empty: write DEVICE=SIZE,..., e.g. 0=20GiB,cpu=60GiB")
     return out
 
 

@@ -51,6 +51,7 @@ PROMPT_FIELDS = (
     "content",
 )
 HARMBENCH_CONTEXT_SEPARATOR = "\n\n---\n\n"
+MAX_FIELD = 1 << 24  # characters in one CSV field: a 16 MiB prompt is past any model's context
 _PLACEHOLDER = re.compile(r"\{(generator\.name|generator_name|model_name|assistant_name)\}")
 
 
@@ -158,6 +159,8 @@ def read_json(path: Path, field: str | None = None, groups: Mapping[str, str] | 
         data = json.loads(_decode(path.read_bytes(), str(path)))
     except json.JSONDecodeError as exc:
         raise AttnscanError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}): fix the file") from None
+    except RecursionError:
+        raise AttnscanError(f"{path} nests JSON lists or objects too deeply to read: fix the file") from None
     if isinstance(data, dict):
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
         if len(lists) != 1:
@@ -180,6 +183,8 @@ def read_jsonl(path: Path, field: str | None = None, groups: Mapping[str, str] |
             items.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise AttnscanError(f"{path} line {number} is not valid JSON ({exc.msg}): fix the line") from None
+        except RecursionError:
+            raise AttnscanError(f"{path} line {number} nests JSON too deeply to read: fix the line") from None
     return _records_to_texts(items, field, str(path), groups) if items else ([], [])
 
 
@@ -190,10 +195,18 @@ def read_table(
     body = _decode(path.read_bytes(), str(path))
     delim = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
     reader = csv.DictReader(io.StringIO(body, newline=""), delimiter=delim)
-    columns = list(reader.fieldnames or [])
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, MAX_FIELD))  # prompts longer than csv's default 128 KiB field are legitimate
+    try:
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    except csv.Error as exc:
+        raise AttnscanError(f"{path} line {reader.line_num} cannot be read as CSV ({exc}): fix the file") from None
+    finally:
+        csv.field_size_limit(limit)
     if not columns:
         return [], []
-    return _rows_to_texts(reader, columns, field, str(path), groups)
+    return _rows_to_texts(rows, columns, field, str(path), groups)
 
 
 def read_parquet(path: Path, field: str | None = None, groups: Mapping[str, str] | None = None) -> Rows:
@@ -203,6 +216,9 @@ def read_parquet(path: Path, field: str | None = None, groups: Mapping[str, str]
         frame = pd.read_parquet(path)
     except ImportError:
         raise AttnscanError("reading .parquet needs pyarrow: pip install pyarrow") from None
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid (a ValueError) for damaged or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AttnscanError(f"{path} is not a readable parquet file ({first}): fix or re-export the file") from None
     return _rows_to_texts(frame.to_dict("records"), [str(c) for c in frame.columns], field, str(path), groups)
 
 
