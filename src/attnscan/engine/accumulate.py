@@ -129,27 +129,51 @@ class SetAccumulator:
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor mapping for safetensors (prefix ``{name}/``)."""
-        p = self.name
-        out = {f"{p}/sums": self.sums, f"{p}/count": self.count, f"{p}/prompt_ids": self.prompt_ids}
+        """Flat name -> tensor mapping for safetensors (prefix ``{name}/``), compact: the sums and counts of the
+        cells in :meth:`support` only (``cells`` holds their flat indices ``i * T + j``, ascending). Lossless:
+        every other cell has a zero sum and a zero count. See :meth:`from_tensors`."""
+        p, t = self.name, self.length
+        cells = torch.nonzero(self.support().flatten()).flatten()
+        cells = cells.to(torch.int32 if t * t < 2**31 else torch.int64)
+        out = {f"{p}/cells": cells, f"{p}/sums": self.sums.reshape(len(self.layers), t * t)[:, cells.long()]}
+        out.update({f"{p}/count": self.count.flatten()[cells.long()], f"{p}/prompt_ids": self.prompt_ids})
         out.update({f"{p}/lengths": self.lengths, f"{p}/blocks": self.blocks})
         out.update({f"{p}/sink": self.sink, f"{p}/entropy": self.entropy})
         return {k: v.contiguous() for k, v in out.items()}
+
+    def support(self) -> torch.Tensor:
+        """``bool [T, T]``: the cells some prompt reaches (count > 0), and any other cell whose sum is not zero (a
+        collector never makes one; an accumulator built by hand may)."""
+        return (self.count > 0) | (self.sums != 0).any(0)
 
     @classmethod
     def from_tensors(
         cls, name: str, tensors: dict[str, torch.Tensor], layers: tuple[int, ...], length: int, floor: float
     ) -> SetAccumulator:
+        """Rebuild from :meth:`tensors`: the compact form (with ``{name}/cells``) or the full ``[layers, T, T]``
+        sums and ``[T, T]`` count of version-1 bundles."""
+
         def get(key: str) -> torch.Tensor:
             return tensors[f"{name}/{key}"]
 
+        sums, count = get("sums"), get("count")
+        if f"{name}/cells" in tensors:
+            cells, t, nl = get("cells").long(), length, len(layers)
+            if sums.shape != (nl, cells.numel()) or count.shape != cells.shape or cells.numel() > t * t:
+                raise AttnscanError(f"accumulators of set '{name}' do not fit T = {t} and {nl} layers: damaged bundle")
+            full = torch.zeros(nl, t * t, dtype=sums.dtype)
+            full[:, cells] = sums
+            sums = full.view(nl, t, t)
+            flat = torch.zeros(t * t, dtype=count.dtype)
+            flat[cells] = count
+            count = flat.view(t, t)
         return cls(
             name=name,
             layers=layers,
             length=length,
             floor=floor,
-            sums=get("sums"),
-            count=get("count"),
+            sums=sums,
+            count=count,
             prompt_ids=get("prompt_ids"),
             lengths=get("lengths"),
             blocks=get("blocks"),
