@@ -178,3 +178,11 @@ def test_eager_reason_names_what_the_chunked_path_cannot_do() -> None:
     assert eager_reason(module, q, q, None, {"dropout": 0.1}) == ""
     module.is_causal = False
     assert eager_reason(module, q, q, None, {}) == "not a causal module"
+
+
+def test_a_chunk_never_has_more_rows_than_the_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short query under a large budget is one chunk of its own length (nothing is sized by the budget alone)."""
+    monkeypatch.setattr(capture_mod, "CHUNK_BYTES", 1 << 40)
+    query = torch.randn(1, 2, 12, 8)
+    got = chunked_head_mean(query, query, None, 0.5)
+    assert torch.allclose(got.double(), _full_reference(query, query, None, 0.5), atol=1e-6)
