@@ -186,3 +186,25 @@ def test_a_chunk_never_has_more_rows_than_the_query(monkeypatch: pytest.MonkeyPa
     query = torch.randn(1, 2, 12, 8)
     got = chunked_head_mean(query, query, None, 0.5)
     assert torch.allclose(got.double(), _full_reference(query, query, None, 0.5), atol=1e-6)
+
+
+def test_the_mask_of_a_forward_is_checked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer gets the same padding mask: it is checked for later keys once per forward, not once per layer
+    (on a GPU each check waits for the device)."""
+    calls: list[torch.Tensor] = []
+    original = capture_mod._mask_reason
+
+    def counting(mask: torch.Tensor) -> str:
+        calls.append(mask)
+        return original(mask)
+
+    monkeypatch.setattr(capture_mod, "_mask_reason", counting)
+    model = build_model("llama")
+    n_layers = model.config.num_hidden_layers
+    ids = torch.tensor(random_prompts((9, 9)))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: transformers hands the layers a boolean mask
+    with torch.inference_mode(), capture_attention(model, range(n_layers), _Heads(), "interface") as info:
+        model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert len(calls) == 2 and info.eager == {}
