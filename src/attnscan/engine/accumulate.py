@@ -50,6 +50,10 @@ DEFAULT_FLOOR = -10.0
 scale runs from -10 to 0)."""
 
 
+ENTROPY_ROWS = 256
+"""Rows of a head-mean map turned into entropy terms at once (bounds that temporary to ``B x 256 x P`` floats)."""
+
+
 def check_align(align: str) -> None:
     """Refuse an alignment other than ``absolute`` or ``relative``."""
     if align not in ("absolute", "relative"):
@@ -339,9 +343,12 @@ class GridCollector:
         # torch.where, not a product, drops the rows of padding tokens: they may hold NaN.
         own_rows, n = self._own_rows, self._lengths
         sink = torch.where(own_rows, head_mean[b[:, None], self._rows, self._starts[:, None]], 0.0).sum(1) / n
-        plogp = torch.special.entr(head_mean)  # -p ln p, 0 where p = 0
-        row_entropy = torch.bmm(plogp, self._own_keys[:, :, None]).squeeze(-1)  # [B, P], over the prompt's keys
-        del plogp
+        # Row entropy over the prompt's own keys, -p ln p summed (0 where p = 0), by blocks of rows: no second
+        # [B, P, P] map is alive beside the head mean.
+        keys = self._own_keys[:, :, None]
+        row_entropy = torch.cat(
+            [torch.bmm(torch.special.entr(part), keys) for part in torch.split(head_mean, ENTROPY_ROWS, dim=1)], dim=1
+        ).squeeze(-1)  # [B, P]
         entropy = torch.where(own_rows, row_entropy.gather(1, self._rows), 0.0).sum(1) / n
         aligned = self._align(head_mean, starts, lengths)
         del head_mean
