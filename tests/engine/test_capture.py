@@ -103,7 +103,7 @@ class _Recorder:
         self.weights[layer] = weights.detach().clone()
 
 
-@pytest.mark.parametrize(("chunked", "spied"), [(True, "chunked_head_mean"), (False, "_additive_mask")])
+@pytest.mark.parametrize(("chunked", "spied"), [(True, "chunked_attention"), (False, "_additive_mask")])
 def test_chosen_layer_keeps_its_causal_mask(monkeypatch: pytest.MonkeyPatch, chunked: bool, spied: str) -> None:
     """Without padding transformers' SDPA mask function returns no mask at all (SDPA then relies on is_causal).
 
@@ -116,7 +116,7 @@ def test_chosen_layer_keeps_its_causal_mask(monkeypatch: pytest.MonkeyPatch, chu
     original = getattr(capture_mod, spied)
 
     def spy(*args: Any) -> Any:
-        seen.append(args[0] if spied == "_additive_mask" else args[2])
+        seen.append(args[0] if spied == "_additive_mask" else args[3])
         return original(*args)
 
     monkeypatch.setattr(capture_mod, spied, spy)

@@ -11,7 +11,13 @@ import torch
 import attnscan.engine.capture as capture_mod
 from attnscan.engine.accumulate import GridCollector
 from attnscan.engine.batching import run_collect
-from attnscan.engine.capture import capture_attention, chunk_rows, chunked_head_mean, eager_reason
+from attnscan.engine.capture import (
+    capture_attention,
+    chunk_rows,
+    chunked_attention,
+    chunked_head_mean,
+    eager_reason,
+)
 from attnscan.testing.tiny import build_model, eager_reference, random_prompts
 
 LENGTH = 12
@@ -53,13 +59,22 @@ def test_chunks_equal_the_whole_square(rows: int, heads: int, kv: int, window: A
     query = torch.randn(3, heads, p, 8, generator=g)
     key = torch.randn(3, kv, p, 8, generator=g)
     mask = None if window == "causal" else _padded_window_mask(lengths, p, window)
-    got = chunked_head_mean(query, key, mask, 0.3, rows=rows)
+    value = torch.randn(3, kv, p, 8, generator=g)
+    got, out = chunked_attention(query, key, value, mask, 0.3, rows=rows)
+    assert torch.equal(got, chunked_head_mean(query, key, mask, 0.3, rows=rows))
     ref = _full_reference(query, key, mask, 0.3)
     real = mask[:, 0].any(-1) if mask is not None else torch.ones(3, p, dtype=torch.bool)  # rows of real tokens
     assert got.dtype == torch.float32 and got.shape == (3, p, p)
     assert torch.all(got.triu(1)[real] == 0)
     err = (got.double() - ref)[real].abs().max().item()
     assert err < 1e-6, f"chunked head mean off by {err:.2e}"
+    # The output, [B, P, H, D] as eager attention returns it, equals eager attention's on the real tokens' rows.
+    attn_mask = mask if mask is not None else torch.ones(p, p, dtype=torch.bool).tril()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, scale=0.3, enable_gqa=True
+    ).transpose(1, 2)
+    assert out is not None and out.shape == (3, p, heads, 8)
+    assert torch.allclose(out[real], sdpa[real], atol=1e-5)
 
 
 def test_chunk_rows_bound_the_chunk() -> None:

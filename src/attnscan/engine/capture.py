@@ -7,11 +7,13 @@ chosen layer's attention probabilities to a collector the moment they exist, and
     A uniquely named attention function is registered; layers that are not chosen go to PyTorch SDPA. A chosen
     layer takes one of two paths:
 
-    - **chunked** (the default): the layer's output comes from the fused SDPA kernel, exactly as for the other
-      layers, and its head-averaged probabilities ``[B, 1, P, P]`` (float32) from :func:`chunked_head_mean`, which
-      walks the query rows in chunks, computes each chunk's scores only against the keys it may attend to (the
-      upper triangle is never computed), softmaxes them in float32 and averages the heads at once. No tensor holds
-      every head's ``P x P`` square; the largest one holds one chunk of rows for all heads.
+    - **chunked** (the default): :func:`chunked_attention` walks the query rows in chunks, computes each chunk's
+      scores only against the keys it may attend to (the upper triangle is never computed), softmaxes them in
+      float32 and averages the heads at once into the head-averaged probabilities ``[B, 1, P, P]`` (float32) the
+      collector gets. No tensor holds every head's ``P x P`` square; the largest one holds one chunk of rows for
+      all heads. The layer's output is, on the CPU, each chunk's probabilities times the values (eager attention's
+      arithmetic, by chunks: measured cheaper than a second pass through SDPA there), elsewhere the fused SDPA
+      kernel's, as for the other layers.
     - **eager** (fallback): the model's own eager attention over the whole square for every head, whose weights
       ``[B, heads, P, P]`` go to the collector. It is taken for a layer whose attention the chunked path cannot
       reproduce exactly (:func:`eager_reason`): attention sinks (``s_aux``/``sinks``, e.g. gpt-oss), logit
@@ -153,20 +155,36 @@ def chunked_head_mean(
     scaling: float,
     rows: int | None = None,
 ) -> torch.Tensor:
-    """``float32 [B, P, P]`` head mean of ``softmax(query key^T * scaling + mask)``, computed by chunks of query rows.
+    """``float32 [B, P, P]`` head mean of ``softmax(query key^T * scaling + mask)``, computed by chunks of query rows
+    (see :func:`chunked_attention`, which also gives the attention output)."""
+    return chunked_attention(query, key, None, mask, scaling, rows)[0]
 
-    ``query`` ``[B, H, P, D]``, ``key`` ``[B, KV, P, D]`` (H a multiple of KV: grouped-query attention without
-    repeating the keys); ``mask`` boolean ``[B or 1, 1, P, P]`` (``True`` = may attend) that never lets a query see
-    a later key, or ``None`` for the causal square. Rows ``[q0, q1)`` (``rows`` of them, default
+
+def chunked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scaling: float,
+    rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eager attention by chunks of query rows: the head-mean probabilities ``float32 [B, P, P]`` and, given
+    ``value``, the output ``[B, P, H, D]`` (the layout eager attention functions return).
+
+    ``query`` ``[B, H, P, D]``, ``key`` and ``value`` ``[B, KV, P, D]`` (H a multiple of KV: grouped-query attention
+    without repeating the keys); ``mask`` boolean ``[B or 1, 1, P, P]`` (``True`` = may attend) that never lets a
+    query see a later key, or ``None`` for the causal square. Rows ``[q0, q1)`` (``rows`` of them, default
     :func:`chunk_rows`) are scored against keys ``[0, q1)`` only, in the inputs' dtype (the query scaled first),
     and the masked scores get the dtype's most negative number added, as in eager attention; the softmax and the
-    head mean run in float32. Cells above the diagonal are 0 (in the rows of padding tokens, which the mask lets see
-    nothing, the values mean nothing, as in eager attention)."""
+    head mean run in float32, and the output is the probabilities (cast to the values' dtype) times the values.
+    Cells above the diagonal are 0 (in the rows of padding tokens, which the mask lets see nothing, the values
+    mean nothing, as in eager attention)."""
     b, h, p, d = query.shape
     kv = key.shape[1]
     group = h // kv
     rows = min(p, rows or chunk_rows(b, h, p, query.device))
-    out = torch.empty(b, p, p, dtype=torch.float32, device=query.device)
+    mean = torch.empty(b, p, p, dtype=torch.float32, device=query.device)
+    out = None if value is None else torch.empty(b, p, h, value.shape[-1], dtype=value.dtype, device=value.device)
     neg = torch.finfo(query.dtype).min
     keys_t = key.transpose(2, 3)  # [B, KV, D, P]
     upper = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
@@ -183,10 +201,14 @@ def chunked_head_mean(
             scores.add_(torch.where(mask[:, :, q0:q1, :q1], 0.0, neg).to(scores.dtype))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         del scores
-        out[:, q0:q1, :q1] = probs.mean(dim=1)
+        if out is not None and value is not None:
+            grouped = probs.to(value.dtype).view(b, kv, group * r, q1)
+            out[:, q0:q1] = torch.matmul(grouped, value[:, :, :q1]).view(b, h, r, -1).transpose(1, 2)
+            del grouped
+        mean[:, q0:q1, :q1] = probs.mean(dim=1)
         del probs
-        out[:, q0:q1, q1:] = 0.0
-    return out
+        mean[:, q0:q1, q1:] = 0.0
+    return mean, out
 
 
 @contextlib.contextmanager
@@ -233,9 +255,14 @@ def _interface_route(
             collector.add(layer, weights)  # type: ignore[arg-type]
             del weights
             return out, None
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-        mean = chunked_head_mean(query, key, attention_mask, float(scaling))
+        scaling = float(kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
+        if query.device.type == "cpu":  # the chunks' probabilities times the values: cheaper than SDPA on the CPU
+            mean, chunked_out = chunked_attention(query, key, value, attention_mask, scaling)
+            assert chunked_out is not None
+            out = chunked_out
+        else:  # the fused kernel for the output, the chunks for the probabilities only
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            mean, _ = chunked_attention(query, key, None, attention_mask, scaling)
         collector.add(layer, mean.unsqueeze(1))  # type: ignore[arg-type]
         del mean
         return out, None
