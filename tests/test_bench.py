@@ -75,3 +75,22 @@ def test_collector_benchmark_compares_two_revisions(capsys: pytest.CaptureFixtur
     assert all(float(r[5]) <= 1e-6 for r in rows)  # both versions give the same sums
     with pytest.raises(SystemExit, match=r"cannot read the collector.s module"):
         bench.main(["--base", "no-such-revision"])
+
+
+def test_alternating_benchmark_gives_ratios_with_their_spread(tmp_path: Path) -> None:
+    out = tmp_path / "alt.json"
+    cmd = [sys.executable, str(BENCH / "alternate.py"), "--model", "preset:llama-3.1-8b", "--scale-layers", "2"]
+    cmd += ["--scale-hidden", "128", "--batch-sizes", "1,2", "--lengths", "48", "--rounds", "3", "--json", str(out)]
+    cmd += ["--variants", "sdpa,capture-all,capture-all-eager,eager"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch_size"], r["variant"]) for r in rows] == [
+        (b, v) for b in (1, 2) for v in ("sdpa", "capture-all", "capture-all-eager", "eager")
+    ]
+    for r in rows:
+        assert len(r["times_s"]) == 3 and r["growth_bytes"] > 0
+        assert r["ratio_min"] <= r["ratio_q1"] <= r["ratio_median"] <= r["ratio_q3"] <= r["ratio_max"]
+        if r["variant"] == "sdpa":
+            assert r["ratios"] == [1.0, 1.0, 1.0]
+    assert "capture-all-eager" in proc.stdout and "min-max" in proc.stdout

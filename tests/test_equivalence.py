@@ -28,6 +28,7 @@ from attnscan.testing.tiny import build_model, tiny_tokenizer
 GOLDEN = Path(__file__).parent / "data" / "golden"
 WRITE = os.environ.get("ATTNSCAN_WRITE_GOLDEN") == "1"
 VOLATILE = {
+    "bundle_format",  # bundles are compared by what they hold (see _same_bundle)
     "started",
     "finished",
     "seconds",
@@ -111,10 +112,46 @@ def _approx_dict(a: Any, b: Any, where: str) -> bool:
     return True
 
 
+def _same_bundle(new: Path, old: Path) -> None:
+    """Results bundles are compared through what they hold, not their layout: the stored ones may be of an older
+    bundle format (version 1 kept a count and a log map per layer and the full sums), which
+    :meth:`attnscan.ScanResult.load` must still read."""
+    a, b = attnscan.ScanResult.load(new), attnscan.ScanResult.load(old)
+    assert list(a.sets) == list(b.sets)
+    for name in a.sets:
+        ta = {
+            k: getattr(a.sets[name], k) for k in ("sums", "count", "prompt_ids", "lengths", "blocks", "sink", "entropy")
+        }
+        tb = {k: getattr(b.sets[name], k) for k in ta}
+        for key in ta:
+            x, y = ta[key], tb[key]
+            assert x.shape == y.shape and x.dtype == y.dtype, f"{name}/{key}"
+            if x.is_floating_point():
+                assert torch.equal(x.isnan(), y.isnan()), f"{name}/{key}: NaN pattern differs"
+                torch.testing.assert_close(x.nan_to_num(), y.nan_to_num(), rtol=1e-4, atol=1e-6, msg=key)
+            else:
+                assert torch.equal(x, y), f"{name}/{key}"
+    # Every map of the new file equals the stored one of the same meaning.
+    maps_new, maps_old = load_file(str(new / "maps.safetensors")), load_file(str(old / "maps.safetensors"))
+    for key, x in maps_new.items():
+        stored = maps_old.get(key)
+        if stored is None and key.endswith("/count"):  # version 1: the same count under every layer
+            stored = maps_old[key.replace("/count", f"/L{a.layers[0]}/count")]
+        assert stored is not None, f"maps.safetensors: {key} has no stored counterpart"
+        assert x.shape == stored.shape, key
+        assert torch.equal(x.isnan(), stored.isnan()), f"{key}: NaN pattern differs"
+        torch.testing.assert_close(x.double().nan_to_num(), stored.double().nan_to_num(), rtol=1e-4, atol=1e-6)
+    _same_json(new / "manifest.json", old / "manifest.json")
+    _same_csv(new / "layers.csv", old / "layers.csv")
+
+
 def _compare_dirs(new: Path, old: Path) -> None:
     new_files = sorted(p.relative_to(new).as_posix() for p in new.rglob("*") if p.is_file())
     old_files = sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if p.is_file())
     assert new_files == old_files
+    if (new / "maps.safetensors").is_file():
+        _same_bundle(new, old)
+        return
     for rel in new_files:
         a, b = new / rel, old / rel
         if rel.endswith(".safetensors"):

@@ -40,21 +40,28 @@ def result() -> ScanResult:
 def test_maps_follow_the_bundle_contract(result: ScanResult, tmp_path: Path) -> None:
     out = result.save(tmp_path / "bundle")
     maps = load_file(str(out / "maps.safetensors"))
+    expected_keys = {f"{s}/count" for s in ("benign", "jailbreak")}
+    expected_keys |= {f"{s}/L{layer}/mean" for s in ("benign", "jailbreak") for layer in (0, 2)}
+    assert set(maps) == expected_keys | {"diff/L0", "diff/L2"}
+    logs = {}
     for s in ("benign", "jailbreak"):
+        count = maps[f"{s}/count"]
+        assert count.dtype == torch.int32 and count.shape == (T, T)
+        assert torch.equal(count.long(), result.count(s))
+        assert torch.all(torch.triu(count, 1) == 0)
         for layer in (0, 2):
-            mean, count, log = (maps[f"{s}/L{layer}/{k}"] for k in ("mean", "count", "log"))
-            assert mean.dtype == torch.float32 and count.dtype == torch.int32 and log.dtype == torch.float32
-            assert mean.shape == (T, T)
-            assert torch.equal(mean.isnan(), count == 0) and torch.equal(log.isnan(), count == 0)
-            assert torch.all(torch.triu(count, 1) == 0)
-            ok = count > 0
-            expected = torch.log(mean[ok].double()).clamp_min(-10.0).float()
-            assert torch.allclose(log[ok], expected, atol=1e-6)
-            assert log[ok].min() >= -10.0 and log[ok].max() <= 0.0
-        diff = maps["diff/L2"]
-        both = ~maps["benign/L2/log"].isnan() & ~maps["jailbreak/L2/log"].isnan()
-        assert torch.equal(~diff.isnan(), both)
-        assert torch.allclose(diff[both], (maps["jailbreak/L2/log"] - maps["benign/L2/log"])[both], atol=1e-6)
+            mean = maps[f"{s}/L{layer}/mean"]
+            assert mean.dtype == torch.float32 and mean.shape == (T, T)
+            assert torch.equal(mean.isnan(), count == 0)
+            # The log map a notebook derives from the stored mean is the one the statistics use.
+            log = torch.log(mean.double().clamp_min(math.exp(-10.0))).where(count > 0, float("nan"))
+            assert torch.allclose(log, result.log(s, layer), atol=1e-6, equal_nan=True)
+            logs[s, layer] = log
+    for layer in (0, 2):
+        diff = maps[f"diff/L{layer}"]
+        expected = logs["jailbreak", layer] - logs["benign", layer]
+        assert torch.equal(diff.isnan(), expected.isnan())
+        assert torch.allclose(diff.double(), expected, atol=1e-5, equal_nan=True)
     # Rows of the mean map sum to 1 wherever every contributing prompt reaches the whole row.
     m = maps["benign/L0/mean"]
     assert math.isclose(float(m[3, :4].sum()), 1.0, rel_tol=1e-5)
@@ -70,6 +77,7 @@ def test_bundle_files_and_manifest(result: ScanResult, tmp_path: Path) -> None:
     }
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["layers"] == [0, 2] and manifest["length"] == T and manifest["floor"] == -10.0
+    assert manifest["bundle_format"] == 2
     with (out / "layers.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["layer"]) for r in rows] == [0, 2]
@@ -150,3 +158,86 @@ def test_failed_write_leaves_nothing(result: ScanResult, tmp_path: Path, monkeyp
 def test_load_refuses_non_bundles(tmp_path: Path) -> None:
     with pytest.raises(AttnscanError, match="not an attnscan results bundle"):
         ScanResult.load(tmp_path)
+
+
+def _relative(name: str, seqs: list[list[int]], ids: list[int] | None = None) -> SetAccumulator:
+    model = build_model("llama")
+    total = max(ids) + 1 if ids is not None else len(seqs)
+    col = GridCollector(name, (0, 1), total, T, n_blocks=5, align="relative")
+    run_collect(model, seqs, col, route="interface", pad_id=0, batch_size=2, prompt_ids=ids, padding_side="left")
+    return col.result()
+
+
+def _same_accumulators(a: SetAccumulator, b: SetAccumulator) -> None:
+    for key in ("sums", "count", "prompt_ids", "lengths", "blocks", "sink", "entropy"):
+        x, y = getattr(a, key), getattr(b, key)
+        assert x.dtype == y.dtype and torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)), key
+
+
+def test_compact_accumulators_are_lossless_with_cells_right_of_the_diagonal(tmp_path: Path) -> None:
+    """Relative alignment reaches cells just right of the diagonal (a short prompt's diagonal token spans several
+    columns): the compact file keeps them, and a loaded shard merges bit for bit like the one in memory."""
+    seqs = random_prompts((3, 4, 10, 6, 2, 9), seed=6)
+    a, b = _relative("benign", seqs[:3], ids=[0, 1, 2]), _relative("benign", seqs[3:], ids=[3, 4, 5])
+    assert torch.triu(a.count, 1).any(), "the case this test is about (cells right of the diagonal) is not present"
+    back_a = ScanResult.load(ScanResult({"benign": a}).save(tmp_path / "a")).sets["benign"]
+    back_b = ScanResult.load(ScanResult({"benign": b}).save(tmp_path / "b")).sets["benign"]
+    _same_accumulators(back_a, a)
+    _same_accumulators(back_a.merge(back_b), a.merge(b))
+    stored = load_file(str(tmp_path / "a" / "accumulators.safetensors"))
+    assert stored["benign/sums"].shape == (2, int((a.count > 0).sum()))
+
+
+def test_hand_made_sums_outside_the_reached_cells_survive(tmp_path: Path) -> None:
+    acc = _acc("benign", random_prompts((4, 6), seed=3))
+    acc.sums[1, 0, T - 1] = 0.25  # above the diagonal, where no prompt reaches
+    back = ScanResult.load(ScanResult({"benign": acc}).save(tmp_path / "x")).sets["benign"]
+    _same_accumulators(back, acc)
+
+
+def _write_version_1(result: ScanResult, out: Path) -> None:
+    """The bundle layout of attnscan before the compact format: full sums and counts, a count and a log map per
+    layer."""
+    from safetensors.torch import save_file
+
+    out.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    maps: dict[str, torch.Tensor] = {}
+    for name, acc in result.sets.items():
+        tensors.update({f"{name}/{k}": getattr(acc, k).contiguous() for k in ("sums", "count", "prompt_ids")})
+        tensors.update({f"{name}/{k}": getattr(acc, k).contiguous() for k in ("lengths", "blocks", "sink", "entropy")})
+        for layer in result.layers:
+            maps[f"{name}/L{layer}/mean"] = result.mean(name, layer).float()
+            maps[f"{name}/L{layer}/count"] = acc.count.to(torch.int32)
+            maps[f"{name}/L{layer}/log"] = result.log(name, layer).float()
+    maps.update({f"diff/L{layer}": result.diff(layer).float() for layer in result.layers})
+    save_file(tensors, str(out / "accumulators.safetensors"))
+    save_file(maps, str(out / "maps.safetensors"))
+    manifest = {"bundle_format": 1, "length": T, "layers": list(result.layers), "floor": -10.0}
+    manifest["sets_order"] = list(result.sets)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_version_1_bundles_are_read_and_the_new_format_is_smaller(result: ScanResult, tmp_path: Path) -> None:
+    _write_version_1(result, tmp_path / "v1")
+    old = ScanResult.load(tmp_path / "v1")
+    for name, acc in result.sets.items():
+        _same_accumulators(old.sets[name], acc)
+    new = result.save(tmp_path / "v2")
+    old_maps, new_maps = (load_file(str(p / "maps.safetensors")) for p in (tmp_path / "v1", new))
+    assert sum(t.nbytes for t in new_maps.values()) <= 0.6 * sum(t.nbytes for t in old_maps.values())
+    old_acc, new_acc = (load_file(str(p / "accumulators.safetensors")) for p in (tmp_path / "v1", new))
+    for name in result.sets:  # the sums keep the reached cells only: at most the lower triangle with its diagonal
+        assert new_acc[f"{name}/sums"].numel() <= (T + 1) / (2 * T) * old_acc[f"{name}/sums"].numel()
+    resaved = ScanResult.load(old.save(tmp_path / "again"))
+    assert resaved.manifest["bundle_format"] == 2
+    for name, acc in result.sets.items():
+        _same_accumulators(resaved.sets[name], acc)
+
+
+def test_bundles_of_a_newer_format_are_refused(result: ScanResult, tmp_path: Path) -> None:
+    out = result.save(tmp_path / "b")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "bundle_format": 3}))
+    with pytest.raises(AttnscanError, match=r"format 3.*upgrade attnscan"):
+        ScanResult.load(out)

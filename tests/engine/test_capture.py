@@ -103,27 +103,30 @@ class _Recorder:
         self.weights[layer] = weights.detach().clone()
 
 
-def test_chosen_layer_keeps_its_causal_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("chunked", "spied"), [(True, "chunked_attention"), (False, "_additive_mask")])
+def test_chosen_layer_keeps_its_causal_mask(monkeypatch: pytest.MonkeyPatch, chunked: bool, spied: str) -> None:
     """Without padding transformers' SDPA mask function returns no mask at all (SDPA then relies on is_causal).
 
-    The chosen layer must still be causal: the weights above the diagonal are exactly zero.
+    The chosen layer must still be causal, on the chunked and on the eager path: the weights above the diagonal
+    are exactly zero.
     """
     import attnscan.engine.capture as capture_mod
 
     seen: list[object] = []
-    original = capture_mod._additive_mask
+    original = getattr(capture_mod, spied)
 
-    def spy(mask: Any, *args: Any) -> Any:
-        seen.append(mask)
-        return original(mask, *args)
+    def spy(*args: Any) -> Any:
+        seen.append(args[0] if spied == "_additive_mask" else args[3])
+        return original(*args)
 
-    monkeypatch.setattr(capture_mod, "_additive_mask", spy)
+    monkeypatch.setattr(capture_mod, spied, spy)
     model = build_model("llama")
     rec = _Recorder()
-    with torch.inference_mode(), capture_attention(model, [1], rec, "interface"):
+    with torch.inference_mode(), capture_attention(model, [1], rec, "interface", chunked=chunked):
         model.base_model(input_ids=torch.tensor(random_prompts((9,))), use_cache=False)
     assert seen and seen[0] is None, "the trap this test guards against is no longer live"
-    w = rec.weights[1][0]  # [heads, q, k]
+    w = rec.weights[1][0]  # [heads, q, k] (one head: the head mean, on the chunked path)
+    assert w.shape[0] == (1 if chunked else model.config.num_attention_heads)
     upper = torch.triu(torch.ones(9, 9, dtype=torch.bool), diagonal=1)
     assert torch.all(w[:, upper] == 0)
     assert torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-6)

@@ -29,9 +29,9 @@ def test_scan_on_the_embedded_model(tmp_path: Path) -> None:
     maps = load_file(str(out / "maps.safetensors"))
     for s in ("benign", "jailbreak"):
         for layer in range(30):
-            log, count = maps[f"{s}/L{layer}/log"], maps[f"{s}/L{layer}/count"]
-            assert torch.isfinite(log[count > 0]).all(), (s, layer)
-            assert log[count == 0].isnan().all()
+            mean, count = maps[f"{s}/L{layer}/mean"], maps[f"{s}/count"]
+            assert torch.isfinite(mean[count > 0]).all(), (s, layer)
+            assert mean[count == 0].isnan().all()
             assert (count > 0).any()
     diff = maps["diff/L10"]
     assert torch.isfinite(diff[~diff.isnan()]).all() and (~diff.isnan()).sum() > 100

@@ -9,15 +9,22 @@ Bundle layout (the public contract; a notebook reads it with ``safetensors`` and
     ``length_matching`` (:meth:`attnscan.analysis.lengths.LengthMatch.record`: method, caliper, pairs, prompts kept
     per set and the length distributions before and after).
 ``maps.safetensors``
-    for each set S and captured layer L: ``S/L{L}/mean`` float32 [T, T] mean attention probability over heads and
-    prompts (NaN where no prompt contributes); ``S/L{L}/count`` int32 [T, T] prompts contributing to the cell
-    (0 above the diagonal); ``S/L{L}/log`` float32 [T, T] ln(mean) floored at the floor, NaN where count is 0;
-    and ``diff/L{L}`` float32 [T, T] = jailbreak log - benign log, NaN where either is NaN.
+    for each set S: ``S/count`` int32 [T, T] prompts reaching each cell (the same for every layer; 0 above the
+    diagonal in absolute alignment), and for each captured layer L ``S/L{L}/mean`` float32 [T, T] mean attention
+    probability over heads and prompts (NaN where no prompt contributes); and ``diff/L{L}`` float32 [T, T] =
+    jailbreak log map - benign log map, NaN where either is NaN. The log map itself is not stored: it is
+    ``ln(max(mean, e^floor))`` (floor in the manifest), NaN where the mean is NaN (:meth:`ScanResult.log`).
 ``accumulators.safetensors``
-    the raw float64 sums, counts and per-prompt summaries (see :mod:`attnscan.engine.accumulate`), from which
-    :meth:`ScanResult.load` rebuilds the result and shards merge exactly.
+    attnscan's own merge state (:meth:`attnscan.engine.accumulate.SetAccumulator.tensors`): for each set S,
+    ``S/cells`` the flat indices ``i * T + j`` of the cells some prompt reaches, ``S/sums`` float64 [layers, cells]
+    and ``S/count`` int64 [cells] for those cells only (every other cell is zero), and the per-prompt summaries;
+    :meth:`ScanResult.load` rebuilds the full [layers, T, T] sums, so shards merge exactly.
 ``layers.csv``
     one row per captured layer.
+
+``manifest.json`` holds ``bundle_format``: 2 for this layout. Version 1 (attnscan before the compact bundle) stored
+``S/L{L}/count`` and ``S/L{L}/log`` for every layer in the maps, and the full [layers, T, T] sums and [T, T] count
+in the accumulators; :meth:`ScanResult.load` reads both versions.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from ..engine.accumulate import SetAccumulator
 from ..errors import AttnscanError
 from .statistics import layer_table
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 SET_ORDER = ("benign", "jailbreak", "control")
 
 
@@ -103,11 +111,9 @@ class ScanResult:
         """The tensors of ``maps.safetensors`` (see the module docstring)."""
         out: dict[str, torch.Tensor] = {}
         for name in self.sets:
-            count = self.count(name).to(torch.int32)
+            out[f"{name}/count"] = self.count(name).to(torch.int32)
             for layer in self.layers:
                 out[f"{name}/L{layer}/mean"] = self.mean(name, layer).float()
-                out[f"{name}/L{layer}/count"] = count.clone()
-                out[f"{name}/L{layer}/log"] = self.log(name, layer).float()
         if "benign" in self.sets and "jailbreak" in self.sets:
             for layer in self.layers:
                 out[f"diff/L{layer}"] = self.diff(layer).float()
@@ -158,7 +164,8 @@ class ScanResult:
             tensors: dict[str, torch.Tensor] = {}
             for acc in self.sets.values():
                 tensors.update(acc.tensors())
-            save_file(tensors, str(tmp / "accumulators.safetensors"), metadata={"format": "attnscan-accumulators"})
+            acc_meta = {"format": "attnscan-accumulators", "bundle_format": str(BUNDLE_FORMAT)}
+            save_file(tensors, str(tmp / "accumulators.safetensors"), metadata=acc_meta)
             if table is not None:
                 table.to_csv(tmp / "layers.csv", index=False, float_format="%.6g")
             else:
@@ -180,12 +187,23 @@ class ScanResult:
         acc_path = path / "accumulators.safetensors"
         if not acc_path.is_file():
             raise AttnscanError(f"{path} has no accumulators.safetensors: the bundle is incomplete; scan again")
+        version = manifest.get("bundle_format", 1)
+        if version not in READABLE_FORMATS:
+            raise AttnscanError(
+                f"{path} is a bundle of format {version}; this attnscan reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))}: upgrade attnscan"
+            )
         tensors = load_file(str(acc_path))
         layers = tuple(int(x) for x in manifest["layers"])
-        sets = {
-            name: SetAccumulator.from_tensors(name, tensors, layers, int(manifest["length"]), float(manifest["floor"]))
-            for name in manifest["sets_order"]
-        }
+        try:
+            sets = {
+                name: SetAccumulator.from_tensors(
+                    name, tensors, layers, int(manifest["length"]), float(manifest["floor"])
+                )
+                for name in manifest["sets_order"]
+            }
+        except KeyError as exc:
+            raise AttnscanError(f"{acc_path} lacks {exc}: the bundle is damaged; scan again") from None
         return cls(sets, manifest, path=path)
 
 

@@ -47,6 +47,10 @@ from ..errors import AttnscanError
 Align = Literal["absolute", "relative"]
 
 
+ENTROPY_ROWS = 256
+"""Rows of a head-mean map turned into entropy terms at once (bounds that temporary to ``B x 256 x P`` floats)."""
+
+
 def check_align(align: str) -> None:
     """Refuse an alignment other than ``absolute`` or ``relative``."""
     if align not in ("absolute", "relative"):
@@ -126,27 +130,51 @@ class SetAccumulator:
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor mapping for safetensors (prefix ``{name}/``)."""
-        p = self.name
-        out = {f"{p}/sums": self.sums, f"{p}/count": self.count, f"{p}/prompt_ids": self.prompt_ids}
+        """Flat name -> tensor mapping for safetensors (prefix ``{name}/``), compact: the sums and counts of the
+        cells in :meth:`support` only (``cells`` holds their flat indices ``i * T + j``, ascending). Lossless:
+        every other cell has a zero sum and a zero count. See :meth:`from_tensors`."""
+        p, t = self.name, self.length
+        cells = torch.nonzero(self.support().flatten()).flatten()
+        cells = cells.to(torch.int32 if t * t < 2**31 else torch.int64)
+        out = {f"{p}/cells": cells, f"{p}/sums": self.sums.reshape(len(self.layers), t * t)[:, cells.long()]}
+        out.update({f"{p}/count": self.count.flatten()[cells.long()], f"{p}/prompt_ids": self.prompt_ids})
         out.update({f"{p}/lengths": self.lengths, f"{p}/blocks": self.blocks})
         out.update({f"{p}/sink": self.sink, f"{p}/entropy": self.entropy})
         return {k: v.contiguous() for k, v in out.items()}
+
+    def support(self) -> torch.Tensor:
+        """``bool [T, T]``: the cells some prompt reaches (count > 0), and any other cell whose sum is not zero (a
+        collector never makes one; an accumulator built by hand may)."""
+        return (self.count > 0) | (self.sums != 0).any(0)
 
     @classmethod
     def from_tensors(
         cls, name: str, tensors: dict[str, torch.Tensor], layers: tuple[int, ...], length: int, floor: float
     ) -> SetAccumulator:
+        """Rebuild from :meth:`tensors`: the compact form (with ``{name}/cells``) or the full ``[layers, T, T]``
+        sums and ``[T, T]`` count of version-1 bundles."""
+
         def get(key: str) -> torch.Tensor:
             return tensors[f"{name}/{key}"]
 
+        sums, count = get("sums"), get("count")
+        if f"{name}/cells" in tensors:
+            cells, t, nl = get("cells").long(), length, len(layers)
+            if sums.shape != (nl, cells.numel()) or count.shape != cells.shape or cells.numel() > t * t:
+                raise AttnscanError(f"accumulators of set '{name}' do not fit T = {t} and {nl} layers: damaged bundle")
+            full = torch.zeros(nl, t * t, dtype=sums.dtype)
+            full[:, cells] = sums
+            sums = full.view(nl, t, t)
+            flat = torch.zeros(t * t, dtype=count.dtype)
+            flat[cells] = count
+            count = flat.view(t, t)
         return cls(
             name=name,
             layers=layers,
             length=length,
             floor=floor,
-            sums=get("sums"),
-            count=get("count"),
+            sums=sums,
+            count=count,
             prompt_ids=get("prompt_ids"),
             lengths=get("lengths"),
             blocks=get("blocks"),
@@ -293,58 +321,80 @@ class GridCollector:
         self._batch = (idx, list(starts), list(lengths))
 
     def add(self, layer: int, weights: torch.Tensor) -> None:
-        """Reduce one layer's weights ``[B, heads, P, P]`` (P = padded batch length) into the accumulators."""
+        """Reduce one layer's weights ``[B, heads, P, P]`` (P = padded batch length) into the accumulators; ``heads``
+        may be 1 (the capture engine's chunked path hands over the head mean)."""
+        self._reduce(layer, weights.mean(dim=1, dtype=torch.float32).to(self.device), tuple(weights.shape))
+
+    def _reduce(self, layer: int, head_mean: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """The reduction of :meth:`add` on a head mean ``float32 [B, P, P]`` of its own (it overwrites it). Each step
+        is one pass over ``[B, P, P]`` at most, in place where the values are not needed again."""
         if self._batch is None:
             raise RuntimeError("GridCollector.add called outside begin()/end()")
         _, starts, lengths = self._batch
         li = self._pos[layer]
-        head_mean = weights.mean(dim=1, dtype=torch.float32).to(self.device)  # [B, P, P]; layers may sit elsewhere
         batch, width = head_mean.shape[0], head_mean.shape[-1]
-        if batch != len(lengths) or width != self._rows.shape[1]:
-            raise ValueError(f"weights of shape {tuple(weights.shape)} do not fit the batch begun")
+        if head_mean.dim() != 3 or batch != len(lengths) or width != self._rows.shape[1]:
+            raise ValueError(f"weights of shape {shape} do not fit the batch begun")
         b = self._prompt_index
         # Per-prompt summaries from each prompt's own n x n map (its rows, its keys), whatever the alignment.
         # torch.where, not a product, drops the rows of padding tokens: they may hold NaN.
         own_rows, n = self._own_rows, self._lengths
         sink = torch.where(own_rows, head_mean[b[:, None], self._rows, self._starts[:, None]], 0.0).sum(1) / n
-        plogp = head_mean * torch.log(head_mean.clamp_min(1e-30))
-        row_entropy = -torch.bmm(plogp, self._own_keys[:, :, None]).squeeze(-1)  # [B, P], over the prompt's keys
-        del plogp
+        # Row entropy over the prompt's own keys, -p ln p summed (0 where p = 0), by blocks of rows: no second
+        # [B, P, P] map is alive beside the head mean.
+        keys = self._own_keys[:, :, None]
+        row_entropy = torch.cat(
+            [torch.bmm(torch.special.entr(part), keys) for part in torch.split(head_mean, ENTROPY_ROWS, dim=1)], dim=1
+        ).squeeze(-1)  # [B, P]
         entropy = torch.where(own_rows, row_entropy.gather(1, self._rows), 0.0).sum(1) / n
+        aligned = self._align(head_mean, starts, lengths)
+        del head_mean
+        aligned.masked_fill_(self._invalid, 0.0)
+        t = self.length
+        if self._buf is None:
+            if batch == 1:  # no float64 copy of the batch sum: add the one map in place
+                self.sums[li].add_(aligned[0, :t, :t].cpu())
+            else:
+                self.sums[li] += aligned[:, :t, :t].sum(0, dtype=torch.float64).cpu()  # .cpu(): no copy on the CPU
+            self._added = True
+        else:
+            self._buf[li] += aligned[:, :t, :t].sum(0, dtype=torch.float32)
+        logp = aligned.clamp_min_(math.exp(self.floor)).log_().masked_fill_(self._invalid, 0.0)
+        nb, bs = self.n_blocks, self.bs
+        blocks = logp.view(-1, nb, bs, nb, bs).sum((2, 4)) / self._block_count
+        del logp, aligned
+        self._batch_blocks[:, li] = blocks
+        self._batch_sink[:, li] = sink
+        self._batch_entropy[:, li] = entropy
+
+    def _align(self, head_mean: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """``[B, padded, padded]``: each prompt's map moved onto the grid (see the module docstring); may return
+        ``head_mean`` itself, so the caller must not need it afterwards. Cells outside the prompts are not cleared
+        here (the caller masks them)."""
+        batch, width = head_mean.shape[0], head_mean.shape[-1]
         if self._source is None:  # absolute: the prompt's token i on grid row and column i
-            aligned = head_mean.new_zeros(batch, self.padded, self.padded)
             if self._shifted:  # left padding: move each prompt to the top-left corner
                 rows = self._rows[:, :, None].expand(batch, width, width)
-                aligned[:, :width, :width] = head_mean.gather(1, rows).gather(2, rows.transpose(1, 2))
-            else:
-                aligned[:, :width, :width] = head_mean
-        elif self._gather is not None:  # relative, each grid cell gathers at most two keys of the row's query
+                head_mean = head_mean.gather(1, rows).gather(2, rows.transpose(1, 2))
+            if width == self.padded:
+                return head_mean
+            aligned = head_mean.new_zeros(batch, self.padded, self.padded)
+            aligned[:, :width, :width] = head_mean
+            return aligned
+        if self._gather is not None:  # relative, each grid cell gathers at most two keys of the row's query
             rows, k0, w0, k1, w1 = self._gather
             shown = head_mean.gather(1, rows[:, :, None].expand(batch, self.padded, width))  # [B, padded, P]
             cols = (batch, self.padded, self.padded)
             aligned = shown.gather(2, k0[:, None, :].expand(cols)).mul_(w0[:, None, :])
             aligned.addcmul_(shown.gather(2, k1[:, None, :].expand(cols)), w1[:, None, :])
-            del shown
-        else:  # relative with a prompt longer than the grid
-            aligned = head_mean.new_zeros(batch, self.padded, self.padded)
-            for i, (s, k) in enumerate(zip(starts, lengths, strict=True)):
-                own_map = head_mean[i, s : s + k, s : s + k]
-                aligned[i] = own_map[self._source[i]] @ self._spread[i].T
-        del head_mean
-        aligned.masked_fill_(self._invalid, 0.0)
-        t = self.length
-        if self._buf is None:
-            self.sums[li] += aligned[:, :t, :t].sum(0, dtype=torch.float64).cpu()  # .cpu(): no copy on the CPU
-            self._added = True
-        else:
-            self._buf[li] += aligned[:, :t, :t].sum(0, dtype=torch.float32)
-        logp = torch.log(aligned.clamp_min(math.exp(self.floor))).mul_(self._valid)
-        nb, bs = self.n_blocks, self.bs
-        blocks = logp.view(-1, nb, bs, nb, bs).sum((2, 4)) / self._block_count
-        del logp
-        self._batch_blocks[:, li] = blocks
-        self._batch_sink[:, li] = sink
-        self._batch_entropy[:, li] = entropy
+            return aligned
+        # relative with a prompt longer than the grid
+        assert self._source is not None
+        aligned = head_mean.new_zeros(batch, self.padded, self.padded)
+        for i, (s, k) in enumerate(zip(starts, lengths, strict=True)):
+            own_map = head_mean[i, s : s + k, s : s + k]
+            aligned[i] = own_map[self._source[i]] @ self._spread[i].T
+        return aligned
 
     def end(self) -> None:
         """Finish a batch: counts and the float64 sums are updated."""

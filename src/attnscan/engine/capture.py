@@ -1,16 +1,29 @@
 """The capture engine: the only code in attnscan that touches attention internals.
 
 :func:`capture_attention` is a context manager that, for the duration of a ``with`` block, makes a model hand each
-chosen layer's attention probabilities ``[batch, heads, query, key]`` to a collector the moment they exist, and
-drops them right after. Two routes:
+chosen layer's attention probabilities to a collector the moment they exist, and drops them right after. Two routes:
 
 ``interface`` (models on transformers' ``AttentionInterface``)
-    A uniquely named attention function is registered. For chosen layers it runs the model's own eager attention
-    (so scaling, soft-capping, GQA and sinks match the reference exactly), passes the weights to the collector and
-    returns ``None`` as weights; other layers go to PyTorch SDPA. A matching mask function is registered under the
-    same name: without it transformers builds no mask at all for an unknown implementation. The SDPA mask function
-    returns ``None`` when the mask is purely causal (SDPA then uses ``is_causal``); the chosen layer rebuilds the
-    causal mask in that case, so it never silently attends to the future.
+    A uniquely named attention function is registered; layers that are not chosen go to PyTorch SDPA. A chosen
+    layer takes one of two paths:
+
+    - **chunked** (the default): :func:`chunked_attention` walks the query rows in chunks, computes each chunk's
+      scores only against the keys it may attend to (the upper triangle is never computed), softmaxes them in
+      float32 and averages the heads at once into the head-averaged probabilities ``[B, 1, P, P]`` (float32) the
+      collector gets. No tensor holds every head's ``P x P`` square; the largest one holds one chunk of rows for
+      all heads. The layer's output is, on the CPU, each chunk's probabilities times the values (eager attention's
+      arithmetic, by chunks: measured cheaper than a second pass through SDPA there), elsewhere the fused SDPA
+      kernel's, as for the other layers.
+    - **eager** (fallback): the model's own eager attention over the whole square for every head, whose weights
+      ``[B, heads, P, P]`` go to the collector. It is taken for a layer whose attention the chunked path cannot
+      reproduce exactly (:func:`eager_reason`): attention sinks (``s_aux``/``sinks``, e.g. gpt-oss), logit
+      soft-capping (Gemma 2; SDPA has no soft-capping), dropout in training mode, a position bias, a module that is
+      not causal, a query shorter than its keys (a KV cache), or a mask that lets a query see a later key. The
+      reasons met are recorded in :attr:`CaptureInfo.eager` (layer -> reason).
+
+    A matching mask function is registered under the same name: without it transformers builds no mask at all for
+    an unknown implementation. The SDPA mask function returns ``None`` when the mask is purely causal (SDPA then
+    uses ``is_causal``); the chosen layer then applies the causal mask itself, so it never attends to the future.
 
 ``hooks`` (models that compute eager attention themselves, e.g. GPT-Neo)
     A forward hook on each chosen layer's attention module reduces the weights the module returns and replaces
@@ -25,7 +38,9 @@ import contextlib
 import itertools
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -34,11 +49,25 @@ from torch import nn
 from ..models.anatomy import attention_module, decoder_layers
 from ..models.arch import Route
 
+CHUNK_BYTES = 1 << 23
+"""Bound on the float32 scores of one chunk of query rows (all heads, all prompts of the batch) on the CPU: 8 MiB,
+about a cache-sized working set (measured: 128 rows for 9 heads at P = 2048 beat 256 and 512 rows)."""
+CUDA_CHUNK_BYTES = 1 << 28
+"""The same bound on CUDA (256 MiB): fewer, larger kernels."""
+
 
 class Collector(Protocol):
-    """Anything that accepts one layer's attention weights ``[B, heads, P, P]``."""
+    """Anything that accepts one layer's attention weights ``[B, heads, P, P]``; on the chunked path the engine has
+    averaged the heads already and hands over the float32 head mean as one head, ``[B, 1, P, P]``."""
 
     def add(self, layer: int, weights: torch.Tensor) -> None: ...
+
+
+@dataclass
+class CaptureInfo:
+    """What :func:`capture_attention` did: the chosen layers that ran the eager fallback, with the reason."""
+
+    eager: dict[int, str] = field(default_factory=dict)
 
 
 _counter = itertools.count()
@@ -55,30 +84,143 @@ def _eager_function(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torc
     return fn  # type: ignore[no-any-return]
 
 
+def _causal(mask: torch.Tensor | None, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The boolean mask (``True`` = may attend) a chosen layer applies: the given one, or the causal square when
+    the mask function returned ``None`` for a purely causal pattern."""
+    if mask is not None:
+        return mask
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    qi = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+    kj = torch.arange(k_len, device=query.device)[None, :]
+    return (kj <= qi)[None, None]
+
+
 def _additive_mask(mask: torch.Tensor | None, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> Any:
     """Turn the mask the registered mask function produced into the additive float mask eager attention expects."""
-    dtype = query.dtype
-    neg = torch.finfo(dtype).min
-    if mask is None:
-        if not getattr(module, "is_causal", True):
-            return None
-        q_len, k_len = query.shape[-2], key.shape[-2]
-        qi = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
-        kj = torch.arange(k_len, device=query.device)[None, :]
-        mask = (kj <= qi)[None, None]
+    if mask is None and not getattr(module, "is_causal", True):
+        return None
+    mask = _causal(mask, module, query, key)
     if mask.dtype == torch.bool:
+        dtype = query.dtype
         zero = torch.zeros((), dtype=dtype, device=mask.device)
-        return torch.where(mask, zero, torch.tensor(neg, dtype=dtype, device=mask.device))
+        return torch.where(mask, zero, torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=mask.device))
     return mask
 
 
+def eager_reason(module: nn.Module, query: torch.Tensor, key: torch.Tensor, mask: Any, kwargs: dict[str, Any]) -> str:
+    """Why a chosen layer needs the eager fallback (see the module docstring); ``""`` when the chunked path is
+    exact for it."""
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        return "attention sinks"
+    if kwargs.get("softcap") is not None:
+        return "logit soft-capping"
+    if kwargs.get("position_bias") is not None:
+        return "position bias"
+    if kwargs.get("dropout") and module.training:
+        return "dropout in training mode"
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
+        return "not a causal module"
+    if query.shape[-2] != key.shape[-2]:
+        return "query shorter than its keys"
+    return _mask_reason(mask) if mask is not None else ""
+
+
+def _mask_reason(mask: torch.Tensor) -> str:
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return "a mask that is not boolean [B, 1, Q, K]"
+    if torch.triu(mask[:, 0], diagonal=1).any():
+        return "a mask that lets a query see a later key"
+    return ""
+
+
+def _beyond_sdpa(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether a layer's attention has a part transformers' SDPA function drops (sinks) or refuses (soft-capping):
+    such a layer runs its eager attention even when it is not captured."""
+    sinks = kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None
+    return sinks or kwargs.get("softcap") is not None
+
+
+def chunk_rows(batch: int, heads: int, keys: int, device: torch.device) -> int:
+    """Query rows per chunk so that one chunk's float32 scores ``[B, heads, rows, keys]`` stay within
+    :data:`CHUNK_BYTES` (on CUDA :data:`CUDA_CHUNK_BYTES`); at least 16 rows, a multiple of 16 from there on."""
+    budget = CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
+    rows = budget // max(1, 4 * batch * heads * keys)
+    return max(16, rows // 16 * 16)
+
+
+def chunked_head_mean(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """``float32 [B, P, P]`` head mean of ``softmax(query key^T * scaling + mask)``, computed by chunks of query rows
+    (see :func:`chunked_attention`, which also gives the attention output)."""
+    return chunked_attention(query, key, None, mask, scaling, rows)[0]
+
+
+def chunked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scaling: float,
+    rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eager attention by chunks of query rows: the head-mean probabilities ``float32 [B, P, P]`` and, given
+    ``value``, the output ``[B, P, H, D]`` (the layout eager attention functions return).
+
+    ``query`` ``[B, H, P, D]``, ``key`` and ``value`` ``[B, KV, P, D]`` (H a multiple of KV: grouped-query attention
+    without repeating the keys); ``mask`` boolean ``[B or 1, 1, P, P]`` (``True`` = may attend) that never lets a
+    query see a later key, or ``None`` for the causal square. Rows ``[q0, q1)`` (``rows`` of them, default
+    :func:`chunk_rows`) are scored against keys ``[0, q1)`` only, in the inputs' dtype (the query scaled first),
+    and the masked scores get the dtype's most negative number added, as in eager attention; the softmax and the
+    head mean run in float32, and the output is the probabilities (cast to the values' dtype) times the values.
+    Cells above the diagonal are 0 (in the rows of padding tokens, which the mask lets see nothing, the values
+    mean nothing, as in eager attention)."""
+    b, h, p, d = query.shape
+    kv = key.shape[1]
+    group = h // kv
+    rows = min(p, rows or chunk_rows(b, h, p, query.device))
+    mean = torch.empty(b, p, p, dtype=torch.float32, device=query.device)
+    out = None if value is None else torch.empty(b, p, h, value.shape[-1], dtype=value.dtype, device=value.device)
+    neg = torch.finfo(query.dtype).min
+    keys_t = key.transpose(2, 3)  # [B, KV, D, P]
+    upper = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
+    for q0 in range(0, p, rows):
+        q1 = min(p, q0 + rows)
+        r = q1 - q0
+        # [B, KV, G * r, D] @ [B, KV, D, q1]: each key head meets its group of query heads in one product.
+        chunk = (query[:, :, q0:q1] * scaling).reshape(b, kv, group * r, d)
+        scores = torch.matmul(chunk, keys_t[..., :q1]).view(b, h, r, q1)
+        del chunk
+        if mask is None:  # causal: only the chunk's own square has cells right of the diagonal
+            scores[..., q0:q1].masked_fill_(upper[:r, :r], neg)
+        else:
+            scores.add_(torch.where(mask[:, :, q0:q1, :q1], 0.0, neg).to(scores.dtype))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        del scores
+        if out is not None and value is not None:
+            grouped = probs.to(value.dtype).view(b, kv, group * r, q1)
+            out[:, q0:q1] = torch.matmul(grouped, value[:, :, :q1]).view(b, h, r, -1).transpose(1, 2)
+            del grouped
+        mean[:, q0:q1, :q1] = probs.mean(dim=1)
+        del probs
+        mean[:, q0:q1, q1:] = 0.0
+    return mean, out
+
+
 @contextlib.contextmanager
-def _interface_route(model: Any, layers: set[int], collector: Collector) -> Iterator[None]:
+def _interface_route(
+    model: Any, layers: set[int], collector: Collector, info: CaptureInfo, chunked: bool
+) -> Iterator[None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     layer_of: dict[int, int] = {}
+    checked: list[Any] = [None, ""]  # the last mask checked (weak reference) and what the check found
     for i, layer in enumerate(decoder_layers(model)):
         for sub in layer.modules():
             layer_of[id(sub)] = i
@@ -93,12 +235,36 @@ def _interface_route(model: Any, layers: set[int], collector: Collector) -> Iter
     ) -> tuple[torch.Tensor, None]:
         layer = layer_of.get(id(module), getattr(module, "layer_idx", None))
         if layer not in layers:
+            if _beyond_sdpa(module, kwargs):  # SDPA would drop the sinks or refuse the soft-capping
+                out, _ = _eager_function(module)(
+                    module, query, key, value, _additive_mask(attention_mask, module, query, key), **kwargs
+                )
+                return out, None
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
             return out, None
-        mask = _additive_mask(attention_mask, module, query, key)
-        out, weights = _eager_function(module)(module, query, key, value, mask, **kwargs)
-        collector.add(layer, weights)  # type: ignore[arg-type]
-        del weights
+        reason = eager_reason(module, query, key, None, kwargs) if chunked else "chunked path off"
+        if not reason and attention_mask is not None:
+            # Every layer of a forward gets the same mask object: check it once (on a GPU the check waits for it).
+            if checked[0] is None or checked[0]() is not attention_mask:
+                checked[:] = [weakref.ref(attention_mask), _mask_reason(attention_mask)]
+            reason = str(checked[1])
+        if reason:
+            info.eager.setdefault(layer, reason)
+            mask = _additive_mask(attention_mask, module, query, key)
+            out, weights = _eager_function(module)(module, query, key, value, mask, **kwargs)
+            collector.add(layer, weights)  # type: ignore[arg-type]
+            del weights
+            return out, None
+        scaling = float(kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
+        if query.device.type == "cpu":  # the chunks' probabilities times the values: cheaper than SDPA on the CPU
+            mean, chunked_out = chunked_attention(query, key, value, attention_mask, scaling)
+            assert chunked_out is not None
+            out = chunked_out
+        else:  # the fused kernel for the output, the chunks for the probabilities only
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            mean, _ = chunked_attention(query, key, None, attention_mask, scaling)
+        collector.add(layer, mean.unsqueeze(1))  # type: ignore[arg-type]
+        del mean
         return out, None
 
     with _lock:
@@ -148,14 +314,25 @@ def _hook_route(model: Any, layers: set[int], collector: Collector) -> Iterator[
 
 @contextlib.contextmanager
 def capture_attention(
-    model: Any, layers: set[int] | list[int] | tuple[int, ...], collector: Collector, route: Route
-) -> Iterator[None]:
+    model: Any,
+    layers: set[int] | list[int] | tuple[int, ...],
+    collector: Collector,
+    route: Route,
+    *,
+    chunked: bool = True,
+) -> Iterator[CaptureInfo]:
     """Within the block, every forward of ``model`` hands the chosen layers' attention weights to ``collector``.
 
     ``route`` is ``"interface"`` or ``"hooks"`` (see the module docstring and :mod:`attnscan.models.arch`).
-    Registrations and hooks are undone on exit, also when the forward raises.
+    ``chunked=False`` makes every chosen layer of the interface route take the eager path (the reference the
+    chunked path is measured against). Yields a :class:`CaptureInfo` that records the layers that fell back to
+    eager attention. Registrations and hooks are undone on exit, also when the forward raises.
     """
     chosen = set(int(x) for x in layers)
-    manager = _interface_route if route == "interface" else _hook_route
-    with manager(model, chosen, collector):
-        yield
+    info = CaptureInfo()
+    if route == "interface":
+        with _interface_route(model, chosen, collector, info, chunked):
+            yield info
+    else:
+        with _hook_route(model, chosen, collector):
+            yield info

@@ -1,0 +1,225 @@
+"""The chunked path of the capture engine: head-mean probabilities by chunks of query rows, and the eager fallback
+for what it cannot reproduce."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import attnscan.engine.capture as capture_mod
+from attnscan.engine.accumulate import GridCollector
+from attnscan.engine.batching import run_collect
+from attnscan.engine.capture import (
+    capture_attention,
+    chunk_rows,
+    chunked_attention,
+    chunked_head_mean,
+    eager_reason,
+)
+from attnscan.testing.tiny import build_model, eager_reference, random_prompts
+
+LENGTH = 12
+TOL = 1e-5
+
+
+def _full_reference(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Every head's whole square at once, as eager attention does it, then the head mean (float64)."""
+    group = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(group, dim=1)
+    scores = (query.double() @ keys.double().transpose(2, 3)) * scaling
+    p = query.shape[2]
+    if mask is None:
+        mask = torch.ones(p, p, dtype=torch.bool).tril()[None, None]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=1)
+
+
+def _padded_window_mask(lengths: list[int], p: int, window: int | None) -> torch.Tensor:
+    """Left padding, causal, optionally a sliding window: ``[B, 1, P, P]`` bool."""
+    i = torch.arange(p)[:, None]
+    j = torch.arange(p)[None, :]
+    masks = []
+    for n in lengths:
+        m = (j <= i) & (j >= p - n)
+        if window is not None:
+            m &= (i - j) < window
+        masks.append(m)
+    return torch.stack(masks)[:, None]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+@pytest.mark.parametrize(("heads", "kv"), [(4, 4), (6, 2)])
+@pytest.mark.parametrize("window", [None, 4, "causal"])
+def test_chunks_equal_the_whole_square(rows: int, heads: int, kv: int, window: Any) -> None:
+    """Any chunking gives the head mean of the whole square's softmax: with grouped keys, padding and windows."""
+    g = torch.Generator().manual_seed(rows * 7 + heads)
+    p, lengths = 11, [11, 7, 3]
+    query = torch.randn(3, heads, p, 8, generator=g)
+    key = torch.randn(3, kv, p, 8, generator=g)
+    mask = None if window == "causal" else _padded_window_mask(lengths, p, window)
+    value = torch.randn(3, kv, p, 8, generator=g)
+    got, out = chunked_attention(query, key, value, mask, 0.3, rows=rows)
+    assert torch.equal(got, chunked_head_mean(query, key, mask, 0.3, rows=rows))
+    ref = _full_reference(query, key, mask, 0.3)
+    real = mask[:, 0].any(-1) if mask is not None else torch.ones(3, p, dtype=torch.bool)  # rows of real tokens
+    assert got.dtype == torch.float32 and got.shape == (3, p, p)
+    assert torch.all(got.triu(1)[real] == 0)
+    err = (got.double() - ref)[real].abs().max().item()
+    assert err < 1e-6, f"chunked head mean off by {err:.2e}"
+    # The output, [B, P, H, D] as eager attention returns it, equals eager attention's on the real tokens' rows.
+    attn_mask = mask if mask is not None else torch.ones(p, p, dtype=torch.bool).tril()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, scale=0.3, enable_gqa=True
+    ).transpose(1, 2)
+    assert out is not None and out.shape == (3, p, heads, 8)
+    assert torch.allclose(out[real], sdpa[real], atol=1e-5)
+
+
+def test_chunk_rows_bound_the_chunk() -> None:
+    cpu = torch.device("cpu")
+    assert chunk_rows(1, 9, 2048, cpu) * 9 * 2048 * 4 <= capture_mod.CHUNK_BYTES
+    assert chunk_rows(1, 9, 2048, cpu) % 16 == 0
+    assert chunk_rows(64, 32, 8192, cpu) == 16  # never fewer than 16 rows
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma3", "gptj", "gpt2"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_many_small_chunks_match_the_eager_reference(arch: str, side: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capture with 5-row chunks (so that chunk borders cut the windows and the padding) still equals HF eager
+    attention, one prompt at a time."""
+    from attnscan.models.loading import from_model
+
+    monkeypatch.setattr(capture_mod, "chunk_rows", lambda *args: 5)
+    model = build_model(arch, seed=2)
+    layers = tuple(range(model.config.num_hidden_layers))
+    seqs = [s[:LENGTH] for s in random_prompts((3, 12, 9, 7, 12), seed=4)]
+    collector = GridCollector("s", layers, len(seqs), LENGTH)
+    route = from_model(model, None).arch.route
+    run_collect(model, seqs, collector, route=route, pad_id=0, batch_size=3, padding_side=side)  # type: ignore[arg-type]
+    result = collector.result()
+    ref, count = eager_reference(model, seqs, layers, LENGTH)
+    assert torch.equal(result.count, count)
+    for layer in layers:
+        err = (result.mean(layer) - ref[layer]).nan_to_num(0.0).abs().max().item()
+        assert err < TOL, f"{arch} layer {layer}: max |capture - eager| = {err:.2e}"
+
+
+class _Heads:
+    """Records how many heads each layer's weights had when they reached the collector."""
+
+    def __init__(self) -> None:
+        self.heads: dict[int, int] = {}
+
+    def add(self, layer: int, weights: torch.Tensor) -> None:
+        self.heads[layer] = int(weights.shape[1])
+
+
+def test_chunked_path_hands_over_the_head_mean_and_records_no_fallback() -> None:
+    model = build_model("llama")
+    rec = _Heads()
+    ids = torch.tensor(random_prompts((9, 9)))
+    with torch.inference_mode(), capture_attention(model, [0, 1], rec, "interface") as info:
+        model.base_model(input_ids=ids, use_cache=False)
+    assert rec.heads == {0: 1, 1: 1} and info.eager == {}
+    rec = _Heads()
+    with torch.inference_mode(), capture_attention(model, [0, 1], rec, "interface", chunked=False) as info:
+        model.base_model(input_ids=ids, use_cache=False)
+    assert rec.heads == {0: model.config.num_attention_heads, 1: model.config.num_attention_heads}
+    assert info.eager == {0: "chunked path off", 1: "chunked path off"}
+
+
+def _gemma2(**kw: Any) -> Any:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attn_logit_softcapping=2.0,  # small, so that the capping bites on random weights
+        sliding_window=6,
+        max_position_embeddings=64,
+        **kw,
+    )
+    return Gemma2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("chosen", [(0, 1), (1,)])
+def test_soft_capping_falls_back_to_eager_and_stays_exact(chosen: tuple[int, ...]) -> None:
+    """Gemma 2 soft-caps its logits: the chunked path (and SDPA) cannot, so every layer runs eager attention, the
+    layers not captured too (transformers' SDPA function refuses soft-capping); the captured layers equal the
+    reference and say why they fell back."""
+    torch.manual_seed(0)
+    model = _gemma2().eval()
+    model.set_attn_implementation("eager")
+    seqs = [s[:LENGTH] for s in random_prompts((12, 8, 5), seed=3)]
+    collector = GridCollector("s", chosen, len(seqs), LENGTH)
+    run_collect(model, seqs, collector, route="interface", pad_id=0, batch_size=2, padding_side="left")
+    ref, _ = eager_reference(model, seqs, chosen, LENGTH)
+    result = collector.result()
+    for layer in chosen:
+        err = (result.mean(layer) - ref[layer]).nan_to_num(0.0).abs().max().item()
+        assert err < TOL, f"layer {layer}: {err:.2e}"
+    with torch.inference_mode(), capture_attention(model, chosen, _Heads(), "interface") as info:
+        model.base_model(input_ids=torch.tensor([seqs[0]]), use_cache=False)
+    assert info.eager == dict.fromkeys(chosen, "logit soft-capping")
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+def test_eager_reason_names_what_the_chunked_path_cannot_do() -> None:
+    q = torch.zeros(1, 2, 4, 8)
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    module = _Module()
+    assert eager_reason(module, q, q, None, {}) == ""
+    assert eager_reason(module, q, q, causal, {"sliding_window": 2}) == ""
+    assert eager_reason(module, q, q, None, {"s_aux": torch.zeros(2)}) == "attention sinks"
+    assert eager_reason(module, q, q, None, {"softcap": 30.0}) == "logit soft-capping"
+    assert eager_reason(module, q, q[:, :, :1], None, {}) == "query shorter than its keys"
+    assert eager_reason(module, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool), {}) == (
+        "a mask that lets a query see a later key"
+    )
+    assert eager_reason(module, q, q, torch.zeros(1, 1, 4, 4), {}) == "a mask that is not boolean [B, 1, Q, K]"
+    module.train()
+    assert eager_reason(module, q, q, None, {"dropout": 0.1}) == "dropout in training mode"
+    module.eval()
+    assert eager_reason(module, q, q, None, {"dropout": 0.1}) == ""
+    module.is_causal = False
+    assert eager_reason(module, q, q, None, {}) == "not a causal module"
+
+
+def test_a_chunk_never_has_more_rows_than_the_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short query under a large budget is one chunk of its own length (nothing is sized by the budget alone)."""
+    monkeypatch.setattr(capture_mod, "CHUNK_BYTES", 1 << 40)
+    query = torch.randn(1, 2, 12, 8)
+    got = chunked_head_mean(query, query, None, 0.5)
+    assert torch.allclose(got.double(), _full_reference(query, query, None, 0.5), atol=1e-6)
+
+
+def test_the_mask_of_a_forward_is_checked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer gets the same padding mask: it is checked for later keys once per forward, not once per layer
+    (on a GPU each check waits for the device)."""
+    calls: list[torch.Tensor] = []
+    original = capture_mod._mask_reason
+
+    def counting(mask: torch.Tensor) -> str:
+        calls.append(mask)
+        return original(mask)
+
+    monkeypatch.setattr(capture_mod, "_mask_reason", counting)
+    model = build_model("llama")
+    n_layers = model.config.num_hidden_layers
+    ids = torch.tensor(random_prompts((9, 9)))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: transformers hands the layers a boolean mask
+    with torch.inference_mode(), capture_attention(model, range(n_layers), _Heads(), "interface") as info:
+        model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+        model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert len(calls) == 2 and info.eager == {}
