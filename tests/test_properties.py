@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from attnscan.analysis.result import ScanResult
 from attnscan.detect.store import load_detector, load_trained
 from attnscan.errors import AttnscanError
 from attnscan.models.loading import parse_layers, parse_max_memory
@@ -202,6 +203,7 @@ def _reads_or_refuses(source: Path, read: Callable[[Path], object], data: st.Dat
 @given(data=st.data())
 def test_a_damaged_bundle_loads_or_is_refused(saved: dict[str, Path], data: st.DataObject) -> None:
     _reads_or_refuses(saved["bundle"], lambda p: load_bundles([p]), data)
+    _reads_or_refuses(saved["bundle"], ScanResult.load, data)  # the library's own reader, unguarded by rundir
 
 
 @SOME

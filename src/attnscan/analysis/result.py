@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import BUNDLE_MARKER, atomic_dir, write_json
+from .._io import BUNDLE_MARKER, atomic_dir, reading, write_json
 from ..engine.accumulate import SetAccumulator
 from ..errors import AttnscanError
 from .statistics import layer_table
@@ -182,8 +182,10 @@ class ScanResult:
             raise AttnscanError(f"{path} is not an attnscan results bundle (no {BUNDLE_MARKER}): check the path")
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise AttnscanError(f"{manifest_path} is not valid JSON ({exc.msg}): the bundle is damaged") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AttnscanError(f"{manifest_path} is not valid JSON ({exc}): the bundle is damaged") from None
+        if not isinstance(manifest, dict):
+            raise AttnscanError(f"{manifest_path} is not a JSON object: the bundle is damaged; scan again")
         acc_path = path / "accumulators.safetensors"
         if not acc_path.is_file():
             raise AttnscanError(f"{path} has no accumulators.safetensors: the bundle is incomplete; scan again")
@@ -193,17 +195,16 @@ class ScanResult:
                 f"{path} is a bundle of format {version}; this attnscan reads formats "
                 f"{', '.join(map(str, READABLE_FORMATS))}: upgrade attnscan"
             )
-        tensors = load_file(str(acc_path))
-        layers = tuple(int(x) for x in manifest["layers"])
-        try:
+        # A damaged file fails its reader with any exception type (see attnscan._io.reading): one line for all.
+        with reading(path, "results bundle", "scan again (or restore the directory from a copy)"):
+            tensors = load_file(str(acc_path))
+            layers = tuple(int(x) for x in manifest["layers"])
             sets = {
                 name: SetAccumulator.from_tensors(
                     name, tensors, layers, int(manifest["length"]), float(manifest["floor"])
                 )
                 for name in manifest["sets_order"]
             }
-        except KeyError as exc:
-            raise AttnscanError(f"{acc_path} lacks {exc}: the bundle is damaged; scan again") from None
         return cls(sets, manifest, path=path)
 
 
