@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import false_discovery_control
 
 from attnscan import ScanResult
-from attnscan.analysis.inference import benjamini_hochberg
+from attnscan.analysis.inference import benjamini_hochberg, bootstrap_ci
 from attnscan.analysis.statistics import NO_SHIFT, VULNERABLE, layer_table
 
 
@@ -57,3 +57,17 @@ def test_verdicts_follow_q_not_p(planted: ScanResult) -> None:
     loose = layer_table(planted, alpha=0.005).set_index("layer")
     assert loose.loc[5, "significant"] and loose.loc[5, "verdict"] == VULNERABLE
     assert loose.loc[5, "rank"] == 1
+
+
+def test_bootstrap_interval_is_the_2_5th_and_97_5th_percentile() -> None:
+    """One prompt in set a (0 everywhere) against 100 prompts in set b, half 0 and half 1, one block: a resample's
+    shift is -Binomial(100, 1/2) / 100, whose 2.5th and 97.5th percentiles are -0.60 and -0.40 (P(X <= 39) = 1.8 %,
+    P(X <= 40) = 2.8 %); a 90 % interval would end at -0.58 and -0.42."""
+    a = np.zeros((1, 2, 1))
+    b = np.repeat([[[0.0], [0.0]], [[1.0], [1.0]]], 50, axis=0)  # [100 prompts, 2 layers, 1 block]
+    low, high = bootstrap_ci(a, b, n_bootstrap=20_000, seed=0)
+    np.testing.assert_allclose(low, [-0.60, -0.60])
+    np.testing.assert_allclose(high, [-0.40, -0.40])
+    low90, high90 = bootstrap_ci(a, b, n_bootstrap=20_000, seed=0, level=0.90)
+    np.testing.assert_allclose(low90, [-0.58, -0.58])
+    np.testing.assert_allclose(high90, [-0.42, -0.42])
