@@ -92,8 +92,10 @@ def run_module(module: str, max_children: int, timeout: float) -> dict[str, obje
         raise SystemExit(f"unknown module {module}: choose one of {', '.join(CORE)} (see --list)")
     work = scratch_copy(module, tests)
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
-    # Subprocesses that tests start (torchrun, a CLI run) import the mutated copy too.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(work / "mutants" / "src")}
+    # mutmut puts its mutated copy first on sys.path in the test processes; PYTHONPATH only keeps the scratch copy
+    # ahead of an editable install elsewhere. Subprocesses that tests start (torchrun, a CLI run) import the unmutated
+    # copy, so mutants only tests of that kind reach survive: choose in-process tests for CORE.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(work / "src")}
     start = time.monotonic()
     try:
         subprocess.run(
