@@ -41,9 +41,14 @@ CORE: dict[str, tuple[str, ...]] = {
     "analysis/inference.py": (
         "tests/analysis/test_inference.py",
         "tests/analysis/test_references.py",
+        "tests/analysis/test_inference_references.py",
         "tests/detect/test_rates.py",  # the Wilson interval
     ),
-    "analysis/statistics.py": ("tests/analysis/test_statistics.py", "tests/analysis/test_references.py"),
+    "analysis/statistics.py": (
+        "tests/analysis/test_statistics.py",
+        "tests/analysis/test_references.py",
+        "tests/analysis/test_table_references.py",
+    ),
     "detect/metrics.py": ("tests/detect/test_metrics.py",),
     "detect/bootstrap.py": ("tests/detect/test_bootstrap.py", "tests/detect/test_interval_references.py"),
     "engine/accumulate.py": ("tests/engine/test_block_reference.py", "tests/engine/test_alignment.py"),
