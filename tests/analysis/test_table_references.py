@@ -15,8 +15,17 @@ from scipy.spatial.distance import jensenshannon
 
 from attnscan import ScanResult
 from attnscan.analysis.inference import bootstrap_ci
-from attnscan.analysis.statistics import NO_SHIFT, VULNERABLE, VerdictThresholds, effects_table, layer_table
+from attnscan.analysis.statistics import (
+    NO_SHIFT,
+    VULNERABLE,
+    VerdictThresholds,
+    _ranked,
+    effects_table,
+    layer_table,
+    split_effects,
+)
 from attnscan.engine.accumulate import SetAccumulator
+from attnscan.errors import AttnscanError
 
 T = 7
 LAYERS = (1, 4)
@@ -131,3 +140,91 @@ def test_effects_table_passes_its_settings_on() -> None:
     assert default is not None
     assert default.attrs["wrapper"]["n_permutations"] == 1000 and default.attrs["wrapper"]["seed"] == 0
     assert default.attrs["wrapper"]["n_bootstrap"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("alpha", 0.0, r"alpha must lie in \(0, 1\), got 0.0"),
+        ("alpha", 1.0, r"alpha must lie in \(0, 1\), got 1.0"),
+        ("consistency", 0.0, r"consistency must lie in \(0, 1\], got 0.0"),
+        ("consistency", 1.01, r"consistency must lie in \(0, 1\], got 1.01"),
+        ("tol", -0.01, r"the cell tolerance must be >= 0 nats, got -0.01"),
+    ],
+)
+def test_thresholds_refuse_values_outside_their_range(field: str, value: float, message: str) -> None:
+    with pytest.raises(AttnscanError, match=message):
+        VerdictThresholds(**{field: value})
+
+
+def test_thresholds_accept_their_closed_ends() -> None:
+    assert VerdictThresholds(consistency=1.0, tol=0.0).consistency == 1.0
+
+
+def test_set_checks_name_the_problem(ragged: ScanResult) -> None:
+    with pytest.raises(AttnscanError, match=r"needs prompt set 'control', but this result has only jailbreak, benign"):
+        layer_table(ragged, a="control")
+    small = ScanResult({"jailbreak": ragged_set("jailbreak", [3], 1), "benign": ragged_set("benign", [4, 5], 2)})
+    with pytest.raises(AttnscanError, match=r"set 'jailbreak' has 1 prompt: the statistics"):
+        layer_table(small)
+    empty = ScanResult({"jailbreak": ragged_set("jailbreak", [], 1), "benign": ragged_set("benign", [4, 5], 2)})
+    with pytest.raises(AttnscanError, match=r"set 'jailbreak' has 0 prompts: the statistics"):
+        layer_table(empty)
+    other = ragged_set("benign", [4, 5], 2)
+    other.blocks = other.blocks[:, :, :1, :1]
+    with pytest.raises(AttnscanError, match=r"different block counts \(2 vs 1\): scan both with the same"):
+        layer_table(ScanResult({"jailbreak": ragged_set("jailbreak", [3, 4], 1), "benign": other}))
+
+
+def test_alpha_overrides_only_the_level(planted: ScanResult) -> None:
+    th = VerdictThresholds(alpha=0.01, consistency=0.95, tol=0.3)
+    table = layer_table(planted, alpha=0.2, thresholds=th, n_permutations=50, n_bootstrap=20)
+    assert table.attrs["thresholds"] == {"alpha": 0.2, "consistency": 0.95, "tol": 0.3}
+    assert table.attrs["alpha"] == 0.2
+
+
+def test_ranks_put_the_largest_effect_first_and_share_ties(planted_table: pd.DataFrame) -> None:
+    table = planted_table.copy()
+    table["significant"] = True
+    table["effect"] = [0.5, -2.0, 1.0, 2.0]  # layers 0, 2, 5, 7
+    ranked = _ranked(table)
+    assert ranked["rank"].tolist() == [4.0, 1.0, 3.0, 1.0]
+    assert list(ranked.columns[-2:]) == ["rank", "verdict"]
+
+
+def test_counts_per_set(ragged: ScanResult) -> None:
+    table = layer_table(ragged, n_permutations=20, n_bootstrap=20)
+    assert (table["n_a"] == 3).all() and (table["n_b"] == 3).all()
+    swapped = layer_table(
+        ScanResult({"jailbreak": ragged_set("jailbreak", [7, 4], 1), "benign": ragged_set("benign", [5, 5, 2], 2)}),
+        n_permutations=10,
+        n_bootstrap=10,
+    )
+    assert (swapped["n_a"] == 2).all() and (swapped["n_b"] == 3).all()
+
+
+def test_split_effects_gives_back_the_two_tables() -> None:
+    result = ScanResult(
+        {
+            "benign": make_set("benign", 20),
+            "control": make_set("control", 21, blocks={2: 0.6}),
+            "jailbreak": make_set("jailbreak", 22, blocks={2: 0.6, 5: 0.6}),
+        }
+    )
+    effects = effects_table(result, n_permutations=40, n_bootstrap=20)
+    assert effects is not None
+    parts = split_effects(effects)
+    assert set(parts) == {"request", "wrapper"}
+    request = layer_table(result, a="jailbreak", b="control", n_permutations=40, n_bootstrap=20)
+    pd.testing.assert_frame_equal(parts["request"].reset_index(drop=True), request, check_like=True)
+    assert parts["wrapper"].attrs["a"] == "control" and parts["wrapper"].attrs["b"] == "benign"
+    # a saved effects.csv loses attrs: the comparison's set names are filled in
+    reread = effects.copy()
+    reread.attrs = {}
+    again = split_effects(reread)
+    assert (again["request"].attrs["a"], again["request"].attrs["b"]) == ("jailbreak", "control")
+    assert again["request"]["verdict"].tolist() == request["verdict"].tolist()
+    with pytest.raises(AttnscanError, match=r"needs 'layer' and 'request_\*' columns"):
+        split_effects(effects.drop(columns=[c for c in effects.columns if c.startswith("request_")]))
+    with pytest.raises(AttnscanError, match=r"needs 'layer' and 'request_\*' columns"):
+        split_effects(effects.drop(columns=["layer"]))
