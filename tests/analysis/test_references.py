@@ -65,9 +65,9 @@ def test_bootstrap_interval_is_the_2_5th_and_97_5th_percentile() -> None:
     P(X <= 40) = 2.8 %); a 90 % interval would end at -0.58 and -0.42."""
     a = np.zeros((1, 2, 1))
     b = np.repeat([[[0.0], [0.0]], [[1.0], [1.0]]], 50, axis=0)  # [100 prompts, 2 layers, 1 block]
-    low, high = bootstrap_ci(a, b, n_bootstrap=20_000, seed=0)
+    low, high = bootstrap_ci(a, b, n_bootstrap=5_000, seed=0)
     np.testing.assert_allclose(low, [-0.60, -0.60])
     np.testing.assert_allclose(high, [-0.40, -0.40])
-    low90, high90 = bootstrap_ci(a, b, n_bootstrap=20_000, seed=0, level=0.90)
+    low90, high90 = bootstrap_ci(a, b, n_bootstrap=5_000, seed=0, level=0.90)
     np.testing.assert_allclose(low90, [-0.58, -0.58])
     np.testing.assert_allclose(high90, [-0.42, -0.42])

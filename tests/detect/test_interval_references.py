@@ -46,17 +46,17 @@ def test_the_interval_is_the_2_5th_and_97_5th_percentile() -> None:
     """For Binomial(100, 1/2): P(X <= 39) = 1.8 %, P(X <= 40) = 2.8 %, so the 2.5th percentile is 40 (and by symmetry
     the 97.5th is 60); the 5th percentile would be 42 (P(X <= 41) = 4.4 %, P(X <= 42) = 6.7 %)."""
     y, score = _one_positive()
-    (low, high), _ = bootstrap_intervals(y, score, 20_000, 0)
+    (low, high), _ = bootstrap_intervals(y, score, 5_000, 0)
     assert (low, high) == (pytest.approx(0.40), pytest.approx(0.60))
     # Every prompt a group of its own: the cluster bootstrap is the prompt bootstrap.
-    (g_low, g_high), _ = bootstrap_intervals(y, score, 20_000, 0, groups=np.arange(y.size))
+    (g_low, g_high), _ = bootstrap_intervals(y, score, 5_000, 0, groups=np.arange(y.size))
     assert (g_low, g_high) == (pytest.approx(0.40), pytest.approx(0.60))
 
 
 def test_the_paired_difference_interval_is_the_2_5th_and_97_5th_percentile() -> None:
     """Against a constant score (AUROC 1/2 in every resample) the difference is Binomial(100, 1/2) / 100 - 1/2."""
     y, score = _one_positive()
-    diff, low, high = paired_auroc_difference(y, score, np.zeros(y.size), 20_000, 0)
+    diff, low, high = paired_auroc_difference(y, score, np.zeros(y.size), 5_000, 0)
     assert diff == pytest.approx(0.0)
     assert (low, high) == (pytest.approx(-0.10), pytest.approx(0.10))
 
