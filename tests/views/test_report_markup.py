@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from html.parser import HTMLParser
+from typing import Any
 
 import pandas as pd
 from report_data import BENIGN, BENIGN_LENGTHS, JAILBREAK, JAILBREAK_LENGTHS, make_manifest, make_set
 
 from attnscan import PromptSet, ScanResult
-from attnscan.analysis.statistics import layer_table
+from attnscan.analysis.statistics import NO_SHIFT, layer_table
 from attnscan.views.report import build_report
 
 MARKUP = (
@@ -128,3 +129,89 @@ def test_injected_markers_stay_text() -> None:
     for place in ("label", "set", "prompt", "title", "observation", "spec", "source"):
         assert markers(True)[place] in text, place  # shown by the page itself, not only through the script
     assert clean.structure.count(("start", "script", ())) == 1
+
+
+class Tables(HTMLParser):
+    """Every ``<table>`` of a page: its attributes, header cells and rows (attributes and ``(text, data-v)`` cells)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: list[dict[str, Any]] = []
+        self._cell: list[str] | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append({"attrs": a, "head": [], "rows": []})
+        elif tag == "tr" and self.tables:
+            self.tables[-1]["rows"].append({"attrs": a, "cells": []})
+        elif tag in ("th", "td") and self.tables:
+            self._cell = []
+            self._cell_attrs = a
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("th", "td") and self._cell is not None:
+            text = "".join(self._cell)
+            if tag == "th":
+                self.tables[-1]["head"].append(text)
+            else:
+                self.tables[-1]["rows"][-1]["cells"].append((text, self._cell_attrs.get("data-v")))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def shown(value: float, kind: str) -> str:
+    """How the page writes a number of the verdict table (the page's documented formats)."""
+    if kind == "signed":
+        return f"{value:+.3f}".replace("-", "\u2212")
+    if kind == "q":
+        return f"{value:.2g}"
+    if kind == "pct":
+        return f"{value:.0%}"
+    return f"{value:.4f}"
+
+
+def test_the_verdict_table_shows_every_layer_of_the_layer_table(inputs: dict[str, Any]) -> None:
+    page = build_report(**inputs)
+    frame = inputs["tables"]["tiny"]
+    tables = [t for t in Tables(page).tables if t["attrs"].get("class") == "sortable data"]
+    assert len(tables) == 1 and tables[0]["attrs"]["data-model"] == "0"
+    table = tables[0]
+    columns = [
+        ("layer", "Layer", "int"),
+        ("verdict", "Verdict", "verdict"),
+        ("signed_shift", "Signed shift", "signed"),
+        ("ci_low", "CI low", "signed"),
+        ("ci_high", "CI high", "signed"),
+        ("effect", "Effect", "signed"),
+        ("q_signed", "q signed", "q"),
+        ("q_abs", "q abs", "q"),
+        ("mean_diff", "Mean diff", "signed"),
+        ("frac_pos", "Cells \u2191", "pct"),
+        ("frac_neg", "Cells \u2193", "pct"),
+        ("jsd", "JSD", "fixed4"),
+        ("sink_change", "Sink \u0394", "signed"),
+        ("entropy_change", "Entropy \u0394", "signed"),
+    ]
+    assert table["head"] == [label for _, label, _ in columns]
+    body = [r for r in table["rows"] if r["cells"]]
+    assert len(body) == len(frame) == 3
+    order = ["vulnerable", "mixed", "resilient", "no significant shift"]
+    for tr, rec in zip(body, frame.to_dict("records"), strict=True):
+        assert tr["attrs"] == {"class": "pick", "data-model": "0", "data-layer": str(rec["layer"])}
+        for (text, sort), (key, _, kind) in zip(tr["cells"], columns, strict=True):
+            if kind == "verdict":
+                assert text == rec["verdict"] and sort == str(order.index(rec["verdict"])), key
+            elif kind == "int":
+                assert text == str(rec["layer"]) and float(sort) == rec["layer"], key
+            else:
+                assert text == shown(rec[key], kind), (key, text, rec[key])
+                assert float(sort) == rec[key], key
+    assert "Significance level \u03b1 = 0.05 (Benjamini\u2013Hochberg)." in page
+    assert {r["verdict"] for r in frame.to_dict("records")} == {"mixed", NO_SHIFT}  # two verdicts, two sort keys
+    without = build_report(**{**inputs, "tables": {}})
+    assert "No layer table for tiny." in without and "class='sortable data' data-model" not in without
