@@ -14,7 +14,7 @@ work in ``.mutate/<module>/mutants/``; a rerun reuses the results of unchanged f
 Usage (``make mutate`` runs every module of ``CORE``; ``make mutate MODULE=analysis/inference.py`` one of them)::
 
     python bench/mutate.py                                  # every core module, one after the other
-    python bench/mutate.py analysis/inference.py            # one module (a path under src/attnscan/)
+    python bench/mutate.py analysis/inference.py            # one module (src/attnscan/analysis/inference.py also)
     python bench/mutate.py analysis/inference.py --max-children 2 --timeout 1800
     python bench/mutate.py --list                           # the modules and their test selections
 
@@ -92,6 +92,7 @@ def scratch_copy(module: str, tests: tuple[str, ...]) -> Path:
 
 def run_module(module: str, max_children: int, timeout: float) -> dict[str, object]:
     """Mutate one module and return mutmut's counts, the score and the wall time."""
+    module = module.removeprefix(f"{PACKAGE}/")  # src/attnscan/analysis/inference.py works too
     tests = CORE.get(module)
     if tests is None:
         raise SystemExit(f"unknown module {module}: choose one of {', '.join(CORE)} (see --list)")
