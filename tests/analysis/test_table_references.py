@@ -228,3 +228,42 @@ def test_split_effects_gives_back_the_two_tables() -> None:
         split_effects(effects.drop(columns=[c for c in effects.columns if c.startswith("request_")]))
     with pytest.raises(AttnscanError, match=r"needs 'layer' and 'request_\*' columns"):
         split_effects(effects.drop(columns=["layer"]))
+
+
+def test_jsd_renormalises_rows_over_the_keys_both_sets_reach(ragged: ScanResult) -> None:
+    """With relative alignment a row's reach depends on the prompt length: here set b misses two keys of row 4 and
+    one of row 6, so those rows are renormalised over the remaining keys before the divergence is taken."""
+    a = ragged.sets["jailbreak"]
+    b = ragged_set("benign", [7, 7, 2], 2)
+    for i, j in ((4, 1), (4, 2), (6, 0)):
+        b.count[i, j] = 0
+        b.sums[:, i, j] = 0.0
+    table = layer_table(ScanResult({"jailbreak": a, "benign": b}), n_permutations=10, n_bootstrap=10)
+    for li in range(len(LAYERS)):
+        jsds = []
+        for i in range(T):
+            keys = [j for j in range(i + 1) if a.count[i, j] > 0 and b.count[i, j] > 0]
+            if len(keys) >= 2:
+                pa = [float(a.sums[li, i, j] / a.count[i, j]) for j in keys]
+                pb = [float(b.sums[li, i, j] / b.count[i, j]) for j in keys]
+                jsds.append(jensenshannon(pa, pb) ** 2)
+        assert table["jsd"].iloc[li] == pytest.approx(np.mean(jsds), rel=1e-9)
+        assert table["cells"].iloc[li] == sum(1 for i in range(T) for j in range(i + 1) if b.count[i, j] > 0)
+
+
+def test_effects_table_alpha_and_saved_attrs() -> None:
+    result = ScanResult(
+        {
+            "benign": make_set("benign", 20),
+            "control": make_set("control", 21, blocks={2: 0.6}),
+            "jailbreak": make_set("jailbreak", 22, blocks={2: 0.6, 5: 0.6}),
+        }
+    )
+    effects = effects_table(result, n_permutations=30, n_bootstrap=10, alpha=0.3, seed=4)
+    assert effects is not None
+    assert effects.attrs["wrapper"]["alpha"] == 0.3 and effects.attrs["request"]["alpha"] == 0.3
+    parts = split_effects(effects)
+    assert parts["request"].attrs["alpha"] == 0.3 and parts["request"].attrs["seed"] == 4
+    # the permutations follow the seed (20 + 30 prompts: drawn, not enumerated)
+    other = layer_table(result, a="jailbreak", b="control", n_permutations=30, n_bootstrap=10, seed=5)
+    assert not np.array_equal(parts["request"]["p_signed"].to_numpy(), other["p_signed"].to_numpy())
