@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 
 import attnscan.analysis.inference as inference
 from attnscan.analysis.inference import (
@@ -16,7 +17,9 @@ from attnscan.analysis.inference import (
     nanmean,
     permutation_test,
     standardized_effect,
+    wilson_interval,
 )
+from attnscan.errors import AttnscanError
 
 
 def ragged(seed: int, n: int, shift: float = 0.0) -> np.ndarray:
@@ -163,3 +166,21 @@ def test_nanmean_against_numpy() -> None:
             warnings.simplefilter("ignore", RuntimeWarning)  # numpy warns about the all-NaN column
             expected = np.nanmean(x, axis=axis)
         np.testing.assert_allclose(got, expected, rtol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 1), (1, 1), (0, 10), (3, 10), (10, 10), (7, 23), (50, 100), (1, 400)])
+def test_wilson_interval_against_scipy(k: int, n: int) -> None:
+    expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(k, n)
+    assert low == pytest.approx(expected.low, abs=1e-12) and high == pytest.approx(expected.high, abs=1e-12)
+    z90 = 1.6448536269514722
+    e90 = binomtest(k, n).proportion_ci(confidence_level=0.90, method="wilson")
+    assert wilson_interval(k, n, z=z90) == (pytest.approx(e90.low, abs=1e-12), pytest.approx(e90.high, abs=1e-12))
+
+
+def test_wilson_interval_edges() -> None:
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    for k, n in ((-1, 5), (6, 5), (1, -1)):
+        with pytest.raises(AttnscanError, match=rf"Wilson interval needs 0 <= successes <= n, got {k} of {n}"):
+            wilson_interval(k, n)
