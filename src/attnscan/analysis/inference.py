@@ -71,7 +71,7 @@ def _prepare(x: npt.ArrayLike, what: str) -> tuple[FloatArray, FloatArray]:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim < 2:
         raise ValueError(f"{what} must have shape [prompts, layers, ...], got {arr.shape}")
-    arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
+    arr = arr.reshape(arr.shape[0], arr.shape[1], math.prod(arr.shape[2:]))  # not -1: a group may be empty
     mask = np.isfinite(arr)
     return np.where(mask, arr, 0.0), mask.astype(np.float64)
 
@@ -315,10 +315,15 @@ def bootstrap_ci(
     joint_a = np.concatenate([va.reshape(na, f), ma.reshape(na, f)], axis=1)
     joint_b = np.concatenate([vb.reshape(nb, f), mb.reshape(nb, f)], axis=1)
     rng = np.random.default_rng(seed)
+    # Every resample's weights are drawn first, so the chunks below (sized by the number of features) change only
+    # the memory used, never the resamples: a layer's interval does not depend on how many other layers were captured.
+    all_wa = rng.multinomial(na, np.full(na, 1.0 / na), size=n_bootstrap).astype(np.float64)
+    all_wb = rng.multinomial(nb, np.full(nb, 1.0 / nb), size=n_bootstrap).astype(np.float64)
     boots: list[FloatArray] = []
+    start = 0
     for step in _chunks(n_bootstrap, 2 * f):
-        wa = rng.multinomial(na, np.full(na, 1.0 / na), size=step).astype(np.float64)
-        wb = rng.multinomial(nb, np.full(nb, 1.0 / nb), size=step).astype(np.float64)
+        wa, wb = all_wa[start : start + step], all_wb[start : start + step]
+        start += step
         sa, sb = wa @ joint_a, wb @ joint_b
         shape = (step, n_layers, k)
         signed, _ = _shift(

@@ -1,0 +1,101 @@
+"""The detectors' bootstrap intervals against independent references: a simulation where the true AUROC is known,
+and small data sets whose bootstrap distribution is a binomial with known percentiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
+
+from attnscan.detect.bootstrap import (
+    bootstrap_intervals,
+    checked_scores,
+    group_weights,
+    paired_auroc_difference,
+    tpr_rows,
+    weighted_tpr_rows,
+)
+from attnscan.errors import AttnscanError
+
+
+def test_a_95_percent_interval_covers_the_true_auroc_about_95_percent_of_the_time() -> None:
+    """Positives N(1, 1), negatives N(0, 1): the AUROC is Φ(1/√2) = 0.760. Over 400 seeded data sets of 60 + 60
+    prompts the 95 % interval covers it 95.5 % of the time (binomial SD 1.1 points); a 90 % interval (5th/95th
+    percentiles) covers it 88.5 % of the time and fails the lower bound."""
+    true = norm.cdf(1.0 / np.sqrt(2.0))
+    runs, n = 400, 60
+    y = np.repeat([0, 1], n)
+    covered = 0
+    for seed in range(runs):
+        score = np.random.default_rng(seed).normal(size=2 * n) + y
+        (low, high), _ = bootstrap_intervals(y, score, 400, seed)
+        covered += int(low <= true <= high)
+    assert 0.92 <= covered / runs <= 0.98, covered / runs
+
+
+def _one_positive(n0: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """One jailbreak prompt scored 0 and ``n0`` benign prompts, half at -1 and half at +1: a resample's AUROC is
+    the share of drawn benign prompts below the jailbreak one, Binomial(n0, 1/2) / n0."""
+    y = np.r_[1, np.zeros(n0, dtype=np.int64)]
+    score = np.r_[0.0, -np.ones(n0 // 2), np.ones(n0 // 2)]
+    return y, score
+
+
+def test_the_interval_is_the_2_5th_and_97_5th_percentile() -> None:
+    """For Binomial(100, 1/2): P(X <= 39) = 1.8 %, P(X <= 40) = 2.8 %, so the 2.5th percentile is 40 (and by symmetry
+    the 97.5th is 60); the 5th percentile would be 42 (P(X <= 41) = 4.4 %, P(X <= 42) = 6.7 %)."""
+    y, score = _one_positive()
+    (low, high), _ = bootstrap_intervals(y, score, 5_000, 0)
+    assert (low, high) == (pytest.approx(0.40), pytest.approx(0.60))
+    # Every prompt a group of its own: the cluster bootstrap is the prompt bootstrap.
+    (g_low, g_high), _ = bootstrap_intervals(y, score, 5_000, 0, groups=np.arange(y.size))
+    assert (g_low, g_high) == (pytest.approx(0.40), pytest.approx(0.60))
+
+
+def test_the_paired_difference_interval_is_the_2_5th_and_97_5th_percentile() -> None:
+    """Against a constant score (AUROC 1/2 in every resample) the difference is Binomial(100, 1/2) / 100 - 1/2."""
+    y, score = _one_positive()
+    diff, low, high = paired_auroc_difference(y, score, np.zeros(y.size), 5_000, 0)
+    assert diff == pytest.approx(0.0)
+    assert (low, high) == (pytest.approx(-0.10), pytest.approx(0.10))
+
+
+def test_paired_difference_estimate_against_sklearn() -> None:
+    rng = np.random.default_rng(4)
+    y = rng.permutation(np.repeat([0, 1], [23, 17]))  # classes interleaved, unequal sizes
+    a, b = y + rng.normal(0, 1, 40), 0.3 * y + rng.normal(0, 1, 40)
+    diff, low, high = paired_auroc_difference(y, a, b, 300, 0)
+    assert diff == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
+    assert low < diff < high
+
+
+def test_tpr_rows_at_the_ends() -> None:
+    """At a false-positive target of 100 % every threshold is allowed: TPR 1; the weighted version agrees."""
+    y = np.repeat([0, 1], [5, 4])
+    score = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.05, 0.5, 0.6, 0.95])
+    assert tpr_rows(score[y == 1][None], score[y == 0][None], 1.0)[0] == 1.0
+    w = np.ones((2, 9))
+    np.testing.assert_array_equal(weighted_tpr_rows(y, score, w, 1.0), [1.0, 1.0])
+    # at 20 % one of five benign prompts (0.9) may pass: the threshold sits just above 0.8, so 0.95 alone counts
+    np.testing.assert_array_equal(weighted_tpr_rows(y, score, w, 0.2), [0.25, 0.25])
+    assert tpr_rows(score[y == 1][None], score[y == 0][None], 0.2)[0] == 0.25
+
+
+def test_score_and_group_checks_say_what_is_wrong() -> None:
+    y = np.array([0, 1, 0, 1])
+    with pytest.raises(AttnscanError, match="3 scores for 4 labels: give one score per prompt"):
+        checked_scores(y, [0.1, 0.2, 0.3])
+    with pytest.raises(AttnscanError, match="scores hold NaN or infinite values"):
+        checked_scores(y, [0.1, np.nan, 0.3, 0.4])
+    with pytest.raises(AttnscanError, match=r"computing detection metrics needs both benign \(0\) and jailbreak"):
+        checked_scores([0, 0, 0], [0.1, 0.2, 0.3])
+    labels, scores = checked_scores(y, [1, 2, 3, 4])
+    assert scores.dtype == np.float64 and labels.tolist() == [0, 1, 0, 1]
+    for bad in ([0, 1, -1, 2], [0.0, 1.0, 1.0, 2.0], [0, 1, 2]):
+        with pytest.raises(AttnscanError, match="one non-negative integer code per prompt"):
+            next(group_weights(y, np.asarray(bad), 5, seed=0))
+    # sparse codes are renumbered: groups 10 and 30 each hold one benign and one jailbreak prompt
+    for w in group_weights(y, np.array([10, 10, 30, 30]), 50, seed=0):
+        assert w.shape == (50, 4) and (w.sum(axis=1) == 4).all()
+        assert (w[:, 0] == w[:, 1]).all() and (w[:, 2] == w[:, 3]).all()
