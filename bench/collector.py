@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import statistics
 import subprocess
 import sys
@@ -38,11 +39,10 @@ def _base_collector(rev: str) -> Any:
     if source.returncode != 0:
         raise SystemExit(f"cannot read the collector's module at {rev}: {source.stderr.strip()}")
     path = Path(tempfile.mkdtemp()) / "accumulate_base.py"
-    path.write_text(
-        source.stdout.replace("from ..errors import", "from attnscan.errors import").replace(
-            "from .errors import", "from attnscan.errors import"
-        )
-    )
+    # The module is loaded on its own, outside its package: its relative imports become absolute ones.
+    package = "attnscan.engine" if "/engine/" in where else "attnscan"
+    text = re.sub(r"^from \.\.(\w+) import", r"from attnscan.\1 import", source.stdout, flags=re.M)
+    path.write_text(re.sub(r"^from \.(\w+) import", rf"from {package}.\1 import", text, flags=re.M))
     spec = importlib.util.spec_from_file_location("accumulate_base", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
