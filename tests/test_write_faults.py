@@ -90,6 +90,21 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _old_result(kind: str, made: dict[str, Any], tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of a complete result of ``kind`` (bundle, detector or report) and the command line that rewrites it."""
+    old = _copy(
+        {"bundle": made["reference"], "detector": made["detector"], "report": made["report"]}[kind],
+        tmp_path / ("old.html" if kind == "report" else "old"),
+    )
+    train = ["detect", "train", *made["common"], "--folds", "2", "--bootstrap", "0"]
+    argv = {
+        "bundle": [*made["scan"], "--out", str(old), "--overwrite"],
+        "detector": [*train, "--out", str(old), "--overwrite"],
+        "report": ["report", str(made["reference"]), "--out", str(old)],
+    }[kind]
+    return old, argv
+
+
 # --------------------------------------------------------------------------------------------------- full disk
 
 
@@ -97,27 +112,8 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_a_full_disk_keeps_the_old_result_and_says_so(
     kind: str, made: dict[str, Any], tmp_path: Path, fail_in_temporaries: Callable[[BaseException], None]
 ) -> None:
-    old = _copy(
-        {"bundle": made["reference"], "detector": made["detector"], "report": made["report"]}[kind],
-        tmp_path / ("old.html" if kind == "report" else "old"),
-    )
+    old, argv = _old_result(kind, made, tmp_path)
     before = _tree(old)
-    argv = {
-        "bundle": [*made["scan"], "--out", str(old), "--overwrite"],
-        "detector": [
-            "detect",
-            "train",
-            *made["common"],
-            "--folds",
-            "2",
-            "--bootstrap",
-            "0",
-            "--out",
-            str(old),
-            "--overwrite",
-        ],
-        "report": ["report", str(made["reference"]), "--out", str(old)],
-    }[kind]
     fail_in_temporaries(_disk_full())
     res = runner.invoke(app, argv)
     assert res.exit_code == 2, (res.stdout, res.stderr, res.exception)
@@ -217,27 +213,8 @@ def test_other_errors_stay_what_they_are(error: BaseException) -> None:
 def test_an_interruption_between_files_keeps_the_old_result(
     kind: str, made: dict[str, Any], tmp_path: Path, fail_in_temporaries: Callable[[BaseException], None]
 ) -> None:
-    old = _copy(
-        {"bundle": made["reference"], "detector": made["detector"], "report": made["report"]}[kind],
-        tmp_path / ("old.html" if kind == "report" else "old"),
-    )
+    old, argv = _old_result(kind, made, tmp_path)
     before = _tree(old)
-    argv = {
-        "bundle": [*made["scan"], "--out", str(old), "--overwrite"],
-        "detector": [
-            "detect",
-            "train",
-            *made["common"],
-            "--folds",
-            "2",
-            "--bootstrap",
-            "0",
-            "--out",
-            str(old),
-            "--overwrite",
-        ],
-        "report": ["report", str(made["reference"]), "--out", str(old)],
-    }[kind]
     fail_in_temporaries(KeyboardInterrupt())
     res = runner.invoke(app, argv)
     assert res.exit_code == 130, (res.stdout, res.stderr)  # interrupted, as by Ctrl-C
