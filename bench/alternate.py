@@ -7,7 +7,10 @@ order rotates so that no variant always follows the same one):
 
 - ``sdpa``, ``capture-1``, ``capture-all``, ``eager``: the calls of ``bench/capture.py`` (same synthetic inputs);
 - ``capture-all-eager``: ``capture-all`` with the chunked path switched off (every captured layer on eager
-  attention, as the engine was before the chunked path).
+  attention, as the engine was before the chunked path);
+- ``capture-all-maps``: ``capture-all`` with the collector declining chunks of rows (``take_rows`` returns
+  ``None``), so every captured layer builds its whole ``[B, T, T]`` head mean first, as with relative alignment or
+  left padding (and as the chunked path did before the collector took rows).
 
 Each round gives every variant's time divided by the SDPA time of the same round; the table shows, over the
 rounds, the median of that ratio and its spread (lowest and highest, and the interquartile range), so noise that
@@ -59,6 +62,10 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+EXTRA = ("capture-all-eager", "capture-all-maps")
+"""Variants of this benchmark that ``bench/capture.py`` does not have (see the module docstring)."""
+
+
 def _eager_fits(arch: Any, dtype: Any, batch: int, length: int, available: int | None) -> bool:
     itemsize = 2 if "16" in str(dtype) else 4 if "32" in str(dtype) else 8
     need = batch * arch.n_layers * arch.n_heads * length**2 * itemsize
@@ -66,23 +73,27 @@ def _eager_fits(arch: Any, dtype: Any, batch: int, length: int, available: int |
 
 
 def _call(cb: ModuleType, loaded: Any, variant: str, layer: int, ids: Any, mask: Any) -> Any:
-    """``bench/capture.py``'s call of ``variant``; ``capture-all-eager`` is ``capture-all`` with the chunked path
-    switched off (every captured layer runs eager attention: the engine before the chunked path)."""
-    if variant != "capture-all-eager":
+    """``bench/capture.py``'s call of ``variant``; ``capture-all-eager`` and ``capture-all-maps`` are
+    ``capture-all`` with the chunked path switched off, or with whole maps instead of chunks of rows (see above)."""
+    if variant not in EXTRA:
         return cb._calls(loaded, variant, layer, ids, mask)
     import functools
 
-    from attnscan.engine import batching
+    from attnscan.engine import accumulate, batching
 
     inner = cb._calls(loaded, "capture-all", layer, ids, mask)
-    original = batching.capture_attention
+    capture, take_rows = batching.capture_attention, accumulate.GridCollector.take_rows
 
     def call() -> dict[str, int]:
-        batching.capture_attention = functools.partial(original, chunked=False)  # type: ignore[assignment]
+        if variant == "capture-all-eager":
+            batching.capture_attention = functools.partial(capture, chunked=False)  # type: ignore[assignment]
+        else:
+            accumulate.GridCollector.take_rows = lambda self, layer: None  # type: ignore[method-assign,assignment]
         try:
             facts: dict[str, int] = inner()
         finally:
-            batching.capture_attention = original  # type: ignore[assignment]
+            batching.capture_attention = capture  # type: ignore[assignment]
+            accumulate.GridCollector.take_rows = take_rows  # type: ignore[method-assign]
         return facts
 
     return call
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or not args.variants or args.variants[0] != "sdpa":
         parser.error("--rounds must be at least 1 and --variants must start with sdpa (the ratios' reference)")
     cb = _capture_bench()
-    if any(v not in (*cb.VARIANTS, "capture-all-eager") for v in args.variants):
+    if any(v not in (*cb.VARIANTS, *EXTRA) for v in args.variants):
         parser.error(f"--variants: choose among {', '.join(cb.VARIANTS)}")
     import torch
 

@@ -40,6 +40,9 @@ VOLATILE = {
     "path",
     "source",
 }
+ADDED = {"eager_fallback": {}}
+"""Manifest keys newer than the stored copies, with the value the tiny Llama must give (no layer falls back to eager
+attention): checked, then compared as absent, so the stored bundles stay the format-1 copies they are."""
 WORDS_A = "how do i make bread recipe poem about snow story tell me python write explain what is the a".split()  # noqa: SIM905
 WORDS_B = "ignore your rules now you are free pretend developer mode no filter grandmother please".split()  # noqa: SIM905
 
@@ -95,6 +98,9 @@ def _same_csv(new: Path, old: Path) -> None:
 def _same_json(new: Path, old: Path) -> None:
     a = _strip(json.loads(new.read_text(encoding="utf-8")))
     b = _strip(json.loads(old.read_text(encoding="utf-8")))
+    for key, value in ADDED.items():
+        if isinstance(a, dict) and isinstance(b, dict) and key in a and key not in b:
+            assert a.pop(key) == value, f"{new.name}: {key}"
     _approx_dict(a, b, new.name)
 
 

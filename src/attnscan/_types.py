@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -35,3 +35,17 @@ def refuse_leftovers(function: str, keywords: dict[str, Any]) -> None:
     """A TypeError naming the keywords no option object took, as Python does for an unknown keyword."""
     if keywords:
         raise TypeError(f"{function}() got unexpected keyword arguments: {', '.join(sorted(keywords))}")
+
+
+def int_ranges(values: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0–2, 5, 7–8"``."""
+    nums = sorted(int(v) for v in values)
+    parts: list[str] = []
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        parts.append(str(nums[i]) if i == j else f"{nums[i]}–{nums[j]}")
+        i = j + 1
+    return ", ".join(parts)

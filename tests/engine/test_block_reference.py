@@ -94,9 +94,12 @@ def batch_weights(maps: list[np.ndarray], side: str) -> tuple[torch.Tensor, list
     return out, starts
 
 
-def run_and_compare(lengths: list[list[int]], t: int, align: str, side: str, window: int | None = None) -> None:
+def run_and_compare(
+    lengths: list[list[int]], t: int, align: str, side: str, window: int | None = None, rows: int | None = None
+) -> None:
     """Feed batches of prompts of the given lengths through a collector and compare everything with the
-    reference (``lengths``: one list per batch)."""
+    reference (``lengths``: one list per batch). With ``rows``, each layer's head mean goes in by chunks of that
+    many query rows through ``take_rows`` (the capture engine's way), where the collector offers it."""
     rng = np.random.default_rng(sum(map(sum, lengths)) + t)
     n_blocks = 4
     n_prompts = sum(len(b) for b in lengths)
@@ -118,7 +121,16 @@ def run_and_compare(lengths: list[list[int]], t: int, align: str, side: str, win
             weights, starts = batch_weights([m[li] for m in maps], side)
             if li == 0:
                 col.begin(batch_ids, starts, batch)
-            col.add(layer, weights)
+            feed = col.take_rows(layer) if rows else None
+            assert (feed is not None) == bool(rows and align == "absolute" and side == "right")
+            if feed is None:
+                col.add(layer, weights)
+            else:
+                head_mean = weights.mean(1)
+                width = head_mean.shape[-1]
+                for q0 in range(0, width, rows or width):
+                    q1 = min(width, q0 + (rows or width))
+                    feed(q0, q1, head_mean[:, q0:q1, :q1].clone())
             for pid, m in zip(batch_ids, maps, strict=True):
                 grid, reach, sink, ent, blocks = reference_summaries(m[li].mean(0), t, n_blocks, align)
                 expected_sums[li] += grid * reach
@@ -140,6 +152,21 @@ def run_and_compare(lengths: list[list[int]], t: int, align: str, side: str, win
 @pytest.mark.parametrize("align", ["absolute", "relative"])
 def test_prompts_shorter_than_the_grid(align: str, side: str) -> None:
     run_and_compare([[5, 9, 3], [12, 7]], 12, align, side)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("window", [None, 3])
+def test_rows_fed_by_chunks_match_the_reference(rows: int, window: int | None) -> None:
+    """The capture engine hands absolute, right-padded batches over by chunks of query rows (take_rows): chunks of
+    one row, chunks that cut across the summary blocks (5 rows, blocks of 4 cells) and one chunk for everything."""
+    run_and_compare([[14, 9, 16], [16, 6]], 16, "absolute", "right", window=window, rows=rows)
+
+
+@pytest.mark.parametrize("align", ["absolute", "relative"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_only_absolute_right_padded_batches_go_by_rows(align: str, side: str) -> None:
+    """Relative alignment and left padding need the whole map (the grid row of a batch row differs by prompt)."""
+    run_and_compare([[5, 9, 3], [12, 7]], 12, align, side, rows=4)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

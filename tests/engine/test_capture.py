@@ -115,9 +115,9 @@ def test_chosen_layer_keeps_its_causal_mask(monkeypatch: pytest.MonkeyPatch, chu
     seen: list[object] = []
     original = getattr(capture_mod, spied)
 
-    def spy(*args: Any) -> Any:
+    def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(args[0] if spied == "_additive_mask" else args[3])
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(capture_mod, spied, spy)
     model = build_model("llama")

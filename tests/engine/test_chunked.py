@@ -223,3 +223,62 @@ def test_the_mask_of_a_forward_is_checked_once(monkeypatch: pytest.MonkeyPatch) 
         model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
         model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
     assert len(calls) == 2 and info.eager == {}
+
+
+class _Paths(GridCollector):
+    """Counts the whole maps (add) and the chunks of rows (take_rows) that reach the collector."""
+
+    maps = 0
+    chunks = 0
+
+    def add(self, layer: int, weights: torch.Tensor) -> None:
+        self.maps += 1
+        super().add(layer, weights)
+
+    def _add_rows(self, li: int, q0: int, q1: int, rows: torch.Tensor) -> None:
+        self.chunks += 1
+        super()._add_rows(li, q0, q1, rows)
+
+
+@pytest.mark.parametrize(
+    ("align", "side", "by_rows"),
+    [("absolute", "right", True), ("absolute", "left", False), ("relative", "right", False)],
+)
+def test_absolute_right_padded_batches_never_build_the_whole_map(
+    align: str, side: str, by_rows: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default layout goes to the collector by chunks of 5 rows as they are computed (no [B, P, P] map); the
+    layouts that need whole maps still get them, and both give the same sums as one whole map per layer."""
+    monkeypatch.setattr(capture_mod, "chunk_rows", lambda *args: 5)
+    model = build_model("llama", seed=3)
+    seqs = [s[:LENGTH] for s in random_prompts((3, 12, 9, 7), seed=5)]
+    col = _Paths("s", (0, 1), len(seqs), LENGTH, align=align)  # type: ignore[arg-type]
+    run_collect(model, seqs, col, route="interface", pad_id=0, batch_size=2, padding_side=side)  # type: ignore[arg-type]
+    batches_times_layers = 2 * 2
+    if by_rows:  # longest first: batches of widths 12 and 7, so 3 + 2 chunks of 5 rows per layer
+        assert col.maps == 0 and col.chunks == 2 * (3 + 2)
+        assert col.sums.shape == (2, LENGTH * (LENGTH + 1) // 2)  # the packed lower triangle
+    else:
+        assert col.maps == batches_times_layers and col.chunks == 0
+    monkeypatch.setattr(capture_mod, "chunk_rows", lambda *args: 64)
+    whole = GridCollector("s", (0, 1), len(seqs), LENGTH, align=align)  # type: ignore[arg-type]
+    run_collect(model, seqs, whole, route="interface", pad_id=0, batch_size=2, padding_side=side)  # type: ignore[arg-type]
+    a, b = col.result(), whole.result()
+    assert torch.equal(a.count, b.count)
+    torch.testing.assert_close(a.sums, b.sums, rtol=1e-6, atol=1e-7)
+    for key in ("blocks", "sink", "entropy"):
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_a_checkpoint_that_kept_the_whole_square_loads_into_the_packed_sums() -> None:
+    """Checkpoints written before the sums were packed hold [layers, T, T]: they load, and give the same result."""
+    model = build_model("llama", seed=3)
+    seqs = [s[:LENGTH] for s in random_prompts((3, 12, 9), seed=6)]
+    col = GridCollector("s", (0, 1), len(seqs), LENGTH)
+    run_collect(model, seqs, col, route="interface", pad_id=0, batch_size=2)
+    state = col.state()
+    old = {**state, "sums": col.result().sums}  # the square form
+    again = GridCollector("s", (0, 1), len(seqs), LENGTH)
+    again.load_state(old)
+    torch.testing.assert_close(again.result().sums, col.result().sums, rtol=0, atol=0)
+    assert again.sums.shape == state["sums"].shape

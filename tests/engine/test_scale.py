@@ -93,14 +93,24 @@ def test_a_batch_dropped_after_adding_on_the_cpu_is_not_retried() -> None:
     model = build_model("llama")
     seqs = random_prompts((5, 9, 12, 7), seed=22)
 
-    class FailAfterFirstLayer(GridCollector):
+    class FailAfterFirstLayer(GridCollector):  # whole maps (add)
+        def take_rows(self, layer: int) -> None:
+            return None
+
         def add(self, layer: int, weights: torch.Tensor) -> None:
             super().add(layer, weights)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated after a layer was added)")
 
-    failing = FailAfterFirstLayer("s", (0, 2), len(seqs), 12)
-    with pytest.raises(torch.OutOfMemoryError):
-        run_collect(model, seqs, failing, route="interface", pad_id=0, batch_size=4, backoff=True)
+    class FailAfterFirstRows(GridCollector):  # chunks of rows as the engine computes them (take_rows)
+        def _add_rows(self, li: int, q0: int, q1: int, rows: torch.Tensor) -> None:
+            super()._add_rows(li, q0, q1, rows)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated after some rows were added)")
+
+    for failing in (FailAfterFirstLayer("s", (0, 2), len(seqs), 12), FailAfterFirstRows("s", (0, 2), len(seqs), 12)):
+        with pytest.raises(torch.OutOfMemoryError):
+            run_collect(model, seqs, failing, route="interface", pad_id=0, batch_size=4, backoff=True)
+        with pytest.raises(RuntimeError, match="results are incomplete"):
+            failing.result()
 
 
 @pytest.mark.parametrize("align", ["absolute", "relative"])
@@ -132,9 +142,9 @@ def test_with_the_buffer_an_out_of_memory_error_after_a_layer_is_retried_cleanly
     run_collect(model, seqs, ref, route="interface", pad_id=0, batch_size=1)
 
     class FailsOnBigBatches(GridCollector):
-        def add(self, layer: int, weights: torch.Tensor) -> None:
-            super().add(layer, weights)  # the layer is in the buffer before the error
-            if weights.shape[0] > 2:
+        def _add_rows(self, li: int, q0: int, q1: int, rows: torch.Tensor) -> None:
+            super()._add_rows(li, q0, q1, rows)  # the rows are in the buffer before the error
+            if rows.shape[0] > 2 and li == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated after a layer was added)")
 
     col = FailsOnBigBatches("s", (0, 2), len(seqs), 12, buffered=True)
@@ -296,17 +306,27 @@ def test_capture_under_an_accelerate_device_map(tiny_model_dir: Path) -> None:
 
 def test_automatic_batch_size_estimate() -> None:
     """The first batch size on CUDA: prompts whose estimated peak fits 70 % of the free memory, within 1..128.
-    Llama-3.1-8B dimensions (32 heads, hidden 4096, MLP 14336; its config.json), bfloat16, 64 GB free."""
+    Llama-3.1-8B dimensions (32 layers, 32 heads, hidden 4096, MLP 14336; its config.json), bfloat16, 64 GB free,
+    all 32 layers captured."""
     from attnscan.engine.batching import AUTO_BATCH_CAP, estimate_batch_size
+    from attnscan.engine.capture import CUDA_CHUNK_BYTES
 
-    llama = {"heads": 32, "hidden": 4096, "intermediate": 14336, "dtype_bytes": 2}
-    # T = 2048: 32 * 2048^2 * (3 * 2 + 4) + 8 * 2048^2 * 4 + 2048 * (4 * 4096 + 3 * 14336) * 2 = 1_719_664_640 bytes
-    # per prompt, and 0.7 * 64e9 / 1_719_664_640 = 26.05.
-    assert estimate_batch_size(**llama, length=2048, free_bytes=64 * 10**9) == 26
-    # T = 448: 123_863_040 bytes per prompt, room for 361: the cap applies.
-    assert estimate_batch_size(**llama, length=448, free_bytes=64 * 10**9) == AUTO_BATCH_CAP == 128
-    assert estimate_batch_size(**llama, length=2048, free_bytes=10**9) == 1  # never below one
-    assert estimate_batch_size(**llama, length=1024, free_bytes=64 * 10**9) > 26  # shorter prompts, more of them
+    llama = {"heads": 32, "hidden": 4096, "intermediate": 14336, "dtype_bytes": 2, "layers": 32}
+    assert CUDA_CHUNK_BYTES == 268_435_456
+    # T = 4096, chunks of rows handed to the collector (absolute alignment, right padding). Shared by the batch:
+    # 3 * 268_435_456 (chunk scores, softmax, mask) + 32 * 4096 * 4097 / 2 * 4 (packed float32 buffer)
+    # = 1_879_270_336 bytes. Per prompt: 2 * 4096^2 (masks) + 16 * 32 * 4096 * (2 + 8) (the 16-row chunk floor)
+    # + 4096 * (4 * 4096 + 3 * 14336) * 2 (activations) = 541_065_216 bytes. (0.7 * 64e9 - 1_879_270_336)
+    # / 541_065_216 = 79.3.
+    assert estimate_batch_size(**llama, length=4096, free_bytes=64 * 10**9) == 79
+    # Whole maps (relative alignment or left padding): the buffer is the square (2_147_483_648 bytes) and each
+    # prompt adds four float32 maps (268_435_456 bytes): (44.8e9 - 2_952_790_016) / 809_500_672 = 51.7.
+    assert estimate_batch_size(**llama, length=4096, free_bytes=64 * 10**9, whole_maps=True) == 51
+    assert estimate_batch_size(**llama, length=2048, free_bytes=64 * 10**9) == AUTO_BATCH_CAP == 128  # the cap
+    assert estimate_batch_size(**llama, length=8192, free_bytes=10**9) == 1  # never below one
+    assert estimate_batch_size(**llama, length=2048, free_bytes=16 * 10**9) > estimate_batch_size(
+        **llama, length=4096, free_bytes=16 * 10**9
+    )  # shorter prompts, more of them
 
 
 def test_state_reduction_in_a_group_of_one_leaves_the_state_as_it_is(tmp_path: Path) -> None:

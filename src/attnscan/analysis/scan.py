@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from .._io import now_utc
-from .._types import DEFAULT_FLOOR, NoticeFn, ProgressFn, refuse_leftovers, take_options
+from .._types import DEFAULT_FLOOR, NoticeFn, ProgressFn, int_ranges, refuse_leftovers, take_options
 from .._version import __version__
 from ..engine import distributed
 from ..engine.accumulate import Align, GridCollector, check_align, check_floor
 from ..engine.batching import PaddingSide, estimate_batch_size, pad_token_id, run_collect
+from ..engine.capture import CaptureInfo
 from ..engine.checkpoint import Interrupted, checkpoint_file, load_checkpoint, stop_on_signals, try_save_checkpoint
 from ..errors import AttnscanError
 from ..models.loading import LoadedModel, LoadOptions, resolve_model
@@ -29,9 +30,9 @@ from .lengths import LengthMatch, check_tolerance, match_lengths
 from .result import ScanResult
 
 
-def _auto_batch_size(loaded: LoadedModel, length: int) -> int:
-    """The first batch size of ``--batch-size auto``: 8 on the CPU; on CUDA as many prompts as
-    :func:`attnscan.engine.batching.estimate_batch_size` expects to fit the free memory (at most
+def _auto_batch_size(loaded: LoadedModel, opts: ScanOptions, layers: int) -> int:
+    """The first batch size of ``--batch-size auto`` (capturing ``layers`` layers): 8 on the CPU; on CUDA as many
+    prompts as :func:`attnscan.engine.batching.estimate_batch_size` expects to fit the free memory (at most
     :data:`~attnscan.engine.batching.AUTO_BATCH_CAP`); 64 on other accelerators. Back-off corrects it either way."""
     device = loaded.device
     if device.type == "cpu":
@@ -47,9 +48,11 @@ def _auto_batch_size(loaded: LoadedModel, length: int) -> int:
         heads=arch.n_heads,
         hidden=arch.hidden_size,
         intermediate=int(intermediate),
-        length=length,
+        length=opts.length,
         dtype_bytes=loaded.dtype.itemsize,
         free_bytes=int(free),
+        layers=layers,
+        whole_maps=opts.align == "relative" or opts.padding_side == "left",
     )
 
 
@@ -172,15 +175,35 @@ def scan(
     if matched is not None:  # the same sets scanned in part: a resume must keep the same prompts
         settings["length_matching"] = {"tolerance": opts.match_tolerance, "kept": matched.kept}
     t0 = time.perf_counter()
-    size = _collect(loaded, encoded, kept, collectors, opts, settings, (rank, world), progress, on_notice)
+    info = CaptureInfo()
+    size = _collect(loaded, encoded, kept, collectors, opts, settings, (rank, world), progress, on_notice, info)
+    if info.eager and on_notice is not None:
+        on_notice(eager_notice(info.eager))
     for collector in collectors.values():
         distributed.reduce_collector(collector)
-    accs = {name: c.result() for name, c in collectors.items()}
+    accs = {}
+    for name in list(collectors):  # one set's working sums at a time beside the results
+        accs[name] = collectors.pop(name).result()
     scanned = {name: _subset(enc, kept[name]) for name, enc in encoded.items()}
     manifest = _manifest(loaded, opts, chosen, sets, scanned, world, size, time.perf_counter() - t0)
+    manifest["eager_fallback"] = {str(layer): reason for layer, reason in sorted(info.eager.items())}
     if matched is not None:
         manifest["length_matching"] = matched.record()
     return ScanResult(accs, {**manifest, "started": started, "finished": now_utc()})
+
+
+def eager_notice(eager: Mapping[int, str]) -> str:
+    """The notice for captured layers that ran eager attention (layer -> reason), e.g. ``layers 0–25 ran eager
+    attention (logit soft-capping): exact, but slower and holding every head's T x T weights``."""
+    by_reason: dict[str, list[int]] = {}
+    for layer, reason in sorted(eager.items()):
+        by_reason.setdefault(reason, []).append(layer)
+    parts = [f"{int_ranges(layers)} ({reason})" for reason, layers in by_reason.items()]
+    noun = "layer" if len(eager) == 1 else "layers"
+    return (
+        f"{noun} {'; '.join(parts)} ran eager attention instead of the chunked path: the maps are exact, but those "
+        "layers are slower and hold every head's T x T weights at once"
+    )
 
 
 def _encode(loaded: LoadedModel, ps: PromptSet, opts: ScanOptions) -> Encoded:
@@ -269,6 +292,7 @@ def _collect(
     place: tuple[int, int],
     progress: ProgressFn | None,
     on_notice: NoticeFn | None,
+    info: CaptureInfo,
 ) -> int:
     """Run this process's shard of the ``kept`` prompts of every set through the model into the collectors
     (``place``: this process's rank and the world size), checkpointing as asked.
@@ -286,7 +310,8 @@ def _collect(
         elif on_notice is not None:
             on_notice(f"no checkpoint at {ckpt}: starting from the beginning")
     total = sum(len(ids) for ids in mine.values())
-    size = opts.batch_size if opts.batch_size is not None else _auto_batch_size(loaded, opts.length)
+    layers = max(len(c.layers) for c in collectors.values())
+    size = opts.batch_size if opts.batch_size is not None else _auto_batch_size(loaded, opts, layers)
     pad = pad_token_id(loaded.tokenizer, loaded.model)
     batches = 0
     last_saved = True  # a failed checkpoint save warns once, not again at every batch until a save succeeds
@@ -329,6 +354,7 @@ def _collect(
                 on_batch=on_batch,
                 backoff=opts.batch_size is None,
                 on_backoff=on_backoff,
+                capture_info=info,
             )
         if ckpt is not None:
             try_save_checkpoint(ckpt, settings, collectors, warn=last_saved)

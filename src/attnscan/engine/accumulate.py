@@ -35,11 +35,14 @@ Sums and counts add exactly, so accumulators from batches, processes or resumed 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from .._types import DEFAULT_FLOOR
 from ..errors import AttnscanError
@@ -214,10 +217,18 @@ class GridCollector:
 
     Call :meth:`begin` with the batch's prompt ids and where each prompt sits in the padded batch, then
     :meth:`add` once per captured layer, then :meth:`end`. Only the reduced ``[B, T, T]`` head mean of the current
-    layer is alive at any time. A layer is reduced for the whole batch with a fixed number of tensor operations
+    layer is alive at any time. With absolute alignment and right padding (the defaults), the capture engine need
+    not build that map at all: :meth:`take_rows` gives it a function it hands each chunk of query rows to as the
+    chunk is computed, and the collector reduces the chunk at once (so a captured layer needs memory for one chunk,
+    not for a ``[B, P, P]`` map). A layer is reduced for the whole batch with a fixed number of tensor operations
     (gathers that move each prompt onto the grid, masks prepared in :meth:`begin`), not a loop over prompts, and the
     batch's per-prompt summaries stay on ``device`` until :meth:`end`: on a GPU, :meth:`add` queues work without
     waiting for it, so the forward pass of the next layer is not held up.
+
+    With absolute alignment a prompt reaches only the cells ``j <= i``, so the collector keeps the sums of the lower
+    triangle only, packed row by row (``[layers, T (T + 1) / 2]``, about half of the square; :meth:`result` unfolds
+    them). Relative alignment keeps the whole square: a short prompt stretched over the grid reaches cells right of
+    the diagonal (a one-token prompt reaches all of them).
 
     ``buffered`` (default: on accelerators only) keeps each batch's per-layer sums in a float32 ``[layers, T, T]``
     buffer on ``device`` and adds it to the float64 CPU sums at the end of the batch: one device-to-host copy per
@@ -253,10 +264,15 @@ class GridCollector:
         nl = len(self.layers)
         if buffered is None:
             buffered = self.device.type != "cpu"
-        self._buf = torch.zeros(nl, length, length, dtype=torch.float32, device=self.device) if buffered else None
+        # Absolute alignment reaches the lower triangle only: its sums are kept packed, row after row.
+        self._tril = (
+            torch.ones(length, length, dtype=torch.bool, device=self.device).tril_() if align == "absolute" else None
+        )
+        shape = (nl, length * (length + 1) // 2) if self._tril is not None else (nl, length, length)
+        self._buf = torch.zeros(shape, dtype=torch.float32, device=self.device) if buffered else None
         self._added = False  # whether the batch in progress has added to the sums already
         self._broken = False
-        self.sums = torch.zeros(nl, length, length, dtype=torch.float64)
+        self.sums = torch.zeros(shape, dtype=torch.float64)
         self.count = torch.zeros(length, length, dtype=torch.int64)
         self.lengths = torch.zeros(n_prompts, dtype=torch.int64)
         self.blocks = torch.full((n_prompts, nl, n_blocks, n_blocks), float("nan"), dtype=torch.float32)
@@ -266,6 +282,8 @@ class GridCollector:
         self._batch: tuple[torch.Tensor, list[int], list[int]] | None = None
         self._source: torch.Tensor | None = None
         self._spread: list[torch.Tensor] = []
+        # Layers whose rows are being streamed (take_rows): position -> (next row, sink, entropy, block sums so far).
+        self._streams: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def begin(self, prompt_ids: list[int], starts: list[int], lengths: list[int]) -> None:
         """Start a batch: row ``b`` holds prompt ``prompt_ids[b]`` at positions ``starts[b] : starts[b]+lengths[b]``.
@@ -318,6 +336,7 @@ class GridCollector:
         self._batch_entropy = torch.full((len(lengths), nl), float("nan"), device=dev)
         bs, nb = self.bs, self.n_blocks
         self._block_count = self._valid.view(-1, nb, bs, nb, bs).sum((2, 4)).to(torch.float32)
+        self._streams = {}
         self._batch = (idx, list(starts), list(lengths))
 
     def add(self, layer: int, weights: torch.Tensor) -> None:
@@ -353,12 +372,12 @@ class GridCollector:
         t = self.length
         if self._buf is None:
             if batch == 1:  # no float64 copy of the batch sum: add the one map in place
-                self.sums[li].add_(aligned[0, :t, :t].cpu())
-            else:
-                self.sums[li] += aligned[:, :t, :t].sum(0, dtype=torch.float64).cpu()  # .cpu(): no copy on the CPU
+                self.sums[li].add_(self._pack(aligned[0, :t, :t]).cpu())
+            else:  # .cpu(): no copy on the CPU
+                self.sums[li] += self._pack(aligned[:, :t, :t].sum(0, dtype=torch.float64)).cpu()
             self._added = True
         else:
-            self._buf[li] += aligned[:, :t, :t].sum(0, dtype=torch.float32)
+            self._buf[li] += self._pack(aligned[:, :t, :t].sum(0, dtype=torch.float32))
         logp = aligned.clamp_min_(math.exp(self.floor)).log_().masked_fill_(self._invalid, 0.0)
         nb, bs = self.n_blocks, self.bs
         blocks = logp.view(-1, nb, bs, nb, bs).sum((2, 4)) / self._block_count
@@ -366,6 +385,66 @@ class GridCollector:
         self._batch_blocks[:, li] = blocks
         self._batch_sink[:, li] = sink
         self._batch_entropy[:, li] = entropy
+
+    def _pack(self, square: torch.Tensor) -> torch.Tensor:
+        """A ``[T, T]`` map in the form the sums keep: its lower triangle row by row (absolute), else itself."""
+        return square if self._tril is None else square[self._tril]
+
+    def take_rows(self, layer: int) -> Callable[[int, int, torch.Tensor], None] | None:
+        """A function that takes ``layer``'s head-mean probabilities of the batch begun by chunks of query rows, as
+        the capture engine computes them: ``feed(q0, q1, rows)`` with ``rows`` float32 ``[B, q1 - q0, q1]`` (query
+        rows ``q0 .. q1 - 1`` against keys ``0 .. q1 - 1``; later keys are masked for them), the chunks in order from
+        row 0 to the padded batch length ``P``. The collector may overwrite ``rows``. ``None`` when this batch
+        needs whole maps (relative alignment, left padding): then the engine calls :meth:`add`."""
+        if self._batch is None:
+            raise RuntimeError("GridCollector.take_rows called outside begin()/end()")
+        if self._source is not None or self._shifted:
+            return None
+        return functools.partial(self._add_rows, self._pos[layer])
+
+    def _add_rows(self, li: int, q0: int, q1: int, rows: torch.Tensor) -> None:
+        """Reduce one chunk of rows (see :meth:`take_rows`): the same numbers as :meth:`add` on the whole map, for
+        absolute alignment and prompts that start at batch position 0 (so batch row ``i`` is grid row ``i``)."""
+        if self._batch is None:
+            raise RuntimeError("GridCollector.take_rows' function called outside begin()/end()")
+        batch, width = self._rows.shape
+        if rows.shape != (batch, q1 - q0, q1) or not 0 <= q0 < q1 <= width:
+            raise ValueError(f"rows {q0}..{q1} of shape {tuple(rows.shape)} do not fit the batch begun")
+        nb, bs = self.n_blocks, self.bs
+        if q0 == 0:
+            zeros = torch.zeros(batch, device=rows.device)
+            self._streams[li] = (0, zeros, zeros.clone(), torch.zeros(batch, nb, nb, device=rows.device))
+        if li not in self._streams or self._streams[li][0] != q0:
+            raise RuntimeError(f"rows of layer {self.layers[li]} must come in order: expected row {q0} next")
+        _, sink, entropy, blocks = self._streams[li]
+        own = self._own_rows[:, q0:q1]
+        sink += torch.where(own, rows[:, :, 0], 0.0).sum(1)  # every prompt starts at key 0
+        row_entropy = torch.bmm(torch.special.entr(rows), self._own_keys[:, :q1, None]).squeeze(-1)
+        entropy += torch.where(own, row_entropy, 0.0).sum(1)
+        invalid = self._invalid[:, q0:q1, :q1]
+        rows.masked_fill_(invalid, 0.0)
+        assert self._tril is not None  # absolute alignment
+        lower = self._tril[q0:q1, :q1]
+        start, stop = q0 * (q0 + 1) // 2, q1 * (q1 + 1) // 2  # the packed cells of rows q0 .. q1 - 1
+        if self._buf is None:
+            total = rows[0] if batch == 1 else rows.sum(0, dtype=torch.float64)
+            self.sums[li, start:stop] += total[lower].cpu()
+            self._added = True
+        else:
+            self._buf[li, start:stop] += rows.sum(0)[lower]
+        logp = rows.clamp_min_(math.exp(self.floor)).log_().masked_fill_(invalid, 0.0)
+        column_blocks = -(-q1 // bs)
+        logp = F.pad(logp, (0, column_blocks * bs - q1)).view(batch, q1 - q0, column_blocks, bs).sum(-1)
+        row_blocks = torch.arange(q0, q1, device=rows.device) // bs
+        blocks[:, :, :column_blocks].index_add_(1, row_blocks, logp)
+        del logp
+        if q1 < width:
+            self._streams[li] = (q1, sink, entropy, blocks)
+            return
+        del self._streams[li]
+        self._batch_blocks[:, li] = blocks / self._block_count
+        self._batch_sink[:, li] = sink / self._lengths
+        self._batch_entropy[:, li] = entropy / self._lengths
 
     def _align(self, head_mean: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
         """``[B, padded, padded]``: each prompt's map moved onto the grid (see the module docstring); may return
@@ -400,6 +479,9 @@ class GridCollector:
         """Finish a batch: counts and the float64 sums are updated."""
         if self._batch is None:
             raise RuntimeError("GridCollector.end called without begin()")
+        if self._streams:
+            unfinished = ", ".join(str(self.layers[li]) for li in self._streams)
+            raise RuntimeError(f"GridCollector.end: the rows of layer(s) {unfinished} did not reach the end")
         idx, _, lengths = self._batch
         t = self.length
         self.count += self._valid[:, :t, :t].sum(0).to(device="cpu", dtype=torch.int64)
@@ -423,6 +505,7 @@ class GridCollector:
         self._broken = self._broken or not clean
         self._added = False
         self._batch = None
+        self._streams = {}
         return clean
 
     def _check_whole(self) -> None:
@@ -442,6 +525,8 @@ class GridCollector:
         """Continue from :meth:`state` of a collector with the same settings."""
         for key in self.STATE_KEYS:
             mine = getattr(self, key)
+            if key == "sums" and self._tril is not None and state[key].shape == (len(self.layers), *self._tril.shape):
+                state = {**state, key: state[key][:, self._tril.cpu()]}  # a checkpoint that kept the whole square
             if state[key].shape != mine.shape or state[key].dtype != mine.dtype:
                 raise AttnscanError(f"checkpoint state '{key}' does not fit this scan: it was made with other settings")
             mine.copy_(state[key])
@@ -450,12 +535,18 @@ class GridCollector:
         """The accumulator for the prompts seen so far (all of them after a full run)."""
         self._check_whole()
         ids = torch.nonzero(self.seen).flatten()
+        if self._tril is None:
+            sums = self.sums.clone()
+        else:  # unfold the packed lower triangle
+            t = self.length
+            sums = torch.zeros(len(self.layers), t, t, dtype=torch.float64)
+            sums[:, self._tril.cpu()] = self.sums
         return SetAccumulator(
             name=self.name,
             layers=self.layers,
             length=self.length,
             floor=self.floor,
-            sums=self.sums.clone(),
+            sums=sums,
             count=self.count.clone(),
             prompt_ids=ids,
             lengths=self.lengths[ids].clone(),

@@ -15,7 +15,7 @@ from ..errors import AttnscanError
 from ..models.anatomy import base_model
 from ..models.arch import Route
 from .accumulate import GridCollector
-from .capture import capture_attention
+from .capture import CaptureInfo, capture_attention
 
 PaddingSide = Literal["right", "left"]
 
@@ -80,22 +80,36 @@ def estimate_batch_size(
     length: int,
     dtype_bytes: int,
     free_bytes: int,
+    layers: int = 1,
+    whole_maps: bool = False,
     headroom: float = 0.7,
     cap: int = AUTO_BATCH_CAP,
 ) -> int:
     """A first batch size for ``--batch-size auto`` on an accelerator: how many prompts of ``length`` tokens fit
     ``headroom`` of ``free_bytes`` (the device's free memory with the model loaded), capped at ``cap``; at least 1.
 
-    Per prompt, during a captured layer: the eager attention scores, the masked scores and the probabilities in
-    the model's dtype plus the float32 softmax (``heads * T^2 * (3 * dtype_bytes + 4)``), the collector's float32
-    ``T x T`` maps (about eight), and the layer's activations (``T * (4 * hidden + 3 * intermediate)`` values). It
-    is an estimate: back-off on out-of-memory still has the last word.
+    It follows the chunked capture (:mod:`attnscan.engine.capture`): the layer outputs come from SDPA, which holds
+    no ``T x T`` square, and a captured layer's probabilities are computed by chunks of rows whose scores are
+    bounded for the whole batch (:data:`~attnscan.engine.capture.CUDA_CHUNK_BYTES`). So the batch shares a fixed
+    part: three chunk-sized tensors (the scores in the model's dtype, their float32 softmax, a mask temporary) and
+    the collector's float32 buffer of ``layers`` packed lower triangles (``layers * T (T + 1) / 2 * 4`` bytes; the
+    square, ``layers * T^2 * 4``, when ``whole_maps``). Per prompt: the collector's two boolean ``T x T`` masks; with
+    ``whole_maps`` (relative alignment or left padding, where the collector takes each layer's whole head mean)
+    four float32 ``T x T`` maps (the head mean and the collector's gathers and aligned copy); the 16-row chunk floor
+    (``16 * heads * T * (dtype_bytes + 8)``); and the layer's activations (``T * (4 * hidden + 3 * intermediate)``
+    values). It is an estimate: back-off on out-of-memory still has the last word.
     """
+    from .capture import CUDA_CHUNK_BYTES
+
     t2 = length * length
+    fixed = 3 * CUDA_CHUNK_BYTES + layers * (t2 if whole_maps else length * (length + 1) // 2) * 4
     per_prompt = (
-        heads * t2 * (3 * dtype_bytes + 4) + 8 * t2 * 4 + length * (4 * hidden + 3 * intermediate) * dtype_bytes
+        2 * t2
+        + (4 * t2 * 4 if whole_maps else 0)
+        + 16 * heads * length * (dtype_bytes + 8)
+        + length * (4 * hidden + 3 * intermediate) * dtype_bytes
     )
-    return max(1, min(cap, int(headroom * free_bytes) // per_prompt))
+    return max(1, min(cap, (int(headroom * free_bytes) - fixed) // per_prompt))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -201,13 +215,15 @@ def run_collect(
     on_batch: Callable[[int], None] | None = None,
     backoff: bool = False,
     on_backoff: Callable[[int, int], None] | None = None,
+    capture_info: CaptureInfo | None = None,
 ) -> int:
     """Run ``seqs`` through ``model`` in batches, feeding the captured layers to ``collector``.
 
     ``prompt_ids`` names each sequence's index in its set (default ``0..N-1``); ``on_batch(n)`` is called after
     each batch with the number of prompts it held. With ``backoff``, a batch that runs out of accelerator memory is
     dropped from the collector, the batch size halved (``on_backoff(old, new)`` is told) and the batch retried.
-    Returns the batch size in use at the end.
+    ``capture_info`` records the captured layers that fell back to eager attention (see
+    :class:`attnscan.engine.capture.CaptureInfo`). Returns the batch size in use at the end.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -216,7 +232,7 @@ def run_collect(
     base = base_model(model)
     positions = accepts_position_ids(base)
     batches = Batches(seqs, pad_id=pad_id, device=param.device, batch_size=batch_size, padding_side=padding_side)
-    with torch.inference_mode(), capture_attention(model, collector.layers, collector, route):
+    with torch.inference_mode(), capture_attention(model, collector.layers, collector, route, info=capture_info):
         for batch in batches:
             try:
                 # begin() allocates the batch's [B, P, P] masks on the collector's device: it may run out too.

@@ -9,9 +9,10 @@ chosen layer's attention probabilities to a collector the moment they exist, and
 
     - **chunked** (the default): :func:`chunked_attention` walks the query rows in chunks, computes each chunk's
       scores only against the keys it may attend to (the upper triangle is never computed), softmaxes them in
-      float32 and averages the heads at once into the head-averaged probabilities ``[B, 1, P, P]`` (float32) the
-      collector gets. No tensor holds every head's ``P x P`` square; the largest one holds one chunk of rows for
-      all heads. The layer's output is, on the CPU, each chunk's probabilities times the values (eager attention's
+      float32 and averages the heads at once. A collector that offers ``take_rows`` (the grid collector, for
+      absolute alignment and right padding) gets each chunk's head mean as it is computed and no ``P x P`` map is
+      built at all; any other gets the whole head mean, ``[B, 1, P, P]`` float32. No tensor holds every head's
+      ``P x P`` square; the largest one holds one chunk of rows for all heads. The layer's output is, on the CPU, each chunk's probabilities times the values (eager attention's
       arithmetic, by chunks: measured cheaper than a second pass through SDPA there), elsewhere the fused SDPA
       kernel's, as for the other layers.
     - **eager** (fallback): the model's own eager attention over the whole square for every head, whose weights
@@ -58,9 +59,17 @@ CUDA_CHUNK_BYTES = 1 << 28
 
 class Collector(Protocol):
     """Anything that accepts one layer's attention weights ``[B, heads, P, P]``; on the chunked path the engine has
-    averaged the heads already and hands over the float32 head mean as one head, ``[B, 1, P, P]``."""
+    averaged the heads already and hands over the float32 head mean as one head, ``[B, 1, P, P]``.
+
+    A collector may also have ``take_rows(layer)``, returning ``None`` or a function ``feed(q0, q1, rows)`` that
+    takes the float32 head mean by chunks of query rows as the chunked path computes them (``[B, q1 - q0, q1]``,
+    in order; see :meth:`attnscan.engine.accumulate.GridCollector.take_rows`): the whole ``[B, P, P]`` map is then
+    never built."""
 
     def add(self, layer: int, weights: torch.Tensor) -> None: ...
+
+
+RowFeed = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -157,7 +166,9 @@ def chunked_head_mean(
 ) -> torch.Tensor:
     """``float32 [B, P, P]`` head mean of ``softmax(query key^T * scaling + mask)``, computed by chunks of query rows
     (see :func:`chunked_attention`, which also gives the attention output)."""
-    return chunked_attention(query, key, None, mask, scaling, rows)[0]
+    mean = chunked_attention(query, key, None, mask, scaling, rows)[0]
+    assert mean is not None
+    return mean
 
 
 def chunked_attention(
@@ -167,9 +178,12 @@ def chunked_attention(
     mask: torch.Tensor | None,
     scaling: float,
     rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    feed: RowFeed | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Eager attention by chunks of query rows: the head-mean probabilities ``float32 [B, P, P]`` and, given
-    ``value``, the output ``[B, P, H, D]`` (the layout eager attention functions return).
+    ``value``, the output ``[B, P, H, D]`` (the layout eager attention functions return). Given ``feed``, each
+    chunk's head mean ``float32 [B, q1 - q0, q1]`` goes to ``feed(q0, q1, chunk)`` instead, in order, and no
+    ``[B, P, P]`` map is built (the first item returned is then ``None``).
 
     ``query`` ``[B, H, P, D]``, ``key`` and ``value`` ``[B, KV, P, D]`` (H a multiple of KV: grouped-query attention
     without repeating the keys); ``mask`` boolean ``[B or 1, 1, P, P]`` (``True`` = may attend) that never lets a
@@ -183,7 +197,7 @@ def chunked_attention(
     kv = key.shape[1]
     group = h // kv
     rows = min(p, rows or chunk_rows(b, h, p, query.device))
-    mean = torch.empty(b, p, p, dtype=torch.float32, device=query.device)
+    mean = None if feed is not None else torch.empty(b, p, p, dtype=torch.float32, device=query.device)
     out = None if value is None else torch.empty(b, p, h, value.shape[-1], dtype=value.dtype, device=value.device)
     neg = torch.finfo(query.dtype).min
     keys_t = key.transpose(2, 3)  # [B, KV, D, P]
@@ -205,6 +219,13 @@ def chunked_attention(
             grouped = probs.to(value.dtype).view(b, kv, group * r, q1)
             out[:, q0:q1] = torch.matmul(grouped, value[:, :, :q1]).view(b, h, r, -1).transpose(1, 2)
             del grouped
+        if mean is None:
+            assert feed is not None
+            head_mean = probs.mean(dim=1)
+            del probs
+            feed(q0, q1, head_mean)
+            del head_mean
+            continue
         mean[:, q0:q1, :q1] = probs.mean(dim=1)
         del probs
         mean[:, q0:q1, q1:] = 0.0
@@ -256,15 +277,18 @@ def _interface_route(
             del weights
             return out, None
         scaling = float(kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
+        take_rows = getattr(collector, "take_rows", None)
+        feed = take_rows(layer) if take_rows is not None else None  # None: the collector wants the whole map
         if query.device.type == "cpu":  # the chunks' probabilities times the values: cheaper than SDPA on the CPU
-            mean, chunked_out = chunked_attention(query, key, value, attention_mask, scaling)
+            mean, chunked_out = chunked_attention(query, key, value, attention_mask, scaling, feed=feed)
             assert chunked_out is not None
             out = chunked_out
         else:  # the fused kernel for the output, the chunks for the probabilities only
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-            mean, _ = chunked_attention(query, key, None, attention_mask, scaling)
-        collector.add(layer, mean.unsqueeze(1))  # type: ignore[arg-type]
-        del mean
+            mean, _ = chunked_attention(query, key, None, attention_mask, scaling, feed=feed)
+        if mean is not None:
+            collector.add(layer, mean.unsqueeze(1))  # type: ignore[arg-type]
+            del mean
         return out, None
 
     with _lock:
@@ -320,16 +344,18 @@ def capture_attention(
     route: Route,
     *,
     chunked: bool = True,
+    info: CaptureInfo | None = None,
 ) -> Iterator[CaptureInfo]:
     """Within the block, every forward of ``model`` hands the chosen layers' attention weights to ``collector``.
 
     ``route`` is ``"interface"`` or ``"hooks"`` (see the module docstring and :mod:`attnscan.models.arch`).
     ``chunked=False`` makes every chosen layer of the interface route take the eager path (the reference the
     chunked path is measured against). Yields a :class:`CaptureInfo` that records the layers that fell back to
-    eager attention. Registrations and hooks are undone on exit, also when the forward raises.
+    eager attention (``info``, when given: that one, so several captures can add to one record). Registrations and
+    hooks are undone on exit, also when the forward raises.
     """
     chosen = set(int(x) for x in layers)
-    info = CaptureInfo()
+    info = info if info is not None else CaptureInfo()
     if route == "interface":
         with _interface_route(model, chosen, collector, info, chunked):
             yield info

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._io import now_utc
+from .._types import int_ranges
 from ..errors import AttnscanError
 from .formatting import caption, finite
 from .maps import choose_factor, colormap_hex, maps_digest
@@ -69,20 +70,6 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _ranges(values: Sequence[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0–2, 5, 7–8"``."""
-    nums = sorted(int(v) for v in values)
-    parts: list[str] = []
-    i = 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        parts.append(str(nums[i]) if i == j else f"{nums[i]}–{nums[j]}")
-        i = j + 1
-    return ", ".join(parts)
-
-
 def _texts_sha256(texts: Sequence[str]) -> str:
     """The sha256 :class:`~attnscan.prompts.sets.PromptSet` records for its texts."""
     return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -129,7 +116,14 @@ def _provenance(manifest: Mapping[str, Any], result: ScanResult) -> list[list[st
     add("Alignment", manifest.get("alignment"))
     add("Statistic", manifest.get("statistic"))
     add("Floor", manifest.get("floor", result.floor))
-    add("Captured layers", f"{_ranges(result.layers)} ({len(result.layers)})")
+    add("Captured layers", f"{int_ranges(result.layers)} ({len(result.layers)})")
+    fallback = manifest.get("eager_fallback")
+    if isinstance(fallback, Mapping) and fallback:  # layers the chunked capture could not reproduce exactly
+        by_reason: dict[str, list[int]] = {}
+        for layer, reason in fallback.items():
+            if str(layer).isdigit():
+                by_reason.setdefault(str(reason), []).append(int(layer))
+        add("Eager attention", "; ".join(f"layers {int_ranges(ls)}: {why}" for why, ls in by_reason.items()))
     if "chat_template" in manifest:
         add("Chat template", "on" if manifest.get("chat_template") else "off")
     add("System prompt", manifest.get("system_prompt"))
