@@ -226,14 +226,17 @@ def test_the_mask_of_a_forward_is_checked_once(monkeypatch: pytest.MonkeyPatch) 
 
 
 class _Paths(GridCollector):
-    """Counts the whole maps (add) and the chunks of rows (take_rows) that reach the collector."""
+    """Counts the whole maps (take_head_mean) and the chunks of rows (take_rows) that reach the collector."""
 
     maps = 0
     chunks = 0
 
     def add(self, layer: int, weights: torch.Tensor) -> None:
+        raise AssertionError("the chunked path hands its head mean over without a copy (take_head_mean)")
+
+    def take_head_mean(self, layer: int, head_mean: torch.Tensor) -> None:
         self.maps += 1
-        super().add(layer, weights)
+        super().take_head_mean(layer, head_mean)
 
     def _add_rows(self, li: int, q0: int, q1: int, rows: torch.Tensor) -> None:
         self.chunks += 1

@@ -93,12 +93,12 @@ def test_a_batch_dropped_after_adding_on_the_cpu_is_not_retried() -> None:
     model = build_model("llama")
     seqs = random_prompts((5, 9, 12, 7), seed=22)
 
-    class FailAfterFirstLayer(GridCollector):  # whole maps (add)
+    class FailAfterFirstLayer(GridCollector):  # whole maps (take_head_mean)
         def take_rows(self, layer: int) -> None:
             return None
 
-        def add(self, layer: int, weights: torch.Tensor) -> None:
-            super().add(layer, weights)
+        def take_head_mean(self, layer: int, head_mean: torch.Tensor) -> None:
+            super().take_head_mean(layer, head_mean)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated after a layer was added)")
 
     class FailAfterFirstRows(GridCollector):  # chunks of rows as the engine computes them (take_rows)

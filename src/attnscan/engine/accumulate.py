@@ -344,6 +344,13 @@ class GridCollector:
         may be 1 (the capture engine's chunked path hands over the head mean)."""
         self._reduce(layer, weights.mean(dim=1, dtype=torch.float32).to(self.device), tuple(weights.shape))
 
+    def take_head_mean(self, layer: int, head_mean: torch.Tensor) -> None:
+        """:meth:`add` for a head mean ``float32 [B, P, P]`` the caller no longer needs: it is reduced in place
+        (overwritten), without the copy :meth:`add` makes of weights it must leave alone."""
+        if head_mean.dtype != torch.float32 or head_mean.device != self.device:
+            head_mean = head_mean.to(device=self.device, dtype=torch.float32)
+        self._reduce(layer, head_mean, tuple(head_mean.shape))
+
     def _reduce(self, layer: int, head_mean: torch.Tensor, shape: tuple[int, ...]) -> None:
         """The reduction of :meth:`add` on a head mean ``float32 [B, P, P]`` of its own (it overwrites it). Each step
         is one pass over ``[B, P, P]`` at most, in place where the values are not needed again."""

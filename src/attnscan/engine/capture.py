@@ -11,10 +11,11 @@ chosen layer's attention probabilities to a collector the moment they exist, and
       scores only against the keys it may attend to (the upper triangle is never computed), softmaxes them in
       float32 and averages the heads at once. A collector that offers ``take_rows`` (the grid collector, for
       absolute alignment and right padding) gets each chunk's head mean as it is computed and no ``P x P`` map is
-      built at all; any other gets the whole head mean, ``[B, 1, P, P]`` float32. No tensor holds every head's
-      ``P x P`` square; the largest one holds one chunk of rows for all heads. The layer's output is, on the CPU, each chunk's probabilities times the values (eager attention's
-      arithmetic, by chunks: measured cheaper than a second pass through SDPA there), elsewhere the fused SDPA
-      kernel's, as for the other layers.
+      built at all; any other gets the whole head mean, float32 ``[B, P, P]`` (through ``take_head_mean``, which
+      may overwrite it) or ``[B, 1, P, P]`` (through ``add``). No tensor holds every head's ``P x P`` square; the
+      largest one holds one chunk of rows for all heads. The layer's output is, on the CPU, each chunk's
+      probabilities times the values (eager attention's arithmetic, by chunks: measured cheaper than a second pass
+      through SDPA there), elsewhere the fused SDPA kernel's, as for the other layers.
     - **eager** (fallback): the model's own eager attention over the whole square for every head, whose weights
       ``[B, heads, P, P]`` go to the collector. It is taken for a layer whose attention the chunked path cannot
       reproduce exactly (:func:`eager_reason`): attention sinks (``s_aux``/``sinks``, e.g. gpt-oss), logit
@@ -64,7 +65,8 @@ class Collector(Protocol):
     A collector may also have ``take_rows(layer)``, returning ``None`` or a function ``feed(q0, q1, rows)`` that
     takes the float32 head mean by chunks of query rows as the chunked path computes them (``[B, q1 - q0, q1]``,
     in order; see :meth:`attnscan.engine.accumulate.GridCollector.take_rows`): the whole ``[B, P, P]`` map is then
-    never built."""
+    never built; and ``take_head_mean(layer, mean)``, taking the whole float32 head mean ``[B, P, P]`` to overwrite
+    (no copy), where it takes no rows."""
 
     def add(self, layer: int, weights: torch.Tensor) -> None: ...
 
@@ -287,7 +289,11 @@ def _interface_route(
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
             mean, _ = chunked_attention(query, key, None, attention_mask, scaling, feed=feed)
         if mean is not None:
-            collector.add(layer, mean.unsqueeze(1))  # type: ignore[arg-type]
+            take_head_mean = getattr(collector, "take_head_mean", None)
+            if take_head_mean is not None:  # reduced in place: no copy of the map
+                take_head_mean(layer, mean)
+            else:
+                collector.add(layer, mean.unsqueeze(1))  # type: ignore[arg-type]
             del mean
         return out, None
 
