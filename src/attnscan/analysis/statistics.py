@@ -107,29 +107,28 @@ class VerdictThresholds:
 # Map-level descriptive numbers
 
 
-def _mean_maps(result: ScanData, name: str) -> FloatArray:
-    """``float64 [L, T, T]`` mean attention of a set for every captured layer (0 where no prompt reaches; the
-    same numbers as :meth:`ScanResult.mean`, computed for all layers at once)."""
+def _mean_map(result: ScanData, name: str, i: int) -> FloatArray:
+    """``float64 [T, T]`` mean attention of a set at the ``i``-th captured layer (0 where no prompt reaches; the
+    same numbers as :meth:`ScanResult.mean`)."""
     acc = result.sets[name]
-    mean: FloatArray = np.asarray(acc.sums.numpy(), dtype=np.float64) / np.maximum(acc.count.numpy(), 1)
+    mean: FloatArray = np.asarray(acc.sums[i].numpy(), dtype=np.float64) / np.maximum(acc.count.numpy(), 1)
     return mean
 
 
 def _map_numbers(result: ScanData, a: str, b: str, tol: float) -> list[dict[str, float]]:
     """Descriptive numbers of every layer's aggregated maps over the causal cells both sets reach, one dict per
-    layer: ``cells, mean_diff, mean_abs_diff, frac_pos, frac_neg, jsd``."""
+    layer: ``cells, mean_diff, mean_abs_diff, frac_pos, frac_neg, jsd``. One layer at a time: the temporaries are
+    ``[T, T]`` maps, not ``[layers, T, T]`` stacks (several GB at T = 2048 with 30 layers)."""
     t = result.length
     reach = (result.count(a) > 0).numpy() & (result.count(b) > 0).numpy() & np.tril(np.ones((t, t), dtype=bool))
-    pa, pb = _mean_maps(result, a), _mean_maps(result, b)  # [L, T, T]
     floor = math.exp(result.floor)
-    d = np.log(np.maximum(pa[:, reach], floor)) - np.log(np.maximum(pb[:, reach], floor))  # [L, cells]
     cells = int(reach.sum())
-    jsd = _mean_row_jsd(pa, pb, reach)
     out: list[dict[str, float]] = []
     for i in range(len(result.layers)):
+        pa, pb = _mean_map(result, a, i), _mean_map(result, b, i)
         row: dict[str, float] = {"cells": cells}
         if cells:
-            di = d[i]
+            di = np.log(np.maximum(pa[reach], floor)) - np.log(np.maximum(pb[reach], floor))
             row.update(
                 mean_diff=float(di.mean()),
                 mean_abs_diff=float(np.abs(di).mean()),
@@ -138,7 +137,7 @@ def _map_numbers(result: ScanData, a: str, b: str, tol: float) -> list[dict[str,
             )
         else:
             row.update(mean_diff=np.nan, mean_abs_diff=np.nan, frac_pos=np.nan, frac_neg=np.nan)
-        row["jsd"] = float(jsd[i])
+        row["jsd"] = float(_mean_row_jsd(pa[None], pb[None], reach)[0])
         out.append(row)
     return out
 
