@@ -285,3 +285,65 @@ def test_a_checkpoint_that_kept_the_whole_square_loads_into_the_packed_sums() ->
     again.load_state(old)
     torch.testing.assert_close(again.result().sums, col.result().sums, rtol=0, atol=0)
     assert again.sums.shape == state["sums"].shape
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_accelerator_branch_sdpa_output_and_chunked_probabilities(
+    side: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off the CPU a captured layer takes its output from SDPA and computes only the probabilities by chunks. Forced
+    on here (the suite has no GPU): the maps still equal HF eager, and the hidden states equal an uncaptured SDPA
+    forward's, so the branch's output is the fused kernel's, untouched."""
+    monkeypatch.setattr(capture_mod, "_output_from_chunks", lambda device: False)
+    monkeypatch.setattr(capture_mod, "chunk_rows", lambda *args: 5)
+    model = build_model("mistral", seed=2)
+    layers = tuple(range(model.config.num_hidden_layers))
+    seqs = [s[:LENGTH] for s in random_prompts((3, 12, 9, 7, 12), seed=4)]
+    collector = GridCollector("s", layers, len(seqs), LENGTH)
+    run_collect(model, seqs, collector, route="interface", pad_id=0, batch_size=3, padding_side=side)  # type: ignore[arg-type]
+    result = collector.result()
+    ref, count = eager_reference(model, seqs, layers, LENGTH)
+    assert torch.equal(result.count, count)
+    for layer in layers:
+        err = (result.mean(layer) - ref[layer]).nan_to_num(0.0).abs().max().item()
+        assert err < TOL, f"layer {layer}: max |capture - eager| = {err:.2e}"
+    ids = torch.tensor([seqs[1]])
+    model.set_attn_implementation("sdpa")
+    heads = _Heads()
+    with torch.inference_mode():
+        plain = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        with capture_attention(model, layers, heads, "interface") as info:
+            captured = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    assert info.eager == {} and heads.heads == dict.fromkeys(layers, 1)
+    torch.testing.assert_close(captured, plain, rtol=0, atol=1e-6)
+
+
+def test_a_bfloat16_model_is_captured_in_its_dtype_with_float32_probabilities() -> None:
+    """The chunks are scored in the model's dtype (bfloat16 here) and softmaxed and averaged in float32: the head
+    mean that reaches the collector is float32 and agrees with HF eager in bfloat16 to bfloat16 precision (eager
+    rounds its probabilities to bfloat16; the two forwards also round their hidden states differently)."""
+    model = build_model("llama", seed=2)
+    with torch.no_grad():  # sharper attention than random initial weights give, so a wrong map stands out
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    model = model.to(torch.bfloat16)
+    seqs = [s[:LENGTH] for s in random_prompts((12, 9, 7), seed=4)]
+    dtypes: list[torch.dtype] = []
+
+    class Dtypes(GridCollector):
+        def _add_rows(self, li: int, q0: int, q1: int, rows: torch.Tensor) -> None:
+            dtypes.append(rows.dtype)
+            super()._add_rows(li, q0, q1, rows)
+
+    layers = tuple(range(model.config.num_hidden_layers))
+    collector = Dtypes("s", layers, len(seqs), LENGTH)
+    run_collect(model, seqs, collector, route="interface", pad_id=0, batch_size=3)
+    assert dtypes and set(dtypes) == {torch.float32}
+    result = collector.result()
+    ref, count = eager_reference(model, seqs, layers, LENGTH)
+    assert torch.equal(result.count, count)
+    for layer in layers:
+        err = (result.mean(layer) - ref[layer]).nan_to_num(0.0).abs().max().item()
+        assert err < 2e-2, f"layer {layer}: max |capture - eager| = {err:.2e}"
+        uniform = torch.tril(torch.ones(LENGTH, LENGTH)) / torch.arange(1, LENGTH + 1)[:, None]
+        assert (ref[layer] - uniform.double()).nan_to_num(0.0).abs().max().item() > 10 * err  # not merely uniform

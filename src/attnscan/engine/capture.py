@@ -151,6 +151,12 @@ def _beyond_sdpa(module: nn.Module, kwargs: dict[str, Any]) -> bool:
     return sinks or kwargs.get("softcap") is not None
 
 
+def _output_from_chunks(device: torch.device) -> bool:
+    """Whether a captured layer's output is its chunks' probabilities times the values (the CPU, where that was
+    measured cheaper than a second pass through SDPA) rather than the fused SDPA kernel's (elsewhere)."""
+    return device.type == "cpu"
+
+
 def chunk_rows(batch: int, heads: int, keys: int, device: torch.device) -> int:
     """Query rows per chunk so that one chunk's float32 scores ``[B, heads, rows, keys]`` stay within
     :data:`CHUNK_BYTES` (on CUDA :data:`CUDA_CHUNK_BYTES`); at least 16 rows, a multiple of 16 from there on."""
@@ -281,7 +287,7 @@ def _interface_route(
         scaling = float(kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5)
         take_rows = getattr(collector, "take_rows", None)
         feed = take_rows(layer) if take_rows is not None else None  # None: the collector wants the whole map
-        if query.device.type == "cpu":  # the chunks' probabilities times the values: cheaper than SDPA on the CPU
+        if _output_from_chunks(query.device):
             mean, chunked_out = chunked_attention(query, key, value, attention_mask, scaling, feed=feed)
             assert chunked_out is not None
             out = chunked_out
