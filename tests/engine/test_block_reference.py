@@ -189,3 +189,31 @@ def test_a_sliding_window_map_reaches_the_floor(align: str, side: str) -> None:
     col.end()
     corner = float(col.result().blocks[0, 0, 3, 0])  # rows 12-15, keys 0-3: all outside the window
     assert corner == pytest.approx(FLOOR)
+
+
+def test_rows_that_do_not_fit_or_come_out_of_order_are_refused() -> None:
+    """The function take_rows gives checks what it is handed: rows outside the batch or of the wrong shape, a gap
+    or a repeat in the order, a batch ended before a layer's last row, a feed outside begin()/end()."""
+    col = GridCollector("s", LAYERS, 2, 8, n_blocks=4)
+    with pytest.raises(RuntimeError, match="outside begin"):
+        col.take_rows(LAYERS[0])
+    col.begin([0, 1], [0, 0], [5, 3])  # the batch is 5 wide
+    feed = col.take_rows(LAYERS[0])
+    assert feed is not None
+    rows = torch.full((2, 2, 2), 0.5)
+    with pytest.raises(ValueError, match=r"rows 0\.\.2 of shape \(2, 2, 3\) do not fit"):
+        feed(0, 2, torch.zeros(2, 2, 3))
+    with pytest.raises(ValueError, match="do not fit"):
+        feed(0, 6, torch.zeros(2, 6, 6))  # past the batch's width
+    with pytest.raises(ValueError, match="do not fit"):
+        feed(2, 2, torch.zeros(2, 0, 2))  # no rows
+    with pytest.raises(RuntimeError, match="must come in order: expected row 0 next"):
+        feed(2, 4, torch.zeros(2, 2, 4))  # rows 0 and 1 never came
+    feed(0, 2, rows)
+    with pytest.raises(RuntimeError, match="must come in order: expected row 2 next"):
+        feed(3, 5, torch.zeros(2, 2, 5))  # row 2 skipped
+    with pytest.raises(RuntimeError, match=rf"layer\(s\) {LAYERS[0]} did not reach the end"):
+        col.end()
+    assert col.abort() is False  # rows were added to the sums already
+    with pytest.raises(RuntimeError, match="outside begin"):
+        feed(2, 5, torch.zeros(2, 3, 5))

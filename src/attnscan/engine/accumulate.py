@@ -421,8 +421,9 @@ class GridCollector:
         if q0 == 0:
             zeros = torch.zeros(batch, device=rows.device)
             self._streams[li] = (0, zeros, zeros.clone(), torch.zeros(batch, nb, nb, device=rows.device))
-        if li not in self._streams or self._streams[li][0] != q0:
-            raise RuntimeError(f"rows of layer {self.layers[li]} must come in order: expected row {q0} next")
+        expected = self._streams[li][0] if li in self._streams else 0
+        if expected != q0:
+            raise RuntimeError(f"rows of layer {self.layers[li]} must come in order: expected row {expected} next")
         _, sink, entropy, blocks = self._streams[li]
         own = self._own_rows[:, q0:q1]
         sink += torch.where(own, rows[:, :, 0], 0.0).sum(1)  # every prompt starts at key 0
