@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from attnscan.engine.accumulate import GridCollector
+from attnscan.errors import AttnscanError
 
 FLOOR = -10.0  # the documented default floor: ln(max(p, e^-10))
 LAYERS = (3, 1)  # layer ids that differ from their positions
@@ -95,15 +96,22 @@ def batch_weights(maps: list[np.ndarray], side: str) -> tuple[torch.Tensor, list
 
 
 def run_and_compare(
-    lengths: list[list[int]], t: int, align: str, side: str, window: int | None = None, rows: int | None = None
+    lengths: list[list[int]],
+    t: int,
+    align: str,
+    side: str,
+    window: int | None = None,
+    rows: int | None = None,
+    buffered: bool = False,
 ) -> None:
     """Feed batches of prompts of the given lengths through a collector and compare everything with the
     reference (``lengths``: one list per batch). With ``rows``, each layer's head mean goes in by chunks of that
-    many query rows through ``take_rows`` (the capture engine's way), where the collector offers it."""
+    many query rows through ``take_rows`` (the capture engine's way), where the collector offers it; ``buffered``
+    puts each batch's sums in the float32 buffer accelerators use first."""
     rng = np.random.default_rng(sum(map(sum, lengths)) + t)
     n_blocks = 4
     n_prompts = sum(len(b) for b in lengths)
-    col = GridCollector("s", LAYERS, n_prompts, t, n_blocks=n_blocks, align=align)  # type: ignore[arg-type]
+    col = GridCollector("s", LAYERS, n_prompts, t, n_blocks=n_blocks, align=align, buffered=buffered)  # type: ignore[arg-type]
     expected_sums = np.zeros((len(LAYERS), t, t))
     expected_count = np.zeros((t, t), dtype=np.int64)
     expected_blocks = np.zeros((n_prompts, len(LAYERS), n_blocks, n_blocks))
@@ -156,10 +164,12 @@ def test_prompts_shorter_than_the_grid(align: str, side: str) -> None:
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("window", [None, 3])
-def test_rows_fed_by_chunks_match_the_reference(rows: int, window: int | None) -> None:
+@pytest.mark.parametrize("buffered", [False, True])
+def test_rows_fed_by_chunks_match_the_reference(rows: int, window: int | None, buffered: bool) -> None:
     """The capture engine hands absolute, right-padded batches over by chunks of query rows (take_rows): chunks of
-    one row, chunks that cut across the summary blocks (5 rows, blocks of 4 cells) and one chunk for everything."""
-    run_and_compare([[14, 9, 16], [16, 6]], 16, "absolute", "right", window=window, rows=rows)
+    one row, chunks that cut across the summary blocks (5 rows, blocks of 4 cells) and one chunk for everything;
+    into the float64 sums directly (the CPU) or through the float32 batch buffer (accelerators)."""
+    run_and_compare([[14, 9, 16], [16, 6]], 16, "absolute", "right", window=window, rows=rows, buffered=buffered)
 
 
 @pytest.mark.parametrize("align", ["absolute", "relative"])
@@ -217,3 +227,13 @@ def test_rows_that_do_not_fit_or_come_out_of_order_are_refused() -> None:
     assert col.abort() is False  # rows were added to the sums already
     with pytest.raises(RuntimeError, match="outside begin"):
         feed(2, 5, torch.zeros(2, 3, 5))
+
+
+def test_a_layer_that_was_not_captured_is_named_with_the_captured_ones() -> None:
+    col = GridCollector("s", LAYERS, 1, 8, n_blocks=4)
+    col.begin([0], [0], [8])
+    for layer in LAYERS:
+        col.add(layer, torch.full((1, 2, 8, 8), 1 / 8).tril())
+    col.end()
+    with pytest.raises(AttnscanError, match=r"^layer 2 was not captured: captured layers are 3, 1$"):
+        col.result().mean(2)
