@@ -52,7 +52,7 @@ CORE: dict[str, tuple[str, ...]] = {
     "detect/metrics.py": ("tests/detect/test_metrics.py",),
     "detect/bootstrap.py": ("tests/detect/test_bootstrap.py", "tests/detect/test_interval_references.py"),
     "engine/accumulate.py": ("tests/engine/test_block_reference.py", "tests/engine/test_alignment.py"),
-    "engine/capture.py": ("tests/engine/test_capture.py",),
+    "engine/capture.py": ("tests/engine/test_capture.py", "tests/engine/test_chunked.py"),
     "engine/checkpoint.py": ("tests/engine/test_scale.py",),
     "views/page.py": ("tests/views/test_report.py", "tests/views/test_report_markup.py"),
     "views/formatting.py": ("tests/views/test_report.py", "tests/views/test_report_markup.py"),
