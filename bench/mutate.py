@@ -49,13 +49,21 @@ CORE: dict[str, tuple[str, ...]] = {
         "tests/analysis/test_references.py",
         "tests/analysis/test_table_references.py",
     ),
-    "detect/metrics.py": ("tests/detect/test_metrics.py",),
+    "detect/metrics.py": (
+        "tests/detect/test_metrics.py",
+        "tests/detect/test_metrics_mutants.py",
+        "tests/detect/test_bootstrap.py",  # cross_validate with grouped folds
+    ),
     "detect/bootstrap.py": ("tests/detect/test_bootstrap.py", "tests/detect/test_interval_references.py"),
     "engine/accumulate.py": ("tests/engine/test_block_reference.py", "tests/engine/test_alignment.py"),
     "engine/capture.py": ("tests/engine/test_capture.py",),
     "engine/checkpoint.py": ("tests/engine/test_scale.py",),
     "views/page.py": ("tests/views/test_report.py", "tests/views/test_report_markup.py"),
-    "views/formatting.py": ("tests/views/test_report.py", "tests/views/test_report_markup.py"),
+    "views/formatting.py": (
+        "tests/views/test_formatting.py",
+        "tests/views/test_report.py",
+        "tests/views/test_report_markup.py",
+    ),
     "prompts/loaders.py": ("tests/prompts/test_loaders.py",),
 }
 
