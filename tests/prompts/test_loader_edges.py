@@ -15,6 +15,7 @@ from attnscan.prompts.loaders import (
     HARMBENCH_CONTEXT_SEPARATOR,
     MAX_FIELD,
     fill_placeholders,
+    read_file,
     read_file_rows,
     read_hf,
     read_json,
@@ -182,3 +183,66 @@ def test_hf_with_a_config_and_missing_values(tmp_path: Path) -> None:
         read_hf(f"hf:{folder}:nope:prompt")
     with pytest.raises(AttnscanError, match=r"write hf:DATASET\[:CONFIG\]:SPLIT:COLUMN, e\.g\. hf:org/set:train"):
         read_hf("hf:a:b:c:d:e")
+
+
+# ------------------------------------------------------------------------------------------------- every reader
+
+
+@pytest.mark.parametrize("name", ["p.txt", "p.json", "p.jsonl", "p.csv"])
+def test_invalid_utf8_names_the_file_and_the_line(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b'"fine"\n"caf\xe9"\n')
+    with pytest.raises(AttnscanError, match=f"^{path} line 2 is not valid UTF-8: re-save the file as UTF-8$"):
+        read_file_rows(path)
+
+
+def test_windows_line_ends_between_multiline_prompts(tmp_path: Path) -> None:
+    path = tmp_path / "m.txt"
+    path.write_bytes(b"line one\r\nstill one\r\n\r\nsecond\r\n")
+    assert read_file(path, multiline=True) == ["line one\nstill one", "second"]
+    assert read_file(path) == ["line one", "still one", "second"]
+
+
+def test_read_file_passes_the_field_on(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    pd.DataFrame({"prompt": ["a", "b"], "other": ["x", "y"]}).to_parquet(path)
+    assert read_file(path, field="other") == ["x", "y"]
+    assert read_file_rows(path, field="other")[0] == ["x", "y"]
+
+
+def test_an_empty_jsonl_file_with_a_field_or_groups_holds_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n")
+    assert read_jsonl(path, field="prompt") == ([], [])
+    assert read_jsonl(path, groups={"family": "attack"}) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (ValueError("first line\nsecond line"), "first line"),
+        (ValueError("   "), "ValueError"),
+        (OSError(""), "OSError"),
+    ],
+)
+def test_a_parquet_failure_shows_the_first_line_of_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, shown: str
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(pd, "read_parquet", fail)
+    path = tmp_path / "p.parquet"
+    with pytest.raises(
+        AttnscanError, match=f"^{path} is not a readable parquet file \\({shown}\\): fix or re-export the file$"
+    ):
+        read_file_rows(path)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(*args: object, **kwargs: object) -> None:
+        raise ImportError("no pyarrow")
+
+    monkeypatch.setattr(pd, "read_parquet", missing)
+    with pytest.raises(AttnscanError, match=r"^reading \.parquet needs pyarrow: pip install pyarrow$"):
+        read_file_rows(tmp_path / "p.parquet")
