@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -246,3 +247,77 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatc
     monkeypatch.setattr(pd, "read_parquet", missing)
     with pytest.raises(AttnscanError, match=r"^reading \.parquet needs pyarrow: pip install pyarrow$"):
         read_file_rows(tmp_path / "p.parquet")
+
+
+def test_csv_line_ends_as_the_csv_module_reads_them(tmp_path: Path) -> None:
+    """Old Mac line ends (CR alone) separate rows; a quoted prompt keeps its own line ends as written."""
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes(b"prompt\rone\rtwo\r")
+    assert read_table(cr)[0] == ["one", "two"]
+    quoted = tmp_path / "q.csv"
+    quoted.write_bytes(b'prompt\r\n"line one\r\nline two"\r\nnext\r\n')
+    assert read_table(quoted)[0] == ["line one\r\nline two", "next"]
+
+
+def test_objects_without_keys_have_no_columns(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text("[{}, {}]")
+    with pytest.raises(AttnscanError, match=r"holds the prompts: pass --field NAME \(available columns: none\)$"):
+        read_json(path)
+    with pytest.raises(AttnscanError, match=f"^{path} has no column 'prompt': available columns are none$"):
+        read_json(path, field="prompt")
+
+
+def test_numbers_are_prompts_and_labels_not_missing_values(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": 1.5, "attack": 2.0}\n{"prompt": "text", "attack": NaN}\n')
+    assert read_jsonl(path, groups={"family": "attack"}) == (["1.5", "text"], [{"family": 2.0}, {}])
+
+
+@pytest.mark.parametrize("name", ["p.csv", "p.json"])
+def test_a_missing_group_column_names_the_file(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_text("prompt\nhello\n" if name.endswith(".csv") else '[{"prompt": "hello"}]')
+    with pytest.raises(AttnscanError, match=f"^{path} has no column 'attack' for the group label family"):
+        read_file_rows(path, groups={"family": "attack"})
+    with pytest.raises(AttnscanError, match=f"^{path} has no column 'nope': available columns are prompt$"):
+        read_file_rows(path, field="nope")
+
+
+def test_read_file_rows_defaults_and_fields_of_every_format(tmp_path: Path) -> None:
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\ntwo\n\nthree\n")
+    assert read_file_rows(txt) == (["one", "two", "three"], [{}, {}, {}])  # one prompt per line by default
+    js = tmp_path / "p.json"
+    js.write_text(json.dumps([{"prompt": "a", "other": "x"}]))
+    assert read_file_rows(js, field="other")[0] == ["x"]
+    with pytest.raises(
+        AttnscanError, match=r"unsupported extension '\.md'; use \.txt, \.json, \.jsonl, \.csv, \.tsv or \."
+    ):
+        read_file_rows(tmp_path / "p.md")
+
+
+def test_hf_without_the_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    with pytest.raises(AttnscanError, match=r"^hf: sources need the 'datasets' package: pip install datasets$"):
+        read_hf("hf:org/set:train:prompt")
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"), [(ValueError("no such split\ndetails"), "no such split"), (KeyError(), "KeyError")]
+)
+def test_a_dataset_that_cannot_be_loaded_shows_the_first_line_of_the_reason(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, shown: str
+) -> None:
+    import datasets
+
+    calls: list[tuple[object, ...]] = []
+
+    def fail(*args: object, **kwargs: object) -> None:
+        calls.append((*args, kwargs))
+        raise error
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(AttnscanError, match=f"^cannot load dataset 'org/set' split 'test': {shown}$"):
+        read_hf("hf:org/set:cfg:test:prompt")
+    assert calls == [("org/set", "cfg", {"split": "test"})]
