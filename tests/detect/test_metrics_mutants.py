@@ -13,7 +13,7 @@ from planted import make_features
 from sklearn.metrics import roc_curve
 
 from attnscan.detect.detectors import CPDetector, ProbeDetector
-from attnscan.detect.folds import fold_plans
+from attnscan.detect.folds import fold_plans, grouped_folds
 from attnscan.detect.metrics import (
     METRIC_COLUMNS,
     best_layer,
@@ -146,6 +146,23 @@ def test_cross_validate_defaults(small: tuple) -> None:
     assert (res["k"], res["cv"], res["seed"], res["n_bootstrap"]) == (5, "stratified", 0, 1000)
     same = cross_validate(ProbeDetector, pooled[1], y, k=5, seed=0, n_bootstrap=1000)
     assert (res["auroc_low"], res["tpr5_high"]) == (same["auroc_low"], same["tpr5_high"])
+
+
+def test_cross_validate_checks_one_label_per_prompt(small: tuple) -> None:
+    _, pooled, y = small
+    with pytest.raises(AttnscanError, match=r"^24 labels for 20 prompts: give one label per prompt$"):
+        cross_validate(ProbeDetector, pooled[1][:20], y)
+    with pytest.raises(AttnscanError, match=r"^2 labels for 0 prompts: give one label per prompt$"):
+        cross_validate(ProbeDetector, 3.0, [0, 1])
+
+
+def test_grouped_cross_validation_draws_its_folds_from_the_seed(small: tuple) -> None:
+    _, pooled, y = small
+    groups = np.arange(len(y)) % 6
+    res = cross_validate(ProbeDetector, pooled[1], y, k=3, seed=4, n_bootstrap=0, groups=groups)
+    ref = cross_validate(ProbeDetector, pooled[1], y, seed=4, n_bootstrap=0, folds=grouped_folds(y, groups, 3, 4))
+    np.testing.assert_array_equal(res["fold"], ref["fold"])
+    np.testing.assert_array_equal(res["oof_score"], ref["oof_score"])
 
 
 def test_refused_sources_say_what_is_wrong(small: tuple) -> None:

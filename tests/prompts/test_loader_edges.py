@@ -22,6 +22,7 @@ from attnscan.prompts.loaders import (
     read_json,
     read_jsonl,
     read_table,
+    read_txt,
 )
 
 
@@ -274,10 +275,15 @@ def test_numbers_are_prompts_and_labels_not_missing_values(tmp_path: Path) -> No
     assert read_jsonl(path, groups={"family": "attack"}) == (["1.5", "text"], [{"family": 2.0}, {}])
 
 
-@pytest.mark.parametrize("name", ["p.csv", "p.json"])
+@pytest.mark.parametrize("name", ["p.csv", "p.json", "p.jsonl", "p.parquet"])
 def test_a_missing_group_column_names_the_file(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
-    path.write_text("prompt\nhello\n" if name.endswith(".csv") else '[{"prompt": "hello"}]')
+    if name.endswith(".parquet"):
+        pd.DataFrame({"prompt": ["hello"]}).to_parquet(path)
+    else:
+        path.write_text(
+            {".csv": "prompt\nhello\n", ".json": '[{"prompt": "hello"}]'}.get(path.suffix, '{"prompt": "hi"}')
+        )
     with pytest.raises(AttnscanError, match=f"^{path} has no column 'attack' for the group label family"):
         read_file_rows(path, groups={"family": "attack"})
     with pytest.raises(AttnscanError, match=f"^{path} has no column 'nope': available columns are prompt$"):
@@ -288,6 +294,7 @@ def test_read_file_rows_defaults_and_fields_of_every_format(tmp_path: Path) -> N
     txt = tmp_path / "p.txt"
     txt.write_text("one\ntwo\n\nthree\n")
     assert read_file_rows(txt) == (["one", "two", "three"], [{}, {}, {}])  # one prompt per line by default
+    assert read_txt(txt) == ["one", "two", "three"]
     js = tmp_path / "p.json"
     js.write_text(json.dumps([{"prompt": "a", "other": "x"}]))
     assert read_file_rows(js, field="other")[0] == ["x"]
