@@ -10,16 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 from planted import make_features
-from sklearn.metrics import roc_curve
+from sklearn.metrics import accuracy_score, f1_score, roc_curve
 
 from attnscan.detect.detectors import CPDetector, ProbeDetector
 from attnscan.detect.folds import fold_plans, grouped_folds
 from attnscan.detect.metrics import (
     METRIC_COLUMNS,
     best_layer,
+    bootstrap_intervals,
     cross_validate,
     layer_detection,
     layer_detection_table,
+    metrics,
     threshold_at_fpr,
     tpr_at_fpr,
 )
@@ -41,6 +43,23 @@ def test_a_target_fpr_of_zero_is_allowed_and_matches_sklearn() -> None:
     fpr, tpr, _ = roc_curve(y, s)
     # no benign prompt may pass: threshold above 0.6 flags 0.7 and 0.9 -> TPR 2/3
     assert tpr_at_fpr(y, s, 0.0) == pytest.approx(tpr[fpr == 0].max()) == pytest.approx(2 / 3)
+
+
+def test_f1_with_missed_jailbreaks_hand_worked() -> None:
+    # predicted at >= 0.5: [1, 0, 0] -> TP 1, FP 0, FN 1: F1 = 2 / (2 + 0 + 1)
+    m = metrics([1, 1, 0], [0.9, 0.1, 0.2])
+    assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_f1_and_accuracy_agree_with_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 60)
+    s = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.3, 60), 0, 1)
+    s[:5] = 0.5  # on the threshold: predicted jailbreak
+    pred = (s >= 0.5).astype(int)
+    m = metrics(y, s)
+    assert m["f1"] == pytest.approx(f1_score(y, pred)) and m["accuracy"] == pytest.approx(accuracy_score(y, pred))
 
 
 @pytest.mark.parametrize("bad", [-0.01, 1.01, 1.5, 2.0])
@@ -146,6 +165,15 @@ def test_cross_validate_defaults(small: tuple) -> None:
     assert (res["k"], res["cv"], res["seed"], res["n_bootstrap"]) == (5, "stratified", 0, 1000)
     same = cross_validate(ProbeDetector, pooled[1], y, k=5, seed=0, n_bootstrap=1000)
     assert (res["auroc_low"], res["tpr5_high"]) == (same["auroc_low"], same["tpr5_high"])
+
+
+def test_cross_validate_intervals_are_the_bootstrap_of_its_scores(small: tuple) -> None:
+    _, pooled, y = small
+    res = cross_validate(ProbeDetector, pooled[1], y, k=3, seed=2, n_bootstrap=50)
+    auc_ci, tpr_ci = bootstrap_intervals(y, res["oof_score"], 50, 2, groups=None)
+    assert (res["auroc_low"], res["auroc_high"]) == tuple(auc_ci)
+    assert (res["tpr5_low"], res["tpr5_high"]) == tuple(tpr_ci)
+    assert res["tpr5_low"] <= res["tpr5"] <= res["tpr5_high"] and res["tpr5_low"] < res["tpr5_high"]
 
 
 def test_cross_validate_checks_one_label_per_prompt(small: tuple) -> None:

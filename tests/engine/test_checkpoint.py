@@ -225,7 +225,8 @@ def test_other_settings_are_refused_and_listed_in_order(tmp_path: Path) -> None:
     del other["layers"]
     with pytest.raises(
         AttnscanError,
-        match=r"^checkpoint .* was made with different settings \(extra, layers, length, model\): rerun with the same",
+        match=r"^checkpoint .* was made with different settings \(extra, layers, length, model\): rerun with the same "
+        r"options, or delete the checkpoint to start over$",
     ):
         load_checkpoint(path, other, {"s": _collector("s")})
     # equal after the JSON round trip: a tuple is a list, a Path its text
