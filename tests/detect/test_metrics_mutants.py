@@ -45,9 +45,12 @@ def test_a_target_fpr_of_zero_is_allowed_and_matches_sklearn() -> None:
     assert tpr_at_fpr(y, s, 0.0) == pytest.approx(tpr[fpr == 0].max()) == pytest.approx(2 / 3)
 
 
-def test_f1_with_missed_jailbreaks_hand_worked() -> None:
+def test_f1_with_a_missed_jailbreak_or_a_false_alarm_hand_worked() -> None:
     # predicted at >= 0.5: [1, 0, 0] -> TP 1, FP 0, FN 1: F1 = 2 / (2 + 0 + 1)
     m = metrics([1, 1, 0], [0.9, 0.1, 0.2])
+    assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(2 / 3)
+    # predicted at >= 0.5: [1, 1, 0] -> TP 1, FP 1, FN 0: F1 = 2 / (2 + 1 + 0)
+    m = metrics([1, 0, 0], [0.9, 0.6, 0.1])
     assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(2 / 3)
 
 
