@@ -224,3 +224,23 @@ def test_groups_flag_on_the_command_line(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, [*args, "--groups", "family=nope", "--model", "./no-such-model"])
     assert res.exit_code == 2 and "has no column 'nope' for the group label family" in res.output
     assert "available columns are prompt, attack" in res.output and not (tmp_path / "o").exists()
+
+
+def test_groups_are_refused_for_hf_sources(tmp_path: Path) -> None:
+    """--groups names columns of prompt files; an hf: source is read through its one COLUMN and is refused with
+    --groups, even when the dataset has the column, rather than giving a prompt set without the labels."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from attnscan.cli import app
+
+    folder = tmp_path / "local_ds"
+    folder.mkdir()
+    pd.DataFrame({"prompt": ["alpha one", "beta two"], "attack": ["dan", "aim"]}).to_parquet(folder / "train.parquet")
+    spec = f"hf:{folder}:train:prompt"
+    assert load_prompts(spec).texts == ("alpha one", "beta two")  # the dataset itself loads
+    with pytest.raises(AttnscanError, match=r"^--groups reads file columns; it does not apply to hf: sources$"):
+        load_prompts(spec, groups="family=attack")
+    args = ["scan", "--benign", spec, "--jailbreak", spec, "--out", str(tmp_path / "o"), "--model", "./no-such-model"]
+    res = CliRunner().invoke(app, [*args, "--groups", "family=attack"])
+    assert res.exit_code == 2 and "does not apply to hf: sources" in res.output and not (tmp_path / "o").exists()

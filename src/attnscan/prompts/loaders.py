@@ -200,8 +200,8 @@ def read_table(
     try:
         columns = list(reader.fieldnames or [])
         rows = list(reader)
-    except csv.Error as exc:
-        raise AttnscanError(f"{path} line {reader.line_num} cannot be read as CSV ({exc}): fix the file") from None
+    except csv.Error as exc:  # line_num counts the lines of the rows read whole: the bad row starts on the next
+        raise AttnscanError(f"{path} line {reader.line_num + 1} cannot be read as CSV ({exc}): fix the file") from None
     finally:
         csv.field_size_limit(limit)
     if not columns:
