@@ -351,3 +351,50 @@ def test_a_bfloat16_model_is_captured_in_its_dtype_with_float32_probabilities() 
         assert err < 2e-2, f"layer {layer}: max |capture - eager| = {err:.2e}"
         uniform = torch.tril(torch.ones(LENGTH, LENGTH)) / torch.arange(1, LENGTH + 1)[:, None]
         assert (ref[layer] - uniform.double()).nan_to_num(0.0).abs().max().item() > 10 * err  # not merely uniform
+
+
+def test_chunk_rows_on_cuda_and_the_cpu() -> None:
+    """Whole multiples of 16 rows within each device's budget (CUDA's 256 MiB, the CPU's 8 MiB), at least 16."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert chunk_rows(1, 9, 2048, cuda) == 3632  # 2^28 / (4 * 9 * 2048) = 3640.9, down to a multiple of 16
+    assert chunk_rows(1, 9, 2048, cpu) == 112  # 2^23 / (4 * 9 * 2048) = 113.8
+    assert chunk_rows(64, 32, 8192, cuda) == 16  # the floor
+    assert all(isinstance(chunk_rows(b, 9, 448, cpu), int) for b in (1, 3, 8))
+
+
+def test_mask_reason_refuses_masks_the_chunks_cannot_follow() -> None:
+    from attnscan.engine.capture import _mask_reason
+
+    causal = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    assert _mask_reason(causal) == ""
+    peek = causal.clone()
+    peek[1, 0, 2, 3] = True  # one query sees the key right after it
+    assert _mask_reason(peek) == "a mask that lets a query see a later key"
+    assert _mask_reason(causal[:, 0]) == "a mask that is not boolean [B, 1, Q, K]"  # 3-D
+    assert _mask_reason(causal.expand(2, 2, 5, 5)) == "a mask that is not boolean [B, 1, Q, K]"  # per-head
+    assert _mask_reason(causal.float()) == "a mask that is not boolean [B, 1, Q, K]"
+
+
+def test_layers_not_captured_run_sdpa_unless_it_would_drop_their_sinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cheap path for the other layers is SDPA; a layer with attention sinks (which SDPA drops) runs its own
+    eager attention instead, captured or not."""
+    from transformers.integrations import sdpa_attention
+
+    calls: list[int] = []
+    original = sdpa_attention.sdpa_attention_forward
+
+    def counting(module: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(int(module.layer_idx))
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", counting)
+    model = build_model("llama")
+    ids = torch.tensor(random_prompts((9,)))
+    with torch.inference_mode(), capture_attention(model, [0], _Heads(), "interface"):
+        model.base_model(input_ids=ids, use_cache=False)
+    assert calls == [1, 2]
+    calls.clear()
+    model.model.layers[2].self_attn.sinks = torch.zeros(model.config.num_attention_heads)
+    with torch.inference_mode(), capture_attention(model, [0], _Heads(), "interface"):
+        model.base_model(input_ids=ids, use_cache=False)
+    assert calls == [1]
