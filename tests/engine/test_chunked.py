@@ -130,37 +130,12 @@ def test_chunked_path_hands_over_the_head_mean_and_records_no_fallback() -> None
     assert info.eager == {0: "chunked path off", 1: "chunked path off"}
 
 
-def _gemma2(**kw: Any) -> Any:
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    cfg = Gemma2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        attn_logit_softcapping=2.0,  # small, so that the capping bites on random weights
-        sliding_window=6,
-        max_position_embeddings=64,
-        **kw,
-    )
-    model = Gemma2ForCausalLM(cfg)
-    with torch.no_grad():  # logits of random initial weights stay far below the cap: make them reach it
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(30.0)
-    return model
-
-
 @pytest.mark.parametrize("chosen", [(0, 1), (1,)])
 def test_soft_capping_falls_back_to_eager_and_stays_exact(chosen: tuple[int, ...]) -> None:
     """Gemma 2 soft-caps its logits: the chunked path (and SDPA) cannot, so every layer runs eager attention, the
     layers not captured too (transformers' SDPA function refuses soft-capping); the captured layers equal the
     reference and say why they fell back."""
-    torch.manual_seed(0)
-    model = _gemma2().eval()
-    model.set_attn_implementation("eager")
+    model = build_model("gemma2", attn="eager")
     seqs = [s[:LENGTH] for s in random_prompts((12, 8, 5), seed=3)]
     collector = GridCollector("s", chosen, len(seqs), LENGTH)
     run_collect(model, seqs, collector, route="interface", pad_id=0, batch_size=2, padding_side="left")

@@ -76,6 +76,35 @@ def _gemma3(**kw: Any) -> Any:
     return Gemma3ForCausalLM(cfg)
 
 
+def _gemma2(**kw: Any) -> Any:
+    """Gemma 2 soft-caps its attention logits (SDPA and the chunked capture cannot, so its layers run eager attention).
+    The logits of random initial weights stay far below any cap (a capture that ignored the capping would then pass
+    every exactness test), so the cap is small, the logits are scaled by 1/sqrt(head_dim) instead of Gemma's 1/16 and
+    the query and key weights are scaled up: capping then moves single attention weights by 0.15-0.33 (without the
+    scalar and the keys, a query scale of 30 alone moved them by 1e-4)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    params: dict[str, Any] = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "attn_logit_softcapping": 2.0,
+        "sliding_window": 6,
+        "max_position_embeddings": 64,
+        "query_pre_attn_scalar": 8,
+    }
+    model = Gemma2ForCausalLM(Gemma2Config(**{**params, **kw}))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10.0)
+            layer.self_attn.k_proj.weight.mul_(10.0)
+    return model
+
+
 def _gptj(**kw: Any) -> Any:
     from transformers import GPTJConfig, GPTJForCausalLM
 
@@ -110,6 +139,7 @@ BUILDERS: dict[str, Callable[..., Any]] = {
     "llama": _llama,
     "mistral": _mistral,
     "gemma3": _gemma3,
+    "gemma2": _gemma2,
     "gptj": _gptj,
     "gpt2": _gpt2,
     "gpt_neo": _gpt_neo,
