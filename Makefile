@@ -71,13 +71,14 @@ bench: setup
 
 # Mutation testing (mutmut, pinned in the "mutate" extra) of the core modules listed in bench/mutate.py, each in its
 # own scratch copy under .mutate/ with only the tests that exercise it. MODULE=<path under src/attnscan/> runs one;
-# MUTATE_JOBS mutants at a time; MUTATE_TIMEOUT caps each module's wall time in seconds.
+# MUTATE_JOBS mutants at a time; MUTATE_TIMEOUT caps each module's wall time in seconds; FRESH=1 forgets earlier
+# results (mutmut keeps a variant's result until its function changes: use it after the tests changed).
 MODULE ?=
 MUTATE_JOBS ?= 1
 MUTATE_TIMEOUT ?= 3600
 mutate: dev
 	$(PIP) install -q -c constraints.txt -e ".[dev,mutate]"
-	HF_HUB_OFFLINE=1 $(PY) bench/mutate.py $(MODULE) --max-children $(MUTATE_JOBS) --timeout $(MUTATE_TIMEOUT)
+	HF_HUB_OFFLINE=1 $(PY) bench/mutate.py $(MODULE) --max-children $(MUTATE_JOBS) --timeout $(MUTATE_TIMEOUT) $(if $(FRESH),--fresh)
 
 clean:
 	rm -rf $(VENV) $(OUT) $(STUDY_OUT) .mutate mutants .mypy_cache .ruff_cache .pytest_cache src/*.egg-info

@@ -9,13 +9,15 @@ timeouts counted as killed; mutants of functions that no selected test calls are
 Each module runs in its own scratch copy of the repository (``.mutate/<module>/``, ignored by git): ``src/``,
 ``tests/`` and ``pyproject.toml`` with a ``[tool.mutmut]`` section naming only that module and only the test files
 that exercise it (``CORE`` below), so a run mutates one module and runs a narrow, fast selection. mutmut keeps its
-work in ``.mutate/<module>/mutants/``; a rerun reuses the results of unchanged functions.
+work in ``.mutate/<module>/mutants/``; a rerun keeps the result of every variant whose function did not change, so it
+resumes a capped run, but it does not retry survivors against new tests: run with ``--fresh`` after changing tests.
 
 Usage (``make mutate`` runs every module of ``CORE``; ``make mutate MODULE=analysis/inference.py`` one of them)::
 
     python bench/mutate.py                                  # every core module, one after the other
     python bench/mutate.py analysis/inference.py            # one module (src/attnscan/analysis/inference.py also)
     python bench/mutate.py analysis/inference.py --max-children 2 --timeout 1800
+    python bench/mutate.py views/page.py --fresh            # forget earlier results (after the tests changed)
     python bench/mutate.py --list                           # the modules and their test selections
 
 Afterwards ``cd .mutate/<module> && mutmut results`` lists the survivors and ``mutmut show <name>`` shows one.
@@ -63,9 +65,10 @@ CORE: dict[str, tuple[str, ...]] = {
         "tests/engine/test_checkpoint.py",
         "tests/test_write_faults.py",  # full disks and kills around checkpoint saves, through the CLI in process
     ),
-    "views/page.py": ("tests/views/test_report.py", "tests/views/test_report_markup.py"),
+    "views/page.py": ("tests/views/test_page.py", "tests/views/test_report.py", "tests/views/test_report_markup.py"),
     "views/formatting.py": (
         "tests/views/test_formatting.py",
+        "tests/views/test_page.py",
         "tests/views/test_report.py",
         "tests/views/test_report_markup.py",
     ),
@@ -121,13 +124,15 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_module(module: str, max_children: int, timeout: float) -> dict[str, object]:
+def run_module(module: str, max_children: int, timeout: float, fresh: bool = False) -> dict[str, object]:
     """Mutate one module and return mutmut's counts, the score and the wall time."""
     module = module.removeprefix(f"{PACKAGE}/")  # src/attnscan/analysis/inference.py works too
     tests = CORE.get(module)
     if tests is None:
         raise SystemExit(f"unknown module {module}: choose one of {', '.join(CORE)} (see --list)")
     work = scratch_copy(module, tests)
+    if fresh:
+        shutil.rmtree(work / "mutants", ignore_errors=True)
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
     # mutmut puts its mutated copy first on sys.path in the test processes; PYTHONPATH only keeps the scratch copy
     # ahead of an editable install elsewhere. Subprocesses that tests start (torchrun, a CLI run) import the unmutated
@@ -160,13 +165,16 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", help="paths under src/attnscan/ (default: every core module)")
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--timeout", type=float, default=3600, help="wall-clock cap per module in seconds")
+    parser.add_argument(
+        "--fresh", action="store_true", help="forget earlier results: retry every variant (after the tests changed)"
+    )
     parser.add_argument("--list", action="store_true", help="print the modules and their tests, then stop")
     args = parser.parse_args()
     if args.list:
         for module, tests in CORE.items():
             print(f"{module}: {' '.join(tests)}")
         return
-    rows = [run_module(m, args.max_children, args.timeout) for m in (args.modules or list(CORE))]
+    rows = [run_module(m, args.max_children, args.timeout, args.fresh) for m in (args.modules or list(CORE))]
     print("\nmodule                         killed  survived  no tests  score   wall")
     for r in rows:
         score = "—" if r["score"] is None else f"{r['score']:.1f} %"
