@@ -70,6 +70,28 @@ def test_paired_difference_estimate_against_sklearn() -> None:
     assert low < diff < high
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_paired_difference_is_antisymmetric_seeded_and_zero_against_itself(grouped: bool) -> None:
+    """Both scores see the same resamples: swapping them negates the difference and mirrors the interval, a score
+    against itself differs by exactly 0 in every resample; the seed fixes the resamples and the chunk size does not
+    change them."""
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], [14, 10])
+    a, b = y + rng.normal(0, 1, 24), 0.5 * y + rng.normal(0, 1, 24)
+    kw = {"groups": np.arange(24) // 2} if grouped else {}  # pairs of prompts, each pair within one class
+    diff, low, high = paired_auroc_difference(y, a, b, 300, 7, **kw)
+    assert low < diff < high
+    assert paired_auroc_difference(y, b, a, 300, 7, **kw) == pytest.approx((-diff, -high, -low), abs=1e-12)
+    assert paired_auroc_difference(y, a, a, 300, 7, **kw) == (0.0, 0.0, 0.0)
+    assert paired_auroc_difference(y, a, b, 300, 7, **kw) == (diff, low, high)
+    assert paired_auroc_difference(y, a, b, 300, 8, **kw)[1:] != (low, high)
+    assert paired_auroc_difference(y, a, b, 300, 7, 16, **kw) == pytest.approx((diff, low, high), abs=1e-12)
+    none = paired_auroc_difference(y, a, b, 0, 7, **kw)
+    assert none[0] == diff and np.isnan(none[1]) and np.isnan(none[2])
+    one = paired_auroc_difference(y, a, b, 1, 7, **kw)  # one resample: a degenerate but finite interval
+    assert np.isfinite(one[1]) and one[1] == one[2]
+
+
 def test_tpr_rows_at_the_ends() -> None:
     """At a false-positive target of 100 % every threshold is allowed: TPR 1; the weighted version agrees."""
     y = np.repeat([0, 1], [5, 4])

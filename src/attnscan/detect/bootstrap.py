@@ -133,14 +133,26 @@ def weighted_tpr_rows(y: IntArray, score: FloatArray, w: FloatArray, target: flo
 # --------------------------------------------------------------------------------------------------- resamples
 
 
+def _streams(seed: int, n: int) -> list[np.random.Generator]:
+    """``n`` independent generators from ``seed``: one per class (or stratum), so that drawing the resamples in
+    chunks of any size reads each stream in the same order."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n)]
+
+
+def _draw(rng: np.random.Generator, b: int, n: int) -> IntArray:
+    """``[b, n]`` indices drawn uniformly from ``0..n-1``, from uniform doubles (one per index, so consecutive calls
+    continue one stream: ``b = 4`` then ``b = 6`` gives the rows of one ``b = 10`` call)."""
+    return np.minimum((rng.random((b, n)) * n).astype(np.int64), n - 1)
+
+
 def _resamples(y: IntArray, n_bootstrap: int, seed: int, chunk: int) -> Iterator[tuple[IntArray, IntArray]]:
     """Bootstrap resamples of the prompts of ``y`` within each class, ``chunk`` at a time: the indices of the
     jailbreak prompts drawn ``[b, n1]`` and of the benign ones ``[b, n0]``, from a generator seeded with ``seed``."""
-    rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    rng_pos, rng_neg = _streams(seed, 2)
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
-        yield pos[rng.integers(0, pos.size, size=(b, pos.size))], neg[rng.integers(0, neg.size, size=(b, neg.size))]
+        yield pos[_draw(rng_pos, b, pos.size)], neg[_draw(rng_neg, b, neg.size)]
 
 
 def _group_codes(y: IntArray, groups: npt.ArrayLike) -> IntArray:
@@ -165,13 +177,14 @@ def group_weights(
     has[codes, labels] = True
     stratum = has[:, 1].astype(np.int64) * 2 + has[:, 0].astype(np.int64) - 1  # 0 benign, 1 jailbreak, 2 both
     members = [np.flatnonzero(stratum == k) for k in range(3)]
-    rng = np.random.default_rng(seed)
+    streams = _streams(seed, 3)
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
         counts = np.zeros((b, n_groups), dtype=np.float64)
-        for idx in members:
-            if idx.size:
-                counts[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1.0 / idx.size), size=b)
+        rows = np.arange(b)[:, None]
+        for idx, rng in zip(members, streams, strict=True):
+            if idx.size:  # idx.size groups of the stratum drawn with replacement, counted
+                np.add.at(counts, (rows, idx[_draw(rng, b, idx.size)]), 1.0)
         yield counts[:, codes]
 
 
