@@ -92,6 +92,20 @@ def test_paired_difference_is_antisymmetric_seeded_and_zero_against_itself(group
     assert np.isfinite(one[1]) and one[1] == one[2]
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_intervals_do_not_depend_on_the_chunk_size(grouped: bool) -> None:
+    """``chunk`` bounds the memory only: each class (or stratum) has its own random stream, read in the same order
+    whatever the chunk size (before, the draws of the two classes were interleaved chunk by chunk)."""
+    rng = np.random.default_rng(6)
+    y = np.repeat([0, 1], [15, 9])
+    score = y + rng.normal(0, 1, 24)
+    kw = {"groups": np.r_[np.arange(15) // 3, 5 + np.arange(9) // 3]} if grouped else {}
+    whole = bootstrap_intervals(y, score, 300, 2, 300, **kw)
+    for chunk in (1, 7, 256):
+        assert bootstrap_intervals(y, score, 300, 2, chunk, **kw) == whole, chunk
+    assert bootstrap_intervals(y, score, 300, 3, 300, **kw) != whole
+
+
 def test_tpr_rows_at_the_ends() -> None:
     """At a false-positive target of 100 % every threshold is allowed: TPR 1; the weighted version agrees."""
     y = np.repeat([0, 1], [5, 4])
