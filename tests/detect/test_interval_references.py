@@ -14,6 +14,7 @@ from attnscan.detect.bootstrap import (
     group_weights,
     paired_auroc_difference,
     tpr_rows,
+    weighted_auroc_rows,
     weighted_tpr_rows,
 )
 from attnscan.errors import AttnscanError
@@ -118,11 +119,52 @@ def test_tpr_rows_at_the_ends() -> None:
     assert tpr_rows(score[y == 1][None], score[y == 0][None], 0.2)[0] == 0.25
 
 
+def test_weighted_auroc_of_degenerate_resamples() -> None:
+    """A resample with one jailbreak and one benign prompt has AUROC 0, 1/2 or 1; one without either class has
+    none (NaN), not a number made up from a division by zero."""
+    y = np.array([0, 1, 0, 1])
+    score = np.array([0.2, 0.7, 0.9, 0.7])
+    w = np.array(
+        [
+            [1, 1, 0, 0],  # 0.7 over 0.2: 1
+            [0, 1, 1, 0],  # 0.7 under 0.9: 0
+            [0, 0, 0, 2],  # no benign prompt: NaN
+            [3, 0, 1, 0],  # no jailbreak prompt: NaN
+            [0, 2, 0, 1],  # no benign prompt: NaN
+        ],
+        dtype=np.float64,
+    )
+    np.testing.assert_array_equal(weighted_auroc_rows(y, score, w), [1.0, 0.0, np.nan, np.nan, np.nan])
+    tied = np.array([0.7, 0.7, 0.1, 0.1])
+    np.testing.assert_array_equal(weighted_auroc_rows(y, tied, np.array([[1.0, 1.0, 0.0, 0.0]])), [0.5])
+
+
+def test_weighted_tpr_when_all_but_one_benign_prompt_may_pass() -> None:
+    """At 80 % of five benign prompts, four may score at or above the threshold: it sits just above the lowest
+    benign score, and every jailbreak prompt above that counts."""
+    y = np.repeat([0, 1], [5, 4])
+    score = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.05, 0.5, 0.15, 0.95])
+    expected = tpr_rows(score[y == 1][None], score[y == 0][None], 0.8)[0]
+    assert expected == 0.75  # 0.5, 0.15 and 0.95 are above 0.1; 0.05 is not
+    np.testing.assert_array_equal(weighted_tpr_rows(y, score, np.ones((1, 9)), 0.8), [expected])
+
+
+def test_group_weights_give_exactly_the_resamples_asked_for() -> None:
+    y = np.repeat([0, 1], [6, 6])
+    codes = np.arange(12) // 2
+    for n, chunk in ((10, 4), (8, 4), (3, 256)):
+        rows = [w for w in group_weights(y, codes, n, seed=0, chunk=chunk)]
+        assert [len(w) for w in rows] == [min(chunk, n - k) for k in range(0, n, chunk)], (n, chunk)
+        assert all((w.sum(axis=1) == 12).all() for w in rows)  # every resample keeps the prompt count per stratum
+
+
 def test_score_and_group_checks_say_what_is_wrong() -> None:
     y = np.array([0, 1, 0, 1])
     with pytest.raises(AttnscanError, match="3 scores for 4 labels: give one score per prompt"):
         checked_scores(y, [0.1, 0.2, 0.3])
-    with pytest.raises(AttnscanError, match="scores hold NaN or infinite values"):
+    with pytest.raises(AttnscanError, match=r"^0 scores for 4 labels: give one score per prompt$"):
+        checked_scores(y, 0.5)  # one bare number
+    with pytest.raises(AttnscanError, match=r"^scores hold NaN or infinite values$"):
         checked_scores(y, [0.1, np.nan, 0.3, 0.4])
     with pytest.raises(AttnscanError, match=r"computing detection metrics needs both benign \(0\) and jailbreak"):
         checked_scores([0, 0, 0], [0.1, 0.2, 0.3])
