@@ -170,6 +170,8 @@ def main() -> None:
     )
     parser.add_argument("--list", action="store_true", help="print the modules and their tests, then stop")
     args = parser.parse_args()
+    # a SIGTERM (kill, a CI cancel) unwinds like Ctrl-C, so the finally above stops mutmut's process group too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.list:
         for module, tests in CORE.items():
             print(f"{module}: {' '.join(tests)}")
