@@ -18,6 +18,7 @@ Usage (``make mutate`` runs every module of ``CORE``; ``make mutate MODULE=analy
     python bench/mutate.py analysis/inference.py            # one module (src/attnscan/analysis/inference.py also)
     python bench/mutate.py analysis/inference.py --max-children 2 --timeout 1800
     python bench/mutate.py views/page.py --fresh            # forget earlier results (after the tests changed)
+    python bench/mutate.py engine/capture.py --survivors    # retry only the survivors (after new tests), then stop
     python bench/mutate.py --list                           # the modules and their test selections
 
 Afterwards ``cd .mutate/<module> && mutmut results`` lists the survivors and ``mutmut show <name>`` shows one.
@@ -124,7 +125,15 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_module(module: str, max_children: int, timeout: float, fresh: bool = False) -> dict[str, object]:
+def survivors(work: Path, mutmut: str, env: dict[str, str]) -> list[str]:
+    """The names of the variants that survived the last run in the scratch copy ``work``."""
+    out = subprocess.run([mutmut, "results"], cwd=work, env=env, check=True, capture_output=True, text=True).stdout
+    return [line.strip().rsplit(":", 1)[0] for line in out.splitlines() if line.strip().endswith(": survived")]
+
+
+def run_module(
+    module: str, max_children: int, timeout: float, fresh: bool = False, retry: bool = False
+) -> dict[str, object]:
     """Mutate one module and return mutmut's counts, the score and the wall time."""
     module = module.removeprefix(f"{PACKAGE}/")  # src/attnscan/analysis/inference.py works too
     tests = CORE.get(module)
@@ -142,13 +151,18 @@ def run_module(module: str, max_children: int, timeout: float, fresh: bool = Fal
     # in its own process group, stopped whole at the time limit (or Ctrl-C): mutmut's fork server and the test run
     # it forked would otherwise outlive it
     command = [mutmut, "run", "--max-children", str(max_children)]
-    proc = subprocess.Popen(command, cwd=work, env=env, start_new_session=True)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"{module}: stopped after {timeout:.0f} s; the counts below cover the mutants run so far")
-    finally:
-        _stop_group(proc)
+    if retry:  # mutmut retries the variants it is given by name, whatever their last result
+        names = survivors(work, mutmut, env) if (work / "mutants").exists() else []
+        print(f"{module}: retrying {len(names)} survivors")
+        command += names
+    if not retry or names:  # (a run without names would run every variant)
+        proc = subprocess.Popen(command, cwd=work, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{module}: stopped after {timeout:.0f} s; the counts below cover the mutants run so far")
+        finally:
+            _stop_group(proc)
     wall = time.monotonic() - start
     subprocess.run([mutmut, "export-cicd-stats"], cwd=work, env=env, check=False, capture_output=True)
     stats_file = work / "mutants" / "mutmut-cicd-stats.json"
@@ -168,6 +182,11 @@ def main() -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="forget earlier results: retry every variant (after the tests changed)"
     )
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="retry only the variants that survived the last run (after new tests); the unchecked ones stay unchecked",
+    )
     parser.add_argument("--list", action="store_true", help="print the modules and their tests, then stop")
     args = parser.parse_args()
     # a SIGTERM (kill, a CI cancel) unwinds like Ctrl-C, so the finally above stops mutmut's process group too
@@ -176,7 +195,11 @@ def main() -> None:
         for module, tests in CORE.items():
             print(f"{module}: {' '.join(tests)}")
         return
-    rows = [run_module(m, args.max_children, args.timeout, args.fresh) for m in (args.modules or list(CORE))]
+    if args.fresh and args.survivors:
+        parser.error("--fresh forgets the survivors that --survivors retries: choose one")
+    rows = [
+        run_module(m, args.max_children, args.timeout, args.fresh, args.survivors) for m in (args.modules or list(CORE))
+    ]
     print("\nmodule                         killed  survived  no tests  score   wall")
     for r in rows:
         score = "—" if r["score"] is None else f"{r['score']:.1f} %"

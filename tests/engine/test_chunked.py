@@ -373,3 +373,59 @@ def test_layers_not_captured_run_sdpa_unless_it_would_drop_their_sinks(monkeypat
     with torch.inference_mode(), capture_attention(model, [0], _Heads(), "interface"):
         model.base_model(input_ids=ids, use_cache=False)
     assert calls == [1]
+
+
+def test_eager_masks_for_the_fallback() -> None:
+    """What the eager fallback hands to the model's eager function: ``None`` for a module that says it is not causal
+    and got no mask, else an additive mask in the query's dtype (0 where a key may be seen, the dtype's lowest
+    value elsewhere); the causal pattern ends at the last key when the query is shorter (a cached decode step)."""
+    from attnscan.engine.capture import _additive_mask, _causal
+
+    q, k = torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 5, 4)
+    expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)[None, None]
+    assert torch.equal(_causal(None, _Module(), q, k), expected)
+    given = torch.zeros(1, 1, 2, 5, dtype=torch.bool)
+    assert _causal(given, _Module(), q, k) is given
+
+    plain = torch.nn.Module()  # no is_causal attribute: causal, as transformers assumes
+    square = torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)
+    low = torch.finfo(torch.bfloat16).min
+    additive = _additive_mask(None, plain, square, square)
+    assert additive.dtype == torch.bfloat16 and additive.shape == (1, 1, 3, 3)
+    assert torch.equal(additive[0, 0], torch.tensor([[0, low, low], [0, 0, low], [0, 0, 0]], dtype=torch.bfloat16))
+    custom = torch.tensor([[True, False, True]]).expand(3, 3)[None, None]
+    converted = _additive_mask(custom, plain, square.float(), square.float())
+    assert converted.dtype == torch.float32 and torch.equal(converted == 0, custom)
+    assert (converted[~custom] == torch.finfo(torch.float32).min).all()
+    already = torch.zeros(1, 1, 3, 3)
+    assert _additive_mask(already, plain, square, square) is already  # a float mask is already additive
+    module = _Module()
+    module.is_causal = False
+    assert _additive_mask(None, module, square, square) is None
+    assert _additive_mask(custom, module, square, square).shape == (1, 1, 3, 3)  # a given mask still applies
+
+
+def test_what_sdpa_cannot_run_and_where_outputs_come_from() -> None:
+    from attnscan.engine.capture import _beyond_sdpa, _output_from_chunks
+
+    module = _Module()
+    assert not _beyond_sdpa(module, {})
+    assert not _beyond_sdpa(module, {"sliding_window": 4, "dropout": 0.0})
+    assert _beyond_sdpa(module, {"s_aux": torch.zeros(2)})  # sinks passed in (gpt-oss)
+    assert _beyond_sdpa(module, {"softcap": 50.0})
+    module.sinks = torch.zeros(2)  # sinks held by the module
+    assert _beyond_sdpa(module, {})
+    assert _output_from_chunks(torch.device("cpu")) is True
+    assert _output_from_chunks(torch.device("cuda")) is False
+
+
+def test_the_eager_function_is_the_models_own() -> None:
+    import transformers.models.gemma2.modeling_gemma2 as gemma2
+    import transformers.models.llama.modeling_llama as llama
+
+    from attnscan.engine.capture import _eager_function
+
+    model = build_model("gemma2", attn="eager")
+    assert _eager_function(model.model.layers[0].self_attn) is gemma2.eager_attention_forward
+    assert gemma2.eager_attention_forward is not llama.eager_attention_forward  # Gemma 2's soft-caps
+    assert _eager_function(_Module()) is llama.eager_attention_forward  # a module without one: Llama's

@@ -160,7 +160,7 @@ def test_colour_rules_match_the_figures() -> None:
     expected[verdict_class("anything else")] = f"background:{OTHER_VERDICT_COLOR};fill:{OTHER_VERDICT_COLOR}"
     expected.update({f"m{i}": f"background:{style.color}" for i, style in enumerate(MODEL_STYLES)})
     assert rules == expected
-    assert len(re.findall(r"\.[a-z0-9]+\{", css)) == len(expected)  # each class once
+    assert css == "".join(f".{name}{{{body}}}" for name, body in rules.items()) + "\n"  # nothing between rules
 
 
 # --- the page's frame ------------------------------------------------------------------------------------------
@@ -175,6 +175,19 @@ def test_frame_title_navigation_and_sections(digest: dict[str, Any]) -> None:
     assert root.find("head").find("title").text == digest["title"] == root.find("h1").text
     header = root.find("header").find_all("p")[0].text
     assert header == f"tiny · generated {digest['generated']} by attnscan {digest['attnscan_version']}"
+    metas = [m.attrs for m in root.find("head").find_all("meta")][2:]
+    assert metas == [
+        {"name": "viewport", "content": "width=device-width, initial-scale=1"},
+        {"name": "generator", "content": "attnscan"},
+    ]
+    assert [a.text for a in root.find("nav").find_all("a")] == [
+        "Observations",
+        "Layer profile",
+        "Heatmaps",
+        "Verdict table",
+        "Prompts",
+        "Provenance",
+    ]
     links = [a.attrs["href"] for a in root.find("nav").find_all("a")]
     sections = [s.attrs["id"] for s in root.find("main").children if s.tag == "section"]
     assert links == [f"#{s}" for s in sections]
@@ -314,6 +327,9 @@ def test_prompt_browser_for_one_model(digest: dict[str, Any]) -> None:
     group["examples"][0]["chars"] = len(group["examples"][0]["text"]) + 17
     details = tree(digest).find("section", id="prompts").find_all("details", class_="pset")
     assert [d.attrs["open"] for d in details] == [None, None]
+    assert [d.find("div", class_="scroll").find("table").attrs for d in details] == [
+        {"class": "sortable data prompts"}
+    ] * 2
     assert details[0].find("summary").text == f"benign — {len(group['examples'])} of {group['total']} prompts"
     assert [th.text for th in details[0].find("thead").find_all("th")] == ["#", "Tokens", "Prompt"]
     rows = details[0].find("tbody").find_all("tr")
@@ -390,5 +406,9 @@ def test_provenance_lists_and_set_table(digest: dict[str, Any]) -> None:
 
 def test_full_manifest_is_pretty_printed(digest: dict[str, Any]) -> None:
     model = digest["models"][0]
-    pre = tree(digest).find("section", id="provenance").find("pre", class_="manifest")
+    model["manifest"]["note"] = "caf\u00e9 \u2192 na\u00efve"  # shown as written, not as \u escapes
+    section = tree(digest).find("section", id="provenance")
+    pre = section.find("pre", class_="manifest")
     assert pre.text == json.dumps(model["manifest"], indent=2, ensure_ascii=False)
+    assert '"note": "caf\u00e9 \u2192 na\u00efve"' in pre.text
+    assert section.find("h3").text == model["label"]
