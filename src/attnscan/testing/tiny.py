@@ -147,11 +147,13 @@ BUILDERS: dict[str, Callable[..., Any]] = {
 
 
 def build_model(arch: str, seed: int = 0, attn: str | None = None, **kw: Any) -> Any:
-    """A tiny random-weight model of ``arch`` in eval mode (SDPA where supported, else eager)."""
+    """A tiny random-weight model of ``arch`` in eval mode (SDPA where transformers allows it, else eager)."""
     torch.manual_seed(seed)
     model = BUILDERS[arch](**kw)
     if attn is None:
         attn = "sdpa" if getattr(type(model), "_supports_attention_backend", False) else "eager"
+        if attn == "sdpa" and getattr(model.config, "attn_logit_softcapping", None) is not None:
+            attn = "eager"  # transformers refuses SDPA for soft-capped attention (Gemma 2)
     model.set_attn_implementation(attn)
     return model.eval()
 
