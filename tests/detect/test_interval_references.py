@@ -54,6 +54,56 @@ def test_the_interval_is_the_2_5th_and_97_5th_percentile() -> None:
     assert (g_low, g_high) == (pytest.approx(0.40), pytest.approx(0.60))
 
 
+def test_the_tpr_interval_is_the_2_5th_and_97_5th_percentile() -> None:
+    """TPR at 5 % FPR with 100 benign prompts all scored 0 (the threshold sits just above 0 in every resample) and
+    100 jailbreak prompts, half at +1 and half at -1: a resample's TPR is Binomial(100, 1/2) / 100, whose 2.5th and
+    97.5th percentiles are 0.40 and 0.60 (the 3.5th would be 0.41)."""
+    y = np.repeat([0, 1], [100, 100])
+    score = np.r_[np.zeros(100), np.ones(50), -np.ones(50)]
+    for kw in ({}, {"groups": np.arange(200)}):
+        _, (low, high) = bootstrap_intervals(y, score, 5_000, 0, **kw)
+        assert (low, high) == (pytest.approx(0.40), pytest.approx(0.60)), kw
+    (a_low, a_high), (t_low, t_high) = bootstrap_intervals(y, score, 1, 0)  # one resample: finite, degenerate
+    assert a_low == a_high and t_low == t_high and np.isfinite([a_low, t_low]).all()
+    nan = bootstrap_intervals(y, score, 0, 0)
+    assert np.isnan(nan).all()
+
+
+def test_row_metrics_along_the_last_axis_against_scipy_and_sklearn() -> None:
+    """Mid-ranks, AUROC and TPR of many rows at once, with leading axes and ties, equal the one-row references."""
+    from scipy.stats import rankdata
+
+    from attnscan.detect.bootstrap import _midranks, auroc_rows
+
+    rng = np.random.default_rng(9)
+    s = rng.integers(0, 5, size=(2, 3, 11)).astype(np.float64)  # many ties
+    np.testing.assert_array_equal(_midranks(s), rankdata(s, axis=-1))
+    pos, neg = s[..., :4], s[..., 4:]
+    aucs = auroc_rows(pos, neg)
+    assert aucs.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            y = np.r_[np.ones(4), np.zeros(7)]
+            assert aucs[i, j] == pytest.approx(roc_auc_score(y, s[i, j]), abs=1e-12)
+    flat_pos, flat_neg = pos.reshape(6, 4), neg.reshape(6, 7)
+    tprs = tpr_rows(flat_pos, flat_neg, 0.2)  # 7 benign prompts: one may score at or above the threshold
+    for row, tpr in zip(range(6), tprs, strict=True):
+        second = np.sort(flat_neg[row])[-2]
+        assert tpr == pytest.approx((flat_pos[row] > second).mean()), row
+
+
+def test_resampled_indices_cover_every_prompt_evenly() -> None:
+    from attnscan.detect.bootstrap import _draw
+
+    for n in (1, 2, 5):
+        draws = _draw(np.random.default_rng(0), 4_000, n)
+        assert draws.shape == (4_000, n) and draws.dtype == np.int64
+        counts = np.bincount(draws.ravel(), minlength=n)
+        assert counts.size == n  # nothing outside 0..n-1
+        expected = draws.size / n
+        assert (np.abs(counts - expected) < 5 * np.sqrt(expected)).all(), counts
+
+
 def test_the_paired_difference_interval_is_the_2_5th_and_97_5th_percentile() -> None:
     """Against a constant score (AUROC 1/2 in every resample) the difference is Binomial(100, 1/2) / 100 - 1/2."""
     y, score = _one_positive()
