@@ -386,6 +386,8 @@ def test_eager_masks_for_the_fallback() -> None:
     assert torch.equal(_causal(None, _Module(), q, k), expected)
     given = torch.zeros(1, 1, 2, 5, dtype=torch.bool)
     assert _causal(given, _Module(), q, k) is given
+    on_meta = _causal(None, _Module(), q.to("meta"), k.to("meta"))  # built where the query is (no GPU needed)
+    assert on_meta.device.type == "meta" and on_meta.shape == expected.shape
 
     plain = torch.nn.Module()  # no is_causal attribute: causal, as transformers assumes
     square = torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16)
