@@ -109,6 +109,10 @@ def test_per_prompt_columns(ragged: ScanResult) -> None:
     # 3 + 3 prompts: 20 labellings, so 20 permutations enumerate all of them; 19 draw at random
     assert table.attrs["exact"]
     assert not layer_table(ragged, n_permutations=19, n_bootstrap=5).attrs["exact"]
+    defaults = layer_table(ragged).attrs  # the README's 1000 bootstrap resamples and seed 0; of the 1000
+    # permutations asked for, the 20 labellings of 3 + 3 prompts are enumerated instead
+    assert (defaults["n_permutations"], defaults["exact"]) == (20, True)
+    assert (defaults["n_bootstrap"], defaults["seed"]) == (1000, 0)
 
 
 def test_verdict_rules_on_hand_made_rows() -> None:
