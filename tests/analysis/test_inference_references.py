@@ -149,11 +149,37 @@ def test_seeds_defaults_and_checks() -> None:
         permutation_test(a, b, n_permutations=0)
     with pytest.raises(ValueError, match=r"differ in shape: \(3, 4\) vs \(2, 4\)"):
         permutation_test(a, b[:, :2])
-    with pytest.raises(ValueError, match="each group needs at least one prompt"):
-        permutation_test(a, b[:0])
+    for x, y in ((a, b[:0]), (a[:0], b)):
+        with pytest.raises(ValueError, match=r"^each group needs at least one prompt$"):
+            permutation_test(x, y)
+    with pytest.raises(ValueError, match=r"^p must be one-dimensional, got shape \(2, 2\)$"):
+        benjamini_hochberg(np.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match=r"^p-values must lie in \[0, 1\]$"):
+        benjamini_hochberg([0.5, 1.5])
     with pytest.raises(ValueError, match=r"b must have shape \[prompts, layers, ...\]"):
         permutation_test(a, np.zeros(3))
     assert benjamini_hochberg([0.0, 0.5]) == pytest.approx([0.0, 0.5])  # p = 0 is a valid p-value
+
+
+def test_the_smallest_valid_inputs_and_the_defaults() -> None:
+    """One prompt in a group, one permutation, one resample and summaries without block axes ``[N, L]`` are all
+    valid; the defaults are 1000 resamples with seed 0."""
+    a, b = ragged(8, 10, shift=0.3), ragged(9, 10)
+    lone = b[:1]  # a group of one prompt that reaches every block of layers 0 and 1
+    lone[:, :2] = np.nan_to_num(lone[:, :2], nan=0.1)
+    single = permutation_test(a, lone, n_permutations=1, seed=0)
+    assert single.n_permutations == 1 and not single.exact
+    assert np.isfinite(single.signed[:2]).all()
+    low, high = bootstrap_ci(a, lone, n_bootstrap=1)
+    assert np.isfinite(low[:2]).all() and (low == high)[:2].all()  # one resample: a point, not NaN
+    flat = permutation_test(a[:, :, 0], b[:, :, 0], n_permutations=50)  # [N, L]: one summary per layer
+    blocks = permutation_test(a[:, :, :1], b[:, :, :1], n_permutations=50)
+    np.testing.assert_array_equal(flat.p_signed, blocks.p_signed)
+    np.testing.assert_array_equal(flat.signed, blocks.signed)
+    default = permutation_test(a, b)
+    np.testing.assert_array_equal(default.p_signed, permutation_test(a, b, n_permutations=1000, seed=0).p_signed)
+    np.testing.assert_array_equal(bootstrap_ci(a, b), bootstrap_ci(a, b, n_bootstrap=1000, seed=0))
+    assert not np.array_equal(bootstrap_ci(a, b)[0], bootstrap_ci(a, b, n_bootstrap=999, seed=0)[0])
 
 
 def test_nanmean_against_numpy() -> None:
@@ -181,6 +207,6 @@ def test_wilson_interval_against_scipy(k: int, n: int) -> None:
 def test_wilson_interval_edges() -> None:
     assert all(math.isnan(v) for v in wilson_interval(0, 0))
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
-    for k, n in ((-1, 5), (6, 5), (1, -1)):
+    for k, n in ((-1, 5), (6, 5), (1, -1), (1, 0)):
         with pytest.raises(AttnscanError, match=rf"Wilson interval needs 0 <= successes <= n, got {k} of {n}"):
             wilson_interval(k, n)
