@@ -161,6 +161,10 @@ def test_eager_reason_names_what_the_chunked_path_cannot_do() -> None:
     assert eager_reason(module, q, q, causal, {"sliding_window": 2}) == ""
     assert eager_reason(module, q, q, None, {"s_aux": torch.zeros(2)}) == "attention sinks"
     assert eager_reason(module, q, q, None, {"softcap": 30.0}) == "logit soft-capping"
+    assert eager_reason(module, q, q, None, {"position_bias": torch.zeros(1)}) == "position bias"
+    held = _Module()
+    held.sinks = torch.zeros(2)  # sinks held by the module, not passed in
+    assert eager_reason(held, q, q, None, {}) == "attention sinks"
     assert eager_reason(module, q, q[:, :, :1], None, {}) == "query shorter than its keys"
     assert eager_reason(module, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool), {}) == (
         "a mask that lets a query see a later key"
@@ -431,3 +435,16 @@ def test_the_eager_function_is_the_models_own() -> None:
     assert _eager_function(model.model.layers[0].self_attn) is gemma2.eager_attention_forward
     assert gemma2.eager_attention_forward is not llama.eager_attention_forward  # Gemma 2's soft-caps
     assert _eager_function(_Module()) is llama.eager_attention_forward  # a module without one: Llama's
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunks_stay_on_the_inputs_device(masked: bool) -> None:
+    """Every buffer of the chunked path is made where the inputs are (checked on the meta device, which needs no
+    GPU: a buffer made on the CPU would fail against meta inputs or come back on the CPU)."""
+    q = torch.zeros(2, 4, 10, 8, device="meta", dtype=torch.bfloat16)
+    kv = torch.zeros(2, 2, 10, 8, device="meta", dtype=torch.bfloat16)
+    mask = torch.ones(2, 1, 10, 10, dtype=torch.bool, device="meta") if masked else None
+    mean, out = chunked_attention(q, kv, kv, mask, 0.3, rows=4)
+    assert mean is not None and out is not None
+    assert (mean.device.type, mean.dtype, tuple(mean.shape)) == ("meta", torch.float32, (2, 10, 10))
+    assert (out.device.type, out.dtype, tuple(out.shape)) == ("meta", torch.bfloat16, (2, 10, 4, 8))
