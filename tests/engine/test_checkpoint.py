@@ -160,8 +160,12 @@ def test_try_save_warns_about_a_refused_write_and_returns_false(
         assert try_save_checkpoint(path, SETTINGS, {"s": _collector("s")}) is False
     (warning,) = record
     text = str(warning.message)
-    assert text.startswith(f"could not save the checkpoint {path} ({reason}); the scan goes on")
-    assert Path(warning.filename).name != "checkpoint.py"  # reported at a caller, not inside the module
+    assert text == (
+        f"could not save the checkpoint {path} ({reason}); the scan goes on and tries again at the next checkpoint "
+        "(a resume now would start from the previous one)"
+    )
+    assert warning.category is UserWarning
+    assert Path(warning.filename) == Path(__file__)  # reported at the caller (here), not inside the module
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warn=False: silent
         assert try_save_checkpoint(path, SETTINGS, {"s": _collector("s")}, warn=False) is False
