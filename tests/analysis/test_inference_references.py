@@ -94,6 +94,26 @@ def test_standardized_effect_on_ragged_data() -> None:
     np.testing.assert_allclose(standardized_effect(a, b), reference_effect(a, b), rtol=1e-10)
 
 
+def test_standardized_effect_on_sparse_data() -> None:
+    """Blocks reached by one prompt, a prompt that reaches no block the other group reaches (no score), a group of
+    one prompt (one degree of freedom in all), and a layer where every prompt scores alike (SD 0: NaN)."""
+    nan = np.nan
+    a = np.array(
+        [
+            [[0.5, 1.0, nan], [1.0, 1.0, 1.0]],
+            [[0.2, nan, nan], [1.0, 1.0, 1.0]],
+            [[nan, nan, 2.0], [1.0, 1.0, 1.0]],  # only block 2, which b never reaches
+        ]
+    )
+    b = np.array([[[0.1, 0.3, nan], [0.0, 0.0, 0.0]]])
+    effect = standardized_effect(a, b)
+    assert effect[0] == pytest.approx(reference_effect(a[:, :1], b[:, :1])[0], rel=1e-12)
+    # by hand: signed = mean(0.35 - 0.1, 1.0 - 0.3) = 0.475; a's scores: mean(0.15, 0) = 0.075 and -0.15 (block 0
+    # only), spread 2 * 0.1125^2 over 1 degree of freedom; b's one score adds nothing
+    assert effect[0] == pytest.approx(0.475 / math.sqrt(2 * 0.1125**2), rel=1e-12)
+    assert np.isnan(effect[1])
+
+
 def test_random_permutations_approach_the_exact_p_value() -> None:
     """C(16, 8) = 12870 labellings: enumerated exactly, and 10000 random ones land within 4 binomial SDs."""
     rng = np.random.default_rng(5)
@@ -158,6 +178,8 @@ def test_seeds_defaults_and_checks() -> None:
         benjamini_hochberg([0.5, 1.5])
     with pytest.raises(ValueError, match=r"b must have shape \[prompts, layers, ...\]"):
         permutation_test(a, np.zeros(3))
+    with pytest.raises(ValueError, match=r"^a must have shape \[prompts, layers, \.\.\.\], got \(3,\)$"):
+        permutation_test(np.zeros(3), b)
     assert benjamini_hochberg([0.0, 0.5]) == pytest.approx([0.0, 0.5])  # p = 0 is a valid p-value
 
 
