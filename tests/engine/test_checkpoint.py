@@ -165,7 +165,8 @@ def test_try_save_warns_about_a_refused_write_and_returns_false(
         "(a resume now would start from the previous one)"
     )
     assert warning.category is UserWarning
-    assert Path(warning.filename) == Path(__file__)  # reported at the caller (here), not inside the module
+    # reported at a caller, not inside the module (not "== this file": under mutmut a trampoline is the caller)
+    assert Path(warning.filename).name != "checkpoint.py"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warn=False: silent
         assert try_save_checkpoint(path, SETTINGS, {"s": _collector("s")}, warn=False) is False
