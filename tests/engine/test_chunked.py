@@ -162,6 +162,9 @@ def test_eager_reason_names_what_the_chunked_path_cannot_do() -> None:
     assert eager_reason(module, q, q, None, {"s_aux": torch.zeros(2)}) == "attention sinks"
     assert eager_reason(module, q, q, None, {"softcap": 30.0}) == "logit soft-capping"
     assert eager_reason(module, q, q, None, {"position_bias": torch.zeros(1)}) == "position bias"
+    assert eager_reason(module, q, q, None, {"is_causal": False}) == "not a causal module"  # said per call
+    assert eager_reason(module, q, q, None, {"is_causal": True}) == ""
+    assert eager_reason(torch.nn.Module(), q, q, None, {}) == ""  # no is_causal attribute: causal
     held = _Module()
     held.sinks = torch.zeros(2)  # sinks held by the module, not passed in
     assert eager_reason(held, q, q, None, {}) == "attention sinks"
