@@ -147,7 +147,8 @@ def _draw(rng: np.random.Generator, b: int, n: int) -> IntArray:
 
 def _resamples(y: IntArray, n_bootstrap: int, seed: int, chunk: int) -> Iterator[tuple[IntArray, IntArray]]:
     """Bootstrap resamples of the prompts of ``y`` within each class, ``chunk`` at a time: the indices of the
-    jailbreak prompts drawn ``[b, n1]`` and of the benign ones ``[b, n0]``, from a generator seeded with ``seed``."""
+    jailbreak prompts drawn ``[b, n1]`` and of the benign ones ``[b, n0]``, each class from its own stream spawned
+    from ``seed`` (so the chunk size does not change the draws)."""
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     rng_pos, rng_neg = _streams(seed, 2)
     for start in range(0, n_bootstrap, chunk):
@@ -168,8 +169,9 @@ def group_weights(
     y: npt.ArrayLike, groups: npt.ArrayLike, n_bootstrap: int, seed: int, chunk: int = 256
 ) -> Iterator[FloatArray]:
     """Cluster-bootstrap resamples as prompt weights ``float [b, N]``, ``chunk`` at a time: whole groups drawn with
-    replacement within the strata of the module docstring (each keeps its number of groups), from a generator
-    seeded with ``seed``; a prompt's weight is how many times its group was drawn."""
+    replacement within the strata of the module docstring (each keeps its number of groups), each stratum from its
+    own stream spawned from ``seed`` (so the chunk size does not change the draws); a prompt's weight is how many
+    times its group was drawn."""
     labels = as_labels(y)
     codes = _group_codes(labels, groups)
     n_groups = int(codes.max()) + 1 if codes.size else 0
